@@ -1,0 +1,83 @@
+"""The shared real CT series, read into HU with the node's own pixel codec.
+
+Training, evaluation and the demo all read the series through this module so that the HU
+conversion and the untouchable-pixel mask are exactly the ones the running node uses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from node.pixels import PixelCodec
+
+#: The five real series (read-only); override with ``DENOISE_NODE_SHARED_DATA=/path/to/ct``.
+SHARED_CT: Path = Path(
+    os.environ.get(
+        "DENOISE_NODE_SHARED_DATA",
+        str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"),
+    )
+)
+
+#: Split by series (patient), never by slice: the model never sees the held-out series.
+TRAIN_SERIES = ("chest-siemens-sensation64", "abdomen-toshiba-aquilion", "neck-philips-brilliance16")
+HELDOUT_SERIES = ("head-toshiba-aquilion", "head-phantom-philips-ingenuity")
+
+
+@dataclass
+class CTSeries:
+    """One series in HU, its untouchable mask and its files, sorted feet to head."""
+
+    name: str
+    hu: np.ndarray  # float32 [N, H, W]
+    keep: np.ndarray  # bool [N, H, W]: padding / outside the field of view, never changed
+    paths: list[Path]
+    #: In-plane pixel size in mm (line integrals of the simulation need it).
+    pixel_mm: float = field(default=0.75)
+
+
+def _z(ds: pydicom.Dataset) -> float:
+    pos = ds.get("ImagePositionPatient")
+    if pos is not None and len(pos) == 3:
+        return float(pos[2])
+    return float(ds.get("InstanceNumber", 0) or 0)
+
+
+def load_series(folder: Path) -> CTSeries:
+    """Read every DICOM file of one series folder into HU, sorted by ImagePositionPatient z."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"no DICOM files in {folder}")
+    headers = [(pydicom.dcmread(p, stop_before_pixels=True), p) for p in paths]
+    headers.sort(key=lambda item: _z(item[0]))
+    hu, keep, ordered = [], [], []
+    for _, path in headers:
+        ds = pydicom.dcmread(path)
+        codec = PixelCodec.from_dataset(ds)
+        stored = ds.pixel_array
+        hu.append(codec.to_hu(stored))
+        keep.append(codec.untouchable(stored))
+        ordered.append(path)
+    first = headers[0][0]
+    spacing = first.get("PixelSpacing")
+    pixel_mm = float(spacing[0]) if spacing else 0.75
+    return CTSeries(
+        name=folder.name,
+        hu=np.stack(hu).astype(np.float32),
+        keep=np.stack(keep),
+        paths=ordered,
+        pixel_mm=pixel_mm,
+    )
+
+
+def cache_dir() -> Path:
+    """Where derived arrays, simulated pairs and checkpoints live: never inside the repo."""
+    env = os.environ.get("DENOISE_NODE_CACHE_DIR")
+    path = Path(env) if env else Path.home() / ".cache" / "ct-denoise-node"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,191 @@
+"""One validated settings object: a TOML file plus ``DENOISE_NODE_*`` environment variables.
+
+Environment variables win over the file; nested keys use a double underscore
+(``DENOISE_NODE_DESTINATIONS__PACS__HOST``).  Every default runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "DENOISE_NODE_"
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+class Destination(BaseModel):
+    """A DICOM peer the derived series is sent to, referred to by its table name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not AE_TITLE.match(value) or not value.strip():
+            raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
+        return value
+
+
+class Rule(BaseModel):
+    """Which series are denoised, how strongly and where the result goes.
+
+    The first rule whose every given condition matches decides; with no rules the
+    built-in default applies (CT, ORIGINAL, not LOCALIZER, at least ``min_slices``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    action: Literal["denoise", "skip"] = "denoise"
+    calling_ae_titles: list[str] | None = None
+    series_description: str | None = Field(None, description="regular expression, searched")
+    convolution_kernel: str | None = Field(None, description="regular expression, searched")
+    slice_thickness_min: float | None = None
+    slice_thickness_max: float | None = None
+    ctdi_vol_max: float | None = None
+    min_slices: int | None = Field(None, ge=1)
+    strength: float | None = Field(None, ge=0.0, le=1.0)
+    destinations: list[str] | None = None
+
+    @field_validator("series_description", "convolution_kernel")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "ct-denoise-node"
+
+
+class Settings(BaseSettings):
+    """Everything the node can be told; see README's Configuration section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    ae_title: str = "DENOISE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    spool_dir: Path | None = None
+    database_url: str | None = None
+    settle_seconds: float = Field(10.0, ge=0.0)
+    min_slices: int = Field(10, ge=1)
+    strength: float = Field(1.0, ge=0.0, le=1.0)
+    series_description_suffix: str = " [denoised]"
+    series_number_offset: int = Field(1000, ge=0)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    model_path: Path | None = None
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    batch_size: int = Field(4, ge=1, le=256)
+    max_attempts: int = Field(3, ge=1)
+    heartbeat_seconds: float = Field(5.0, gt=0.0)
+    stale_after_seconds: float = Field(60.0, gt=0.0)
+    poll_seconds: float = Field(1.0, gt=0.0)
+    send_retry_seconds: float = Field(5.0, gt=0.0)
+    send_retry_max_seconds: float = Field(300.0, gt=0.0)
+    spool_min_free_mb: int = Field(200, ge=0)
+    max_pdu_size: int = Field(0, ge=0)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8080, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "text"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return Destination._ae_title(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment variables override the TOML file (passed as init values)."""
+        return env_settings, init_settings
+
+    @property
+    def spool(self) -> Path:
+        return self.spool_dir or self.state_dir / "spool"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'node.db'}"
+
+    @property
+    def model_file(self) -> Path:
+        if self.model_path is not None:
+            return self.model_path
+        from models import SHIPPED_MODEL
+
+        return SHIPPED_MODEL
+
+    def check_references(self) -> None:
+        """Rules may only name destinations that exist."""
+        for index, rule in enumerate(self.rules):
+            for name in rule.destinations or []:
+                if name not in self.destinations:
+                    raise ConfigError(
+                        f"rules.{index}.destinations: unknown destination {name!r}; "
+                        f"known: {sorted(self.destinations) or 'none'}"
+                    )
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (``path`` or ``$DENOISE_NODE_CONFIG``) and the environment.
+
+    Raises ConfigError with the dotted key and the reason, so a bad config fails at
+    start with a message an administrator can act on.
+    """
+    path = path or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    values.update(overrides)
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    settings.check_references()
+    return settings

@@ -1,0 +1,40 @@
+"""What every role of a node process shares: settings, the job table and the spool."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from node import db
+from node.config import Settings
+from node.jobs import JobManager
+from node.spool import Spool
+
+
+@dataclass
+class NodeContext:
+    settings: Settings
+    engine: Engine
+    manager: JobManager
+    spool: Spool
+    name: str
+
+    @classmethod
+    def open(cls, settings: Settings, check_schema: bool = True) -> NodeContext:
+        """Connect to the job table (refusing an out-of-date schema) and open the spool."""
+        engine = db.make_engine(settings.db_url)
+        if check_schema:
+            db.check_schema(engine)
+        return cls(
+            settings=settings,
+            engine=engine,
+            manager=JobManager(db.session_factory(engine), settings.max_attempts),
+            spool=Spool(settings.spool, settings.spool_min_free_mb),
+            name=f"{socket.gethostname()}:{os.getpid()}",
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,86 @@
+"""Database engine, sessions and the schema version check.
+
+SQLite is the embedded default (WAL, FULL sync, a busy timeout so several processes
+share it); PostgreSQL is the production database.  The schema is owned by Alembic:
+the node refuses to start against an out-of-date schema.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+
+
+class SchemaOutOfDate(Exception):
+    """The database is not at the schema this version of the node needs."""
+
+
+def utcnow() -> datetime:
+    """Naive UTC: one convention that SQLite and PostgreSQL store alike."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets the pragmas that make it durable and shareable."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
+            # Take the write lock at BEGIN so two writers never deadlock on upgrade.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (``denoise-node db upgrade``)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaOutOfDate with the command to run when the schema is not at head."""
+    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
+    head = script.get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"the database schema is at {current or 'nothing (empty database)'} but this node "
+            f"needs {head}: run `denoise-node db upgrade` with the same --config and "
+            "DENOISE_NODE_DATABASE_URL"
+        )

@@ -1,0 +1,149 @@
+"""Tables of the job table database.  Every change here needs an Alembic migration."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Series(Base):
+    """A series as received: settles into a job when no instance arrived for a while."""
+
+    __tablename__ = "series"
+
+    series_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    settled_through: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Instance(Base):
+    """One received SOP instance, durable in the spool under a generated name."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    spool_path: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    header: Mapped[dict] = mapped_column(JSON)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Job(Base):
+    """One unit of work: denoise a settled series and send the result."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    strength: Mapped[float] = mapped_column(Float)
+    destinations: Mapped[list] = mapped_column(JSON)
+    instance_count: Mapped[int] = mapped_column(Integer)
+    denoised_count: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    run_after: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    output_series_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+Index("ix_jobs_state_id", Job.state, Job.id)
+
+
+class JobEvent(Base):
+    """One row per transition or notable happening: the job's timeline."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class DerivedInstance(Base):
+    """A denoised instance written by a worker, waiting in the spool to be sent."""
+
+    __tablename__ = "derived_instances"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    source_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    spool_path: Mapped[str] = mapped_column(String(255))
+
+
+class Delivery(Base):
+    """A derived instance acknowledged by one destination; what is missing is sent again."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    status: Mapped[int] = mapped_column(Integer)
+    sent_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Worker(Base):
+    """A running process of the node, with its role and last sign of life."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    roles: Mapped[str] = mapped_column(String(64))
+    hostname: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

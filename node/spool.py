@@ -1,0 +1,95 @@
+"""The spool: durable files under names the node generates, never from header values.
+
+A file is written to a temporary name, fsynced, renamed into place and its folder
+fsynced, so a crash leaves either the whole file or no file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from node.db import utcnow
+
+TMP_SUFFIX = ".partial"
+
+
+class SpoolFull(Exception):
+    """Free space is below the configured watermark; refuse new data until it returns."""
+
+
+class Spool:
+    """Files of received and derived instances, addressed by paths relative to the root."""
+
+    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+        self.root = root.resolve()
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new_incoming(self) -> str:
+        """A fresh relative path for a received instance (date folder, random name)."""
+        return f"incoming/{utcnow():%Y%m%d}/{uuid.uuid4().hex}.dcm"
+
+    @staticmethod
+    def derived(job_id: int, index: int) -> str:
+        """The relative path of a job's ``index``-th derived instance."""
+        return f"derived/{int(job_id)}/{int(index):05d}.dcm"
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of a relative spool path; refuses anything outside the root."""
+        candidate = (self.root / relative).resolve()
+        if not candidate.is_relative_to(self.root):
+            raise ValueError(f"spool path {relative!r} leaves the spool")
+        return candidate
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_room(self, needed: int = 0) -> None:
+        free = self.free_bytes()
+        if free - needed < self.min_free_bytes:
+            raise SpoolFull(
+                f"spool {self.root} has {free // 2**20} MiB free, below the "
+                f"{self.min_free_bytes // 2**20} MiB watermark: free space or raise "
+                "spool_min_free_mb"
+            )
+
+    def write_atomic(self, relative: str, write: Callable[[BinaryIO], None]) -> Path:
+        """Write a file durably: temporary name, fsync, rename, fsync of the folder."""
+        final = self.path(relative)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
+        try:
+            with open(temporary, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return final
+
+    def remove(self, relative: str) -> None:
+        self.path(relative).unlink(missing_ok=True)
+
+    def remove_partials(self) -> int:
+        """Delete temporary files a crash left behind; they were never acknowledged."""
+        removed = 0
+        for partial in self.root.rglob(f"*{TMP_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
