@@ -42,13 +42,15 @@ from skimage.transform import iradon, radon
 from models.data import CTSeries, cache_dir, load_series
 
 #: Bump when the simulation changes: it is part of every cache key.
-SIM_VERSION = "sim-v1"
+SIM_VERSION = "sim-v2"
 #: Linear attenuation of water (1/mm) at an effective energy of about 70 keV (120 kVp).
 MU_WATER = 0.0193
 #: Electronic noise variance per detector reading, in counts^2 (DECISIONS.md).
 ELECTRONIC_VAR = 10.0
 #: Views over 180 degrees used for the noise; the forward projection uses half of them.
 N_ANGLES = 360
+#: Photons for a 20 cm water path when a series cannot be calibrated (typical abdomen noise).
+DEFAULT_PHOTONS = 3e4
 #: Zero-padded length of the projection filter (next power of two >= 2 x 512).
 _PAD_MIN = 64
 
@@ -122,12 +124,15 @@ def simulate_low_dose(
     *,
     pixel_mm: float = 0.75,
     noise_filter: np.ndarray | None = None,
+    modulation: bool = False,
 ) -> np.ndarray:
     """One full-dose slice [H, W] in HU as if scanned at ``dose`` (0 < dose <= 1) of its photons.
 
     Only the extra noise is added; ``keep`` pixels are returned unchanged and never projected.
     ``photons`` is the full-dose incident count per ray (see :func:`calibrate_photons`),
-    ``noise_filter`` the FBP apodisation on an rfft grid (default: Hann).
+    ``noise_filter`` the FBP apodisation on an rfft grid (default: Hann).  With ``modulation``
+    the tube current follows the slice's attenuation as automatic exposure control does
+    (``photons`` then holds for a 20 cm water path), so noise is similar from slice to slice.
     """
     if not 0 < dose <= 1:
         raise ValueError(f"dose must be in (0, 1], got {dose}")
@@ -153,6 +158,9 @@ def simulate_low_dose(
 
     # extra noise in the count domain: Poisson (zero mean) plus electronic
     a = float(dose)
+    if modulation:
+        centre = p[n * 3 // 8 : n * 5 // 8]
+        photons = photons * float(np.mean(np.exp(centre))) / float(np.exp(MU_WATER * 200.0))
     m = photons * np.exp(-p)  # full-dose mean counts
     lam = a * (1.0 - a) * m
     extra = rng.poisson(lam).astype(np.float64) - lam
@@ -248,10 +256,16 @@ def calibrate(
     variance ratio (at 50 % dose the extra variance equals the full-dose variance).
     """
     n = series_hu.shape[0]
-    idx = sorted({int(round(q * (n - 1))) for q in (0.25, 0.5, 0.75)})
-    slices = [series_hu[i] for i in idx]
-    masks = [keep[i] for i in idx]
-    patches = [_uniform_patches(s, k) for s, k in zip(slices, masks, strict=True)]
+    # the three slices with the most uniform soft tissue (brain, liver) measure noise best
+    scored = []
+    for i in range(0, n, max(1, n // 12)):
+        found = _uniform_patches(series_hu[i], keep[i])
+        scored.append((len(found), i, found))
+    scored.sort(key=lambda item: -item[0])
+    chosen = sorted(scored[:3], key=lambda item: item[1])
+    slices = [series_hu[i] for _, i, _ in chosen]
+    masks = [keep[i] for _, i, _ in chosen]
+    patches = [found for _, _, found in chosen]
     native_nps, native_var = _nps(slices, patches)
     rng = np.random.default_rng(seed)
     ref_photons = 1e5
@@ -260,7 +274,9 @@ def calibrate(
     def injected(f: np.ndarray, photons: float) -> list[np.ndarray]:
         out = []
         for s, k in zip(slices, masks, strict=True):
-            low = simulate_low_dose(s, k, 0.5, photons, rng, pixel_mm=pixel_mm, noise_filter=f)
+            low = simulate_low_dose(
+                s, k, 0.5, photons, rng, pixel_mm=pixel_mm, noise_filter=f, modulation=True
+            )
             out.append(low - s)
         return out
 
@@ -274,6 +290,8 @@ def calibrate(
     filt = filt * np.interp(freq, centres, ratio)
     filt /= filt.max()
     _, sim_var = _nps(injected(filt, ref_photons), patches)
+    if not native_var > 0:
+        raise ValueError("the series shows no measurable noise")
     photons = ref_photons * sim_var / native_var
     return Calibration(
         photons=float(photons), noise_filter=filt, native_noise_hu=float(np.sqrt(native_var))
@@ -302,7 +320,11 @@ def series_calibration(series: CTSeries) -> Calibration:
     if path.exists():
         with np.load(path) as z:
             return Calibration(float(z["photons"]), z["noise_filter"], float(z["native"]))
-    cal = calibrate(series.hu, series.keep, pixel_mm=series.pixel_mm)
+    try:
+        cal = calibrate(series.hu, series.keep, pixel_mm=series.pixel_mm)
+    except ValueError as exc:  # no uniform soft tissue: fall back to a typical body scan
+        print(f"calibration of {series.name} failed ({exc}); using {DEFAULT_PHOTONS:g} photons")
+        cal = Calibration(DEFAULT_PHOTONS, default_noise_filter(), float("nan"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, photons=cal.photons, noise_filter=cal.noise_filter, native=cal.native_noise_hu)
@@ -325,7 +347,7 @@ def simulate_series(series: CTSeries, dose: float, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng([seed, int(round(dose * 10000)), i])
         out[i] = simulate_low_dose(
             series.hu[i], series.keep[i], dose, cal.photons, rng,
-            pixel_mm=series.pixel_mm, noise_filter=cal.noise_filter,
+            pixel_mm=series.pixel_mm, noise_filter=cal.noise_filter, modulation=True,
         )
         if (i + 1) % 10 == 0 or i + 1 == len(out):
             rate = (time.perf_counter() - start) / (i + 1)

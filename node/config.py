@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(1.0, gt=0.0)
     send_retry_seconds: float = Field(5.0, gt=0.0)
     send_retry_max_seconds: float = Field(300.0, gt=0.0)
+    send_timeout_seconds: float = Field(60.0, gt=0.0)
+    tls_ca_file: Path | None = None  # trusted CAs for TLS destinations (default: system)
+    tls_cert_file: Path | None = None  # the node's client certificate, if peers ask for one
+    tls_key_file: Path | None = None
     spool_min_free_mb: int = Field(200, ge=0)
     max_pdu_size: int = Field(0, ge=0)
     web_host: str = "127.0.0.1"

@@ -24,6 +24,9 @@ from node.jobs.tables import Delivery, DerivedInstance, Instance, Job, JobEvent,
 
 log = logging.getLogger(__name__)
 
+#: How a postponement starts in the timeline; ``consecutive_postponements`` counts them.
+POSTPONED = "send postponed"
+
 
 class RecordOutcome(StrEnum):
     NEW = "new"
@@ -424,14 +427,13 @@ class JobManager:
             ).all()
         outcomes = []
         for job_id, holder, attempts, max_attempts in stalled:
-            error = (
-                f"worker {holder} stopped heartbeating (no sign of life for {stale_after:.0f} s)"
-            )
+            error = f"worker {holder} stopped heartbeating (silent for {stale_after:.0f} s)"
             new_state = JobState.QUEUED if attempts < max_attempts else JobState.FAILED
-            fields: dict[str, Any] = {"claimed_by": None, "last_error": error}
+            fields: dict[str, Any] = {"claimed_by": None}
             if new_state is JobState.FAILED:
                 fields["finished_at"] = utcnow()
                 error = f"{error}; gave up after {attempts} attempts"
+            fields["last_error"] = error
             try:
                 self._transition(
                     job_id,
@@ -514,9 +516,44 @@ class JobManager:
                     job_id=job_id,
                     at=now,
                     actor=holder,
-                    message=f"send postponed {delay:.0f} s: {error}",
+                    message=f"{POSTPONED} {delay:.0f} s: {error}",
                 )
             )
+
+    def release_sending(self, job_id: int, holder: str, message: str) -> None:
+        """Give a ``sending`` job back at once (graceful shutdown); deliveries stay recorded."""
+        with self._sessions.begin() as session:
+            self._require_holder(session, job_id, holder, JobState.SENDING)
+            now = utcnow()
+            session.execute(
+                update(Job).where(Job.id == job_id).values(claimed_by=None, updated_at=now)
+            )
+            session.add(JobEvent(job_id=job_id, at=now, actor=holder, message=message))
+
+    def consecutive_postponements(self, job_id: int) -> int:
+        """Postponements since the job entered ``sending`` or a destination last acknowledged.
+
+        Read from the timeline and the deliveries, so the sender's backoff survives a
+        restart and starts over once a destination makes progress again.
+        """
+        with self._sessions() as session:
+            entered = session.scalar(
+                select(func.max(JobEvent.at)).where(
+                    JobEvent.job_id == job_id,
+                    JobEvent.to_state == JobState.SENDING,
+                    or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.SENDING),
+                )
+            )
+            delivered = session.scalar(
+                select(func.max(Delivery.sent_at)).where(Delivery.job_id == job_id)
+            )
+            since = max((t for t in (entered, delivered) if t is not None), default=None)
+            query = select(func.count()).where(
+                JobEvent.job_id == job_id, JobEvent.message.startswith(POSTPONED)
+            )
+            if since is not None:
+                query = query.where(JobEvent.at >= since)
+            return int(session.scalar(query) or 0)
 
     def finish_sending(self, job_id: int, holder: str, message: str) -> None:
         self._transition(

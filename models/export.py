@@ -1,0 +1,107 @@
+"""Export a trained checkpoint to the ONNX file the worker runs.
+
+``python -m models.export CHECKPOINT --out models/ct_denoise.onnx``
+
+The contract: opset 17, input ``hu`` and output ``denoised``, float32 [N, 1, H, W] in HU with
+N, H and W dynamic, and metadata (name, version, training doses and data, description) so the
+derived series can name the model that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import onnx
+import torch
+
+from models.network import DenoiseUNet, build
+
+OPSET = 17
+MODEL_NAME = "ct-denoise-unet"
+DEFAULT_VERSION = "1.0.0"
+
+
+def export_model(
+    model: DenoiseUNet, out: Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``model`` as ONNX with dynamic N, H, W and ``metadata`` in metadata_props."""
+    model = model.eval().float()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 1, 64, 64)
+    tmp = out.with_suffix(".tmp.onnx")
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["hu"],
+            output_names=["denoised"],
+            dynamic_axes={"hu": {0: "N", 2: "H", 3: "W"}, "denoised": {0: "N", 2: "H", 3: "W"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    proto = onnx.load(str(tmp))
+    meta = {"name": MODEL_NAME, "version": DEFAULT_VERSION, **(metadata or {})}
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    tmp.unlink(missing_ok=True)
+    return out
+
+
+def load_checkpoint(path: Path) -> tuple[DenoiseUNet, dict]:
+    """The network and the checkpoint's record (config, step, losses)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = build(state["config"].get("model"))
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def metadata_from_checkpoint(state: dict) -> dict[str, str]:
+    """ONNX metadata from what the training run recorded."""
+    cfg = state["config"]
+    doses = ",".join(f"{d:g}" for d in cfg["doses"])
+    return {
+        "name": MODEL_NAME,
+        "version": cfg.get("version", DEFAULT_VERSION),
+        "training_doses": doses,
+        "training_data": (
+            "full-dose CT series " + ", ".join(cfg["train_series"])
+            + " (TCIA CPTAC-PDA, TCGA-OV, TCGA-THCA; CC BY); low-dose inputs simulated in the "
+            "projection domain (models.simulate "
+            + str(state.get("sim_version", "")) + ")"
+        ),
+        "description": (
+            "Residual U-Net (pixel-unshuffle x2, widths "
+            + "/".join(str(w) for w in cfg.get("model", {}).get("widths", (32, 64, 96)))
+            + ") denoising low-dose CT; input and output float32 [N,1,H,W] in HU; "
+            "predicts the noise and subtracts it; full-dose input is left almost unchanged."
+        ),
+        "training_command": str(state.get("command", "")),
+        "training_seed": str(cfg.get("seed", "")),
+        "training_wall_time_s": f"{state.get('wall_time_s', 0):.0f}",
+        "training_step": str(state.get("step", "")),
+        "config": json.dumps(cfg, sort_keys=True),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: checkpoint in, ONNX out."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("models/ct_denoise.onnx"))
+    args = parser.parse_args(argv)
+    model, state = load_checkpoint(args.checkpoint)
+    out = export_model(model, args.out, metadata_from_checkpoint(state))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

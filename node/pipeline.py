@@ -1,0 +1,314 @@
+"""Denoise one series: the single code path of the worker and of ``denoise-node denoise``.
+
+Three stages overlap so the model is never idle: a reader thread reads, validates and
+decodes slices; the calling thread runs the model on batches; a writer thread blends,
+converts back to stored values, builds the derived instance and hands it to ``write``.
+Bounded queues keep memory flat; the first error in any stage stops all three and is
+raised in the caller, so a callback that raises (say, to stop at a slice boundary)
+ends the series cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
+
+from node.config import Settings
+from node.denoise import Denoiser
+from node.derive import DerivationSpec, derive_instance, derived_series_uid
+from node.pixels import PixelCodec, blend, model_input
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+_POLL = 0.1
+
+
+class BadInput(Exception):
+    """A slice cannot be denoised as it is; retrying will not help.  Names the SOP UID only."""
+
+
+@dataclass
+class SeriesResult:
+    """What one series gave: the derived UIDs, and seconds spent per stage."""
+
+    source_series_uid: str = ""
+    series_uid: str = ""
+    slices: int = 0
+    #: (derived SOP Instance UID, source SOP Instance UID), in the order of the sources.
+    instances: list[tuple[str, str]] = field(default_factory=list)
+    read_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    write_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    provider: str = ""
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.wall_seconds if self.wall_seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.slices} slices in {self.wall_seconds:.1f} s "
+            f"(read {self.read_seconds:.1f} s, infer {self.infer_seconds:.1f} s, "
+            f"write {self.write_seconds:.1f} s) on {self.provider}"
+        )
+
+
+@dataclass
+class _Slice:
+    index: int
+    source: Dataset
+    stored: np.ndarray
+    codec: PixelCodec
+    keep: np.ndarray
+    hu: np.ndarray
+
+
+class _Stages:
+    """Queues between the stages and the first error, which stops every stage."""
+
+    def __init__(self, depth: int) -> None:
+        self.read: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.write: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.failed.set()
+
+    def put(self, q: queue.Queue[Any], item: Any) -> None:
+        while not self.failed.is_set():
+            try:
+                q.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def get(self, q: queue.Queue[Any]) -> Any:
+        while not self.failed.is_set():
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                target()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self.fail(exc)
+
+        worker = threading.Thread(target=run, name=name, daemon=True)
+        worker.start()
+        return worker
+
+
+class _Stopped(Exception):
+    """Another stage failed; this one stops quietly."""
+
+
+def denoise_series(
+    sources: list[Path],
+    write: Callable[[int, Dataset], None],
+    denoiser: Denoiser,
+    spec: DerivationSpec,
+    progress: Callable[[int, int], None] | None = None,
+) -> SeriesResult:
+    """Denoise the slices ``sources`` (one series) and ``write(index, dataset)`` each result.
+
+    Raises BadInput for a slice that cannot be denoised, and whatever ``write`` or
+    ``progress`` raise (after the slices before it were written).
+    """
+    if not sources:
+        raise BadInput("the series has no instances")
+    started = time.perf_counter()
+    now = datetime.now()
+    result = SeriesResult(provider=denoiser.provider)
+    stages = _Stages(depth=2 * denoiser.batch_size)
+
+    def read() -> None:
+        shape: tuple[int, int] | None = None
+        for index, path in enumerate(sources):
+            t0 = time.perf_counter()
+            item = _read_slice(index, path)
+            if shape is None:
+                shape = item.stored.shape
+                result.source_series_uid = item.source.SeriesInstanceUID
+                result.series_uid = derived_series_uid(result.source_series_uid, spec)
+            _check_same_series(item, shape, result.source_series_uid)
+            result.read_seconds += time.perf_counter() - t0
+            stages.put(stages.read, item)
+        stages.put(stages.read, _DONE)
+
+    def write_all() -> None:
+        while (batch := stages.get(stages.write)) is not _DONE:
+            items, denoised = batch
+            for item, out in zip(items, denoised, strict=True):
+                t0 = time.perf_counter()
+                mixed = blend(item.hu, out, spec.strength)
+                stored = item.codec.to_stored(mixed, item.stored, item.keep)
+                derived = derive_instance(item.source, stored, spec, now)
+                write(item.index, derived)
+                result.instances.append((derived.SOPInstanceUID, item.source.SOPInstanceUID))
+                result.slices += 1
+                result.write_seconds += time.perf_counter() - t0
+                if progress is not None:
+                    progress(result.slices, len(sources))
+
+    reader = stages.thread(read, "pipeline-read")
+    writer = stages.thread(write_all, "pipeline-write")
+    try:
+        for items in _batches(stages, denoiser.batch_size):
+            t0 = time.perf_counter()
+            denoised = denoiser.denoise(np.stack([model_input(i.hu, i.keep) for i in items]))
+            result.infer_seconds += time.perf_counter() - t0
+            stages.put(stages.write, (items, denoised))
+        stages.put(stages.write, _DONE)
+    except _Stopped:
+        pass
+    except BaseException as exc:
+        stages.fail(exc)
+    finally:
+        writer.join()
+        if not stages.errors:
+            stages.failed.set()  # nothing left to read once the writer is done
+        reader.join()
+    if stages.errors:
+        raise stages.errors[0]
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _batches(stages: _Stages, size: int) -> Iterator[list[_Slice]]:
+    batch: list[_Slice] = []
+    while (item := stages.get(stages.read)) is not _DONE:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _read_slice(index: int, path: Path) -> _Slice:
+    """Read, validate and decode one slice; BadInput names what is wrong and the SOP UID."""
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+        raise BadInput(f"slice {index + 1} ({Path(path).name}) is not readable DICOM: {exc}")
+    uid = str(ds.get("SOPInstanceUID", "")) or f"without SOP Instance UID (slice {index + 1})"
+    if ds.get("SOPClassUID") == EnhancedCTImageStorage or int(ds.get("NumberOfFrames") or 1) > 1:
+        raise BadInput(
+            f"instance {uid}: Enhanced CT (multi-frame) input is not supported yet; "
+            "send the series as single-frame CT Image Storage"
+        )
+    if ds.get("SOPClassUID") != CTImageStorage or ds.get("Modality") != "CT":
+        raise BadInput(
+            f"instance {uid} is {ds.get('SOPClassUID', 'no SOP class')!s} with modality "
+            f"{ds.get('Modality', 'none')}, not a CT image"
+        )
+    for keyword in ("Rows", "Columns", "PixelData", "SeriesInstanceUID"):
+        if not ds.get(keyword):
+            raise BadInput(f"instance {uid} has no {keyword}")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise BadInput(f"instance {uid} has {ds.SamplesPerPixel} samples per pixel, CT has 1")
+    try:
+        codec = PixelCodec.from_dataset(ds)
+        stored = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean the same here
+        raise BadInput(f"instance {uid}: pixel data cannot be decoded: {exc}") from exc
+    if stored.shape != (int(ds.Rows), int(ds.Columns)):
+        raise BadInput(
+            f"instance {uid}: pixel data of shape {stored.shape} does not match "
+            f"{ds.Rows} x {ds.Columns}"
+        )
+    keep = codec.untouchable(stored)
+    return _Slice(index, ds, stored, codec, keep, codec.to_hu(stored))
+
+
+def _check_same_series(item: _Slice, shape: tuple[int, ...], series_uid: str) -> None:
+    uid = item.source.SOPInstanceUID
+    if item.source.SeriesInstanceUID != series_uid:
+        raise BadInput(f"instance {uid} belongs to another series than the first slice")
+    if item.stored.shape != shape:
+        raise BadInput(
+            f"instance {uid} is {item.stored.shape[0]} x {item.stored.shape[1]}, the series' "
+            f"first slice is {shape[0]} x {shape[1]}: all slices of a series must match"
+        )
+
+
+def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[SeriesResult]:
+    """Denoise every CT series in ``in_dir`` into ``out_dir`` (``denoise-node denoise``).
+
+    One series is written as ``out_dir/0001.dcm``...; several go to one sub-folder each,
+    ``out_dir/<derived series UID>/0001.dcm``...  Files that are not DICOM images
+    (a DICOMDIR, a README) are skipped with a log line.
+    """
+    series = _group_by_series(in_dir)
+    if not series:
+        raise BadInput(f"{in_dir} holds no DICOM image files")
+    denoiser = Denoiser(settings.model_file, settings.providers, settings.batch_size)
+    results = []
+    for sources in series.values():
+        spec = DerivationSpec(
+            model_name=denoiser.name,
+            model_version=denoiser.version,
+            strength=settings.strength,
+            series_number_offset=settings.series_number_offset,
+            description_suffix=settings.series_description_suffix,
+            node_ae_title=settings.ae_title,
+        )
+        target = out_dir
+        if len(series) > 1:
+            first = pydicom.dcmread(sources[0], stop_before_pixels=True)
+            target = out_dir / derived_series_uid(first.SeriesInstanceUID, spec)
+        target.mkdir(parents=True, exist_ok=True)
+
+        def write(index: int, ds: Dataset, folder: Path = target) -> None:
+            ds.save_as(folder / f"{index + 1:04d}.dcm", enforce_file_format=True)
+
+        result = denoise_series(sources, write, denoiser, spec)
+        log.info(
+            "series denoised into %s: %s",
+            target,
+            result.summary(),
+            extra={"series_uid": result.source_series_uid, "slices": result.slices},
+        )
+        results.append(result)
+    return results
+
+
+def _group_by_series(in_dir: Path) -> dict[str, list[Path]]:
+    """Image files by SeriesInstanceUID, each series once per SOP Instance UID, in file order."""
+    series: dict[str, dict[str, Path]] = defaultdict(dict)
+    for path in sorted(p for p in Path(in_dir).rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, ValueError, OSError):
+            log.info("skipping %s: not a DICOM file", path.name)
+            continue
+        if "SeriesInstanceUID" not in header or "SOPInstanceUID" not in header:
+            log.info("skipping %s: not an image instance", path.name)
+            continue
+        series[header.SeriesInstanceUID].setdefault(header.SOPInstanceUID, path)
+    return {uid: list(files.values()) for uid, files in series.items()}

@@ -1,0 +1,259 @@
+"""The sender: C-STORE of a job's derived series to each of its destinations.
+
+A job is ``done`` only when every destination acknowledged every derived instance.
+Acknowledgements are recorded one by one, so after a restart (or an outage) only what
+is missing is sent.  Failures fall in two kinds:
+
+* retryable — the association could not be opened, was aborted or timed out, or the
+  peer is out of resources (0xA7xx, 0x0213): the job stays ``sending`` and is tried
+  again after an exponential backoff counted from the job's timeline;
+* permanent — the peer cannot understand or refuses the object (0xCxxx, 0xA9xx,
+  refused SOP class), the destination is unknown, or the derived file is unusable:
+  the job fails with the destination's answer in its error.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+from node.config import Destination
+from node.context import NodeContext
+from node.jobs.manager import LostClaim
+from node.jobs.tables import DerivedInstance, Job
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+class DeliveryError(Exception):
+    """Sending to one destination stopped; ``retryable`` says whether trying later can help."""
+
+    def __init__(self, destination: str, message: str, retryable: bool) -> None:
+        super().__init__(f"{destination}: {message}")
+        self.destination = destination
+        self.retryable = retryable
+
+
+class Stopping(Exception):
+    """The process is shutting down: give the job back between two instances."""
+
+
+def is_retryable_status(code: int) -> bool:
+    """Out of resources (0xA7xx) and resource limitation (0x0213) may pass; others do not."""
+    return 0xA700 <= code <= 0xA7FF or code == 0x0213
+
+
+class Sender:
+    """The ``send`` role: claims ``sending`` jobs and delivers their derived instances."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.manager = ctx.manager
+        self._stop = threading.Event()
+        self._last_beat = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Send until ``stop`` is set; an idle sender polls every ``poll_seconds``."""
+        self._stop = stop
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(self.settings.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim one job in ``sending`` and deliver it; False when there was none."""
+        job = self.manager.claim_sending_job(self.ctx.name, self.settings.stale_after_seconds)
+        if job is None:
+            return False
+        self._send_job(job)
+        return True
+
+    # -- one job -------------------------------------------------------------------------
+
+    def _send_job(self, job: Job) -> None:
+        started = time.monotonic()
+        total = len(self.manager.derived_instances(job.id))
+        fields = {
+            "job_id": job.id,
+            "series_uid": job.series_instance_uid,
+            "output_series_uid": job.output_series_uid,
+            "destinations": ",".join(job.destinations),
+            "instances": total,
+        }
+        self._last_beat = started
+        errors: list[DeliveryError] = []
+        sent = 0
+        try:
+            for name in job.destinations:
+                try:
+                    sent += self._deliver(job, name)
+                except DeliveryError as exc:
+                    errors.append(exc)
+            seconds = time.monotonic() - started
+            fields.update(sent=sent, seconds=round(seconds, 3))
+            self._conclude(job, errors, total, sent, seconds, fields)
+        except Stopping:
+            self.manager.release_sending(
+                job.id, self.ctx.name, f"sender stopping after {sent} instances; released"
+            )
+            log.info("job %s released: sender stopping", job.id, extra=fields)
+        except LostClaim as exc:
+            log.warning("job %s taken away while sending: %s", job.id, exc, extra=fields)
+
+    def _conclude(
+        self,
+        job: Job,
+        errors: list[DeliveryError],
+        total: int,
+        sent: int,
+        seconds: float,
+        fields: dict[str, object],
+    ) -> None:
+        permanent = [exc for exc in errors if not exc.retryable]
+        if permanent:
+            error = "; ".join(str(exc) for exc in permanent)
+            self.manager.fail_sending(job.id, self.ctx.name, error)
+            log.error("job %s failed: %s", job.id, error, extra={**fields, "outcome": "failed"})
+        elif errors:
+            error = "; ".join(str(exc) for exc in errors)
+            previous = self.manager.consecutive_postponements(job.id)
+            delay = min(
+                self.settings.send_retry_seconds * 2**previous,
+                self.settings.send_retry_max_seconds,
+            )
+            self.manager.postpone_sending(job.id, self.ctx.name, error, delay)
+            log.warning(
+                "job %s postponed %.1f s: %s",
+                job.id,
+                delay,
+                error,
+                extra={**fields, "outcome": "postponed", "retry_in": delay},
+            )
+        else:
+            names = ", ".join(job.destinations) or "no destination"
+            message = f"{total} instances acknowledged by {names} in {seconds:.1f} s"
+            if sent != total * len(job.destinations):
+                message += f" ({sent} sent now)"
+            self.manager.finish_sending(job.id, self.ctx.name, message)
+            log.info("job %s done: %s", job.id, message, extra={**fields, "outcome": "done"})
+
+    # -- one destination -----------------------------------------------------------------
+
+    def _deliver(self, job: Job, name: str) -> int:
+        """Send what ``name`` has not acknowledged over one association; returns the count."""
+        destination = self.settings.destinations.get(name)
+        if destination is None:
+            known = ", ".join(sorted(self.settings.destinations)) or "none"
+            raise DeliveryError(
+                name, f"unknown destination {name!r} (configured: {known})", retryable=False
+            )
+        missing = self.manager.missing_deliveries(job.id, name)
+        if not missing:
+            return 0
+        assoc = self._associate(name, destination)
+        try:
+            return self._store_all(job, name, destination, assoc, missing)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _associate(self, name: str, destination: Destination) -> Association:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.add_requested_context(CTImageStorage, TRANSFER_SYNTAXES)
+        timeout = self.settings.send_timeout_seconds
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            max_pdu=self.settings.max_pdu_size,
+            tls_args=self._tls_args(name, destination),
+        )
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                reason = "rejected the association"
+            elif assoc.is_aborted:
+                reason = "aborted the association"
+            else:
+                reason = "could not be reached (connection refused or timed out)"
+            raise DeliveryError(name, f"{peer} {reason}", retryable=True)
+        if not any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts):
+            assoc.release()
+            raise DeliveryError(
+                name, f"{peer} refused the CT Image Storage SOP class", retryable=False
+            )
+        return assoc
+
+    def _tls_args(self, name: str, destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+        """A verifying client context: the configured CA (or the system's), optional cert."""
+        if not destination.tls:
+            return None
+        settings = self.settings
+        try:
+            context = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH,
+                cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+            )
+            if settings.tls_cert_file is not None:
+                context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise DeliveryError(name, f"TLS setup failed: {exc}", retryable=False) from exc
+        return context, destination.host
+
+    def _store_all(
+        self,
+        job: Job,
+        name: str,
+        destination: Destination,
+        assoc: Association,
+        missing: list[DerivedInstance],
+    ) -> int:
+        sent = 0
+        for item in missing:
+            if self._stop.is_set():
+                raise Stopping
+            if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
+                self.manager.heartbeat(job.id, self.ctx.name)
+                self._last_beat = time.monotonic()
+            uid = item.sop_instance_uid
+            path = self.ctx.spool.path(item.spool_path)
+            if not path.is_file():
+                raise DeliveryError(
+                    name, f"derived instance {uid} is missing from the spool", retryable=False
+                )
+            try:
+                status = assoc.send_c_store(path)
+            except (ValueError, AttributeError, InvalidDicomError) as exc:
+                raise DeliveryError(
+                    name, f"cannot send derived instance {uid}: {exc}", retryable=False
+                ) from exc
+            if "Status" not in status:
+                raise DeliveryError(
+                    name,
+                    f"no answer to the C-STORE of {uid} (association aborted or timed out)",
+                    retryable=True,
+                )
+            code = int(status.Status)
+            if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
+                self.manager.record_delivery(job.id, name, uid, code)
+                sent += 1
+                continue
+            comment = status.get("ErrorComment")
+            answer = f"status 0x{code:04X}" + (f" ({comment})" if comment else "")
+            raise DeliveryError(
+                name,
+                f"{destination.ae_title} answered {answer} to the C-STORE of {uid}",
+                retryable=is_retryable_status(code),
+            )
+        return sent

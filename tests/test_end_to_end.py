@@ -1,0 +1,141 @@
+"""The backbone end to end: storescu (scanner) → node process → Orthanc (PACS).
+
+Everything is real: DCMTK's storescu over 127.0.0.1, the node as a `denoise-node serve`
+process, Orthanc from the Debian package, and the job table on SQLite and PostgreSQL.
+A tiny mean-filter ONNX model stands in for the CNN so that the test measures the node.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.jobs import JobState
+from node.orthanc import OrthancServer
+from node.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom_series
+from tests.fixtures.node import NodeProcess, storescu
+
+
+def pacs(orthanc: OrthancServer) -> dict:
+    return {"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}}
+
+
+def derived_datasets(orthanc: OrthancServer, series_uid: str) -> list[pydicom.Dataset]:
+    records = orthanc.series_instances(series_uid)
+    datasets = [
+        pydicom.dcmread(io.BytesIO(orthanc.instance_file(record["ID"]))) for record in records
+    ]
+    return sorted(datasets, key=lambda ds: int(ds.InstanceNumber))
+
+
+def bone_edge_column(image_hu: np.ndarray) -> int:
+    """Column of the bone insert's left edge on the middle row (strongest rising step).
+
+    The search starts inside the water cylinder so the air/water edge is not found.
+    """
+    size = image_hu.shape[1]
+    start = size // 2 - int(0.35 * size)
+    row = image_hu[image_hu.shape[0] // 2, start : size // 2]
+    return start + int(np.argmax(np.diff(row)))
+
+
+def test_scanner_series_comes_back_denoised_in_the_pacs(
+    node_factory, orthanc: OrthancServer, phantom_series: list[Path]
+) -> None:
+    node: NodeProcess = node_factory(destinations=pacs(orthanc)).start()
+    sent = storescu(node.port, phantom_series)
+    assert sent.returncode == 0, sent.stderr
+
+    (job,) = node.wait_jobs_final(1)
+    assert job.state == JobState.DONE, job.last_error
+    assert job.instance_count == len(phantom_series)
+    derived = derived_datasets(orthanc, job.output_series_uid)
+    assert len(derived) == len(phantom_series)
+
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(path) for path in phantom_series)}
+    for ds in derived:
+        source = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert ds.ImagePositionPatient == source.ImagePositionPatient
+        assert ds.PatientID == source.PatientID
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert ds.SeriesNumber == source.SeriesNumber + 1000
+        assert ds.SeriesDescription == source.SeriesDescription + " [denoised]"
+        assert ds.DerivationCodeSequence[0].CodeValue == "113087"
+        purpose = ds.SourceImageSequence[0].PurposeOfReferenceCodeSequence[0]
+        assert purpose.CodeValue == "121322"
+        equipment = ds.ContributingEquipmentSequence[0]
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+
+    rows, cols = uniform_roi(PhantomSpec().size)
+    middle = derived[len(derived) // 2]
+    source = sources[middle.SourceImageSequence[0].ReferencedSOPInstanceUID]
+    before, after = source.pixel_array.astype(float), middle.pixel_array.astype(float)
+    assert after[rows, cols].std() < 0.6 * before[rows, cols].std()
+    assert abs(after[rows, cols].mean() - before[rows, cols].mean()) < 5
+    noiseless_edge = bone_edge_column(phantom_hu(PhantomSpec().size))
+    assert abs(bone_edge_column(after) - noiseless_edge) <= 1
+    outside = before == -2048
+    assert outside.any() and (after[outside] == -2048).all()
+
+
+def test_compressed_input_is_received_and_denoised(
+    node_factory, orthanc: OrthancServer, phantom_series: list[Path], compressed_copy
+) -> None:
+    node = node_factory(destinations=pacs(orthanc)).start()
+    jpeg_ls = compressed_copy(phantom_series, "jpeg-ls")
+    assert pydicom.dcmread(jpeg_ls[0]).file_meta.TransferSyntaxUID.is_compressed
+    assert storescu(node.port, jpeg_ls).returncode == 0
+    (job,) = node.wait_jobs_final(1)
+    assert job.state == JobState.DONE, job.last_error
+    assert len(orthanc.series_instances(job.output_series_uid)) == len(jpeg_ls)
+
+
+def test_non_matching_series_is_skipped_and_own_output_is_never_processed_again(
+    node_factory, orthanc: OrthancServer, phantom_series: list[Path], tmp_path: Path
+) -> None:
+    node = node_factory(destinations=pacs(orthanc)).start()
+    short = write_phantom_series(
+        tmp_path / "short", PhantomSpec(slices=3, seed=7, series_description="Short")
+    )
+    assert storescu(node.port, short).returncode == 0
+    assert storescu(node.port, phantom_series).returncode == 0
+    jobs = {job.series_instance_uid: job for job in node.wait_jobs_final(2)}
+    skipped = jobs[pydicom.dcmread(short[0]).SeriesInstanceUID]
+    assert skipped.state == JobState.SKIPPED and "min_slices" in skipped.reason
+    done = jobs[pydicom.dcmread(phantom_series[0]).SeriesInstanceUID]
+    assert done.state == JobState.DONE, done.last_error
+
+    # The PACS routes the derived series back to the node: it must not be denoised again.
+    routed_back = tmp_path / "routed-back"
+    routed_back.mkdir()
+    for index, record in enumerate(orthanc.series_instances(done.output_series_uid)):
+        (routed_back / f"{index:04d}.dcm").write_bytes(orthanc.instance_file(record["ID"]))
+    assert storescu(node.port, sorted(routed_back.iterdir())).returncode == 0
+    jobs = {job.series_instance_uid: job for job in node.wait_jobs_final(3)}
+    again = jobs[done.output_series_uid]
+    assert again.state == JobState.SKIPPED
+    assert "DERIVED" in again.reason or "ct-denoise-node" in again.reason
+
+
+@pytest.mark.parametrize("patient_name", ["DOE^JANE^SECRETNAME"])
+def test_logs_carry_no_patient_data(
+    node_factory, orthanc: OrthancServer, tmp_path: Path, patient_name: str
+) -> None:
+    spec = PhantomSpec(slices=6, patient_name=patient_name, patient_id="PID-7734-SECRET", seed=3)
+    series = write_phantom_series(tmp_path / "named", spec)
+    node = node_factory(destinations=pacs(orthanc), log_level="DEBUG").start()
+    assert storescu(node.port, series).returncode == 0
+    (job,) = node.wait_jobs_final(1)
+    assert job.state == JobState.DONE, job.last_error
+    node.stop()
+    text = node.log_text()
+    assert job.series_instance_uid in text
+    for secret in ("SECRETNAME", "PID-7734-SECRET", "19700101"):
+        assert secret not in text
