@@ -24,7 +24,11 @@ SHARED_CT: Path = Path(
 )
 
 #: Split by series (patient), never by slice: the model never sees the held-out series.
-TRAIN_SERIES = ("chest-siemens-sensation64", "abdomen-toshiba-aquilion", "neck-philips-brilliance16")
+TRAIN_SERIES = (
+    "chest-siemens-sensation64",
+    "abdomen-toshiba-aquilion",
+    "neck-philips-brilliance16",
+)
 HELDOUT_SERIES = ("head-toshiba-aquilion", "head-phantom-philips-ingenuity")
 
 

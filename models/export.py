@@ -23,9 +23,7 @@ MODEL_NAME = "ct-denoise-unet"
 DEFAULT_VERSION = "1.0.0"
 
 
-def export_model(
-    model: DenoiseUNet, out: Path, metadata: dict[str, str] | None = None
-) -> Path:
+def export_model(model: DenoiseUNet, out: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as ONNX with dynamic N, H, W and ``metadata`` in metadata_props."""
     model = model.eval().float()
     out = Path(out)
@@ -72,14 +70,14 @@ def metadata_from_checkpoint(state: dict) -> dict[str, str]:
         "version": cfg.get("version", DEFAULT_VERSION),
         "training_doses": doses,
         "training_data": (
-            "full-dose CT series " + ", ".join(cfg["train_series"])
+            "full-dose CT series "
+            + ", ".join(cfg["train_series"])
             + " (TCIA CPTAC-PDA, TCGA-OV, TCGA-THCA; CC BY); low-dose inputs simulated in the "
-            "projection domain (models.simulate "
-            + str(state.get("sim_version", "")) + ")"
+            "projection domain (models.simulate " + str(state.get("sim_version", "")) + ")"
         ),
         "description": (
             "Residual U-Net (pixel-unshuffle x2, widths "
-            + "/".join(str(w) for w in cfg.get("model", {}).get("widths", (32, 64, 96)))
+            + "/".join(str(w) for w in cfg.get("model", {}).get("widths", (24, 48, 96)))
             + ") denoising low-dose CT; input and output float32 [N,1,H,W] in HU; "
             "predicts the noise and subtracts it; full-dose input is left almost unchanged."
         ),

@@ -73,9 +73,27 @@ def rmse_hu(test: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
 # --- noise and HU accuracy in uniform regions -----------------------------------------------
 
 
-def roi_std(rois: np.ndarray) -> np.ndarray:
-    """Standard deviation of each ROI ``[K, n, n]`` (ddof=1): the noise a reader sees."""
-    return np.asarray(rois, np.float64).reshape(len(rois), -1).std(axis=1, ddof=1)
+def detrend(rois: np.ndarray) -> np.ndarray:
+    """ROIs ``[K, n, m]`` minus their least-squares 2nd-order polynomial surface.
+
+    Even the flattest patient or phantom region carries slow background variation (grey and
+    white matter, cupping) that would pass for low-frequency noise; a quadratic fit removes it
+    and, with 6 parameters over n*m pixels, almost none of the noise.
+    """
+    r = np.asarray(rois, np.float64)
+    n, m = r.shape[1:]
+    yy, xx = np.mgrid[:n, :m].astype(np.float64)
+    yy, xx = yy / n - 0.5, xx / m - 0.5
+    basis = np.stack([np.ones_like(xx), xx, yy, xx * xx, yy * yy, xx * yy]).reshape(6, -1).T
+    flat = r.reshape(len(r), -1)
+    coef = np.linalg.lstsq(basis, flat.T, rcond=None)[0]
+    return (flat - (basis @ coef).T).reshape(r.shape)
+
+
+def roi_noise(rois: np.ndarray) -> np.ndarray:
+    """Noise std of each ROI ``[K, n, m]``: std after :func:`detrend`, unbiased (ddof=6)."""
+    flat = detrend(rois).reshape(len(rois), -1)
+    return np.sqrt(np.sum(flat**2, axis=1) / (flat.shape[1] - 6))
 
 
 def roi_mean(rois: np.ndarray) -> np.ndarray:
@@ -184,11 +202,10 @@ def mtf_frequency(freqs: np.ndarray, mtf: np.ndarray, level: float) -> float:
 def nps_2d(rois: np.ndarray, pixel_mm: float) -> np.ndarray:
     """2-D noise power spectrum (HU^2 mm^2) of uniform ROIs ``[K, n, n]``, zero frequency centred.
 
-    Each ROI minus its own mean; NPS = dx*dy/(nx*ny) * <|DFT|^2> so that its integral over
-    frequency is the pixel variance (IEC 62220-style normalisation).
+    Each ROI :func:`detrend`-ed (its mean and slow background removed); NPS =
+    dx*dy/(nx*ny) * <|DFT|^2>, so its integral over frequency is the pixel variance.
     """
-    r = np.asarray(rois, np.float64)
-    r = r - r.mean(axis=(1, 2), keepdims=True)
+    r = detrend(rois)
     ny, nx = r.shape[1:]
     power = np.abs(np.fft.fft2(r)) ** 2
     return np.fft.fftshift(power.mean(axis=0)) * pixel_mm * pixel_mm / (nx * ny)
@@ -288,3 +305,12 @@ def cho_detectability(
     auc = mannwhitneyu(sp, sa).statistic / (len(sp) * len(sa))
     dprime = (sp.mean() - sa.mean()) / np.sqrt(0.5 * (sp.var(ddof=1) + sa.var(ddof=1)))
     return float(auc), float(dprime)
+
+
+def dprime_standard_error(dprime: float, n_present: int, n_absent: int) -> float:
+    """Approximate standard error of d' from finite images (Gaussian scores, equal variance).
+
+    Whether two methods differ in detectability depends on it: var = (1/n1 + 1/n0) +
+    d'^2 / (2 (n1 + n0)).
+    """
+    return float(np.sqrt(1 / n_present + 1 / n_absent + dprime**2 / (2 * (n_present + n_absent))))

@@ -2,8 +2,8 @@
 
 Why this shape: the node must denoise a 512x512 slice in <= 0.3 s on two CPU cores.  A
 pixel-unshuffle (space-to-depth) by 2 first moves the work to 256x256, and a three-level
-U-Net (32/64/96 channels) does most of it at 1/4 and 1/8 resolution, about 7 GMAC per
-512x512 slice and ~0.5 M parameters.  The network predicts the noise (residual) in HU and
+U-Net (24/48/96 channels) does most of it at 1/4 and 1/8 resolution, about 4.5 GMAC per
+512x512 slice and ~0.4 M parameters.  The network predicts the noise (residual) in HU and
 subtracts it, so full-dose input is left almost unchanged; its last layer starts at zero so an
 untrained network is the identity.
 
@@ -35,7 +35,7 @@ def _block(cin: int, cout: int, n: int = 2) -> nn.Sequential:
 class DenoiseUNet(nn.Module):
     """Residual U-Net on pixel-unshuffled input; HU in, HU out."""
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 96)) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (24, 48, 96)) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.widths = widths
@@ -74,7 +74,7 @@ class DenoiseUNet(nn.Module):
 
 def build(config: dict | None = None) -> DenoiseUNet:
     """The network described by a training config's ``model`` section."""
-    widths = tuple((config or {}).get("widths", (32, 64, 96)))
+    widths = tuple((config or {}).get("widths", (24, 48, 96)))
     return DenoiseUNet(widths)  # type: ignore[arg-type]
 
 

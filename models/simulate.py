@@ -192,8 +192,11 @@ _PATCH = 32
 
 def _patch_grid(shape: tuple[int, int]) -> list[tuple[int, int]]:
     h, w = shape
-    return [(y, x) for y in range(0, h - _PATCH + 1, _PATCH // 2)
-            for x in range(0, w - _PATCH + 1, _PATCH // 2)]
+    return [
+        (y, x)
+        for y in range(0, h - _PATCH + 1, _PATCH // 2)
+        for x in range(0, w - _PATCH + 1, _PATCH // 2)
+    ]
 
 
 def _detrend_matrix() -> np.ndarray:
@@ -222,7 +225,9 @@ def _uniform_patches(hu: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
     return [(y, x) for _, y, x in candidates[:take]]
 
 
-def _nps(images: list[np.ndarray], patches: list[list[tuple[int, int]]]) -> tuple[np.ndarray, float]:
+def _nps(
+    images: list[np.ndarray], patches: list[list[tuple[int, int]]]
+) -> tuple[np.ndarray, float]:
     """Radial NPS (16 bins over 0..0.5 cycles/pixel) and mean variance of detrended patches."""
     resid = _detrend_matrix()
     fy, fx = np.meshgrid(np.fft.fftfreq(_PATCH), np.fft.fftfreq(_PATCH), indexing="ij")
@@ -232,7 +237,7 @@ def _nps(images: list[np.ndarray], patches: list[list[tuple[int, int]]]) -> tupl
     var, count = 0.0, 0
     for img, plist in zip(images, patches, strict=True):
         for y, x in plist:
-            r = (resid @ img[y : y + _PATCH, x : x + _PATCH].reshape(-1).astype(np.float64))
+            r = resid @ img[y : y + _PATCH, x : x + _PATCH].reshape(-1).astype(np.float64)
             r = r.reshape(_PATCH, _PATCH)
             acc += np.abs(np.fft.fft2(r)) ** 2
             var += float(r.var())
@@ -346,13 +351,21 @@ def simulate_series(series: CTSeries, dose: float, seed: int = 0) -> np.ndarray:
     for i in range(series.hu.shape[0]):
         rng = np.random.default_rng([seed, int(round(dose * 10000)), i])
         out[i] = simulate_low_dose(
-            series.hu[i], series.keep[i], dose, cal.photons, rng,
-            pixel_mm=series.pixel_mm, noise_filter=cal.noise_filter, modulation=True,
+            series.hu[i],
+            series.keep[i],
+            dose,
+            cal.photons,
+            rng,
+            pixel_mm=series.pixel_mm,
+            noise_filter=cal.noise_filter,
+            modulation=True,
         )
         if (i + 1) % 10 == 0 or i + 1 == len(out):
             rate = (time.perf_counter() - start) / (i + 1)
-            print(f"simulate {series.name} dose {dose:g}: {i + 1}/{len(out)} ({rate:.2f} s/slice)",
-                  flush=True)
+            print(
+                f"simulate {series.name} dose {dose:g}: {i + 1}/{len(out)} ({rate:.2f} s/slice)",
+                flush=True,
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -22,8 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.nn import functional as F
+
+# OpenMP threads that spin while waiting are 10x slower on a shared, oversubscribed CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from scipy.ndimage import gaussian_filter  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 from models.data import SHARED_CT, TRAIN_SERIES, cache_dir, load_series
 from models.network import build, parameter_count
@@ -50,10 +55,20 @@ def load_pairs(config: dict) -> tuple[list[dict], list[dict]]:
             by_dose[float(dose)] = np.where(keep, np.float32(FILL_HU), low).astype(np.float32)
         print(f"data {name}: {full.shape[0]} slices, {time.perf_counter() - t0:.1f} s", flush=True)
         cut = full.shape[0] - n_val
-        train.append({"full": full[:cut], "keep": keep[:cut],
-                      "low": {d: a[:cut] for d, a in by_dose.items()}})
-        val.append({"full": full[cut:], "keep": keep[cut:],
-                    "low": {d: a[cut:] for d, a in by_dose.items()}})
+        train.append(
+            {
+                "full": full[:cut],
+                "keep": keep[:cut],
+                "low": {d: a[:cut] for d, a in by_dose.items()},
+            }
+        )
+        val.append(
+            {
+                "full": full[cut:],
+                "keep": keep[cut:],
+                "low": {d: a[cut:] for d, a in by_dose.items()},
+            }
+        )
     return train, val
 
 
@@ -77,6 +92,14 @@ def sample_batch(
         dose = doses[rng.choice(len(doses), p=weights)]
         inp = s["low"][dose][i, y : y + size, x : x + size]
         mask = ~s["keep"][i, y : y + size, x : x + size]
+        if rng.random() < float(config["scale_prob"]):
+            # Quieter scanners: shrink the detail (noise and fine contrast) around a smooth
+            # local mean, so the model sees noise levels below those of the training series.
+            lo, hi = config["scale_range"]
+            k = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            smooth = gaussian_filter(target, float(config["scale_sigma"]), mode="nearest")
+            inp = np.where(mask, smooth + k * (inp - smooth), FILL_HU).astype(np.float32)
+            target = np.where(mask, smooth + k * (target - smooth), FILL_HU).astype(np.float32)
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
         arrays = []
@@ -126,8 +149,9 @@ def plot_history(history: dict, path: Path) -> None:
     axes[0].set(xlabel="step", ylabel="train L1 (HU, body pixels)", title="training loss")
     vsteps = [h["step"] for h in history["val"]]
     for dose in history["val"][0]["mae"] if history["val"] else []:
-        axes[1].plot(vsteps, [h["mae"][dose] for h in history["val"]], marker=".",
-                     label=f"dose {dose}")
+        axes[1].plot(
+            vsteps, [h["mae"][dose] for h in history["val"]], marker=".", label=f"dose {dose}"
+        )
     axes[1].set(xlabel="step", ylabel="val MAE vs full dose (HU)", title="validation")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -149,27 +173,31 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
 
     model = build(config.get("model"))
     print(f"model: {parameter_count(model)} parameters", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]),
-                            weight_decay=float(config["weight_decay"]))
-    steps = int(config["steps"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"])
+    )
+    steps = int(config["max_steps"])
     warmup = int(config["warmup_steps"])
     lr_min = float(config["lr_min"])
+    budget_s = (minutes if minutes is not None else float(config["minutes"])) * 60
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, elapsed: float) -> float:
+        # cosine over the wall-clock budget: the machine is shared, so steps/s is unknown
         if step < warmup:
             return float(config["lr"]) * (step + 1) / warmup
-        frac = (step - warmup) / max(1, steps - warmup)
+        frac = min(1.0, max(elapsed / budget_s, step / steps))
         return lr_min + 0.5 * (float(config["lr"]) - lr_min) * (1 + math.cos(math.pi * frac))
 
-    budget_s = (minutes if minutes is not None else float(config["minutes"])) * 60
     history: dict = {"train": [], "val": []}
     best, best_path = float("inf"), run_dir / "best.pt"
     start = time.perf_counter()
     running, count = 0.0, 0
     step = 0
+    lr = 0.0
     for step in range(steps):
+        lr = lr_at(step, time.perf_counter() - start)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr
         x, y, m = (torch.from_numpy(a) for a in sample_batch(train_data, config, rng))
         pred = model(x)
         loss = (F.l1_loss(pred, y, reduction="none") * m).sum() / m.sum().clamp(min=1)
@@ -181,11 +209,15 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
         elapsed = time.perf_counter() - start
         last = step + 1 == steps or elapsed > budget_s
         if (step + 1) % int(config["log_every"]) == 0 or last:
-            history["train"].append({"step": step + 1, "loss_hu": running / count,
-                                     "lr": lr_at(step), "elapsed_s": elapsed})
-            print(f"step {step + 1}/{steps} loss {running / count:.2f} HU "
-                  f"lr {lr_at(step):.2e} {elapsed / (step + 1):.3f} s/step "
-                  f"elapsed {elapsed / 60:.1f} min", flush=True)
+            history["train"].append(
+                {"step": step + 1, "loss_hu": running / count, "lr": lr, "elapsed_s": elapsed}
+            )
+            print(
+                f"step {step + 1}/{steps} loss {running / count:.2f} HU "
+                f"lr {lr:.2e} {elapsed / (step + 1):.3f} s/step "
+                f"elapsed {elapsed / 60:.1f} min",
+                flush=True,
+            )
             running, count = 0.0, 0
         if (step + 1) % int(config["val_every"]) == 0 or last:
             mae = validate(model, val_data, config)
@@ -193,12 +225,17 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
             history["val"].append({"step": step + 1, "mae": mae, "score": score})
             print(f"  val MAE (HU) {json.dumps(mae)} mean {score:.3f}", flush=True)
             record = {
-                "model": model.state_dict(), "config": config, "step": step + 1,
-                "val": mae, "command": command, "sim_version": SIM_VERSION,
-                "wall_time_s": time.perf_counter() - t0, "train_time_s": elapsed,
+                "model": model.state_dict(),
+                "config": config,
+                "step": step + 1,
+                "val": mae,
+                "command": command,
+                "sim_version": SIM_VERSION,
+                "wall_time_s": time.perf_counter() - t0,
+                "train_time_s": elapsed,
                 "parameters": parameter_count(model),
                 "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                           f"torch {torch.__version__}, {config['threads']} threads",
+                f"torch {torch.__version__}, {config['threads']} threads",
             }
             torch.save(record, run_dir / "last.pt")
             if score < best:
@@ -212,8 +249,11 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
                 print(f"time budget of {budget_s / 60:.0f} min reached at step {step + 1}")
             break
     total = time.perf_counter() - t0
-    print(f"done: {step + 1} steps, training {time.perf_counter() - start:.0f} s, "
-          f"total wall {total:.0f} s (data {prep_s:.0f} s); best {best_path}", flush=True)
+    print(
+        f"done: {step + 1} steps, training {time.perf_counter() - start:.0f} s, "
+        f"total wall {total:.0f} s (data {prep_s:.0f} s); best {best_path}",
+        flush=True,
+    )
     return best_path
 
 
@@ -221,8 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry: read the config, train, print where the best checkpoint is."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="wall-clock budget for the training loop (default: config)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for the training loop (default: config)",
+    )
     args = parser.parse_args(argv)
     config = json.loads(args.config.read_text())
     command = "python -m models.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

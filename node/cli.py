@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="end-to-end demo with Orthanc as the PACS")
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from node.admin import add_admin_commands
+
+    add_admin_commands(commands)
     return parser
 
 

@@ -73,6 +73,16 @@ class Rule(BaseModel):
         return value
 
 
+class WebUser(BaseModel):
+    """A dashboard account; ``password_hash`` comes from ``denoise-node web hash-password``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    password_hash: str = Field(pattern=r"^(scrypt|pbkdf2_sha256)\$")
+    role: Literal["admin", "viewer"] = "viewer"
+
+
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "ct-denoise-node"
@@ -107,12 +117,13 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(4, ge=1, le=256)
     max_attempts: int = Field(3, ge=1)
+    retry_seconds: float = Field(30.0, gt=0.0)
     heartbeat_seconds: float = Field(5.0, gt=0.0)
     stale_after_seconds: float = Field(60.0, gt=0.0)
     poll_seconds: float = Field(1.0, gt=0.0)
     send_retry_seconds: float = Field(5.0, gt=0.0)
     send_retry_max_seconds: float = Field(300.0, gt=0.0)
-    send_timeout_seconds: float = Field(60.0, gt=0.0)
+    send_timeout_seconds: float = Field(20.0, gt=0.0)  # per network step; < stale_after / 2
     tls_ca_file: Path | None = None  # trusted CAs for TLS destinations (default: system)
     tls_cert_file: Path | None = None  # the node's client certificate, if peers ask for one
     tls_key_file: Path | None = None
@@ -120,6 +131,7 @@ class Settings(BaseSettings):
     max_pdu_size: int = Field(0, ge=0)
     web_host: str = "127.0.0.1"
     web_port: int = Field(8080, ge=1, le=65535)
+    web_users: list[WebUser] = Field(default_factory=list)  # login required off 127.0.0.1
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
 

@@ -29,12 +29,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets the pragmas that make it durable and shareable."""
+def _ensure_sqlite_folder(url: str) -> None:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets the pragmas that make it durable and shareable."""
+    _ensure_sqlite_folder(url)
+    if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -69,6 +74,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema to ``revision`` (``denoise-node db upgrade``)."""
+    _ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)
 
 

@@ -55,6 +55,7 @@ class Denoiser:
             )
             usable = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
         try:

@@ -6,7 +6,8 @@ are those of the source; everything else (private tags, icons, overlays, pixel
 statistics, the source's identity) is left behind, so nothing in the header lies about
 the new pixels.  What it adds says what it is: ``DERIVED\\SECONDARY\\AXIAL``, a
 derivation description and code, a reference to each source slice, and the node as
-contributing processing equipment.
+contributing processing equipment.  A frame of an Enhanced CT instance becomes a
+single-frame CT instance too (``frame_view``), referencing its frame by number.
 
 Where the strength is recorded: the CT Image IOD has no Algorithm Identification
 Sequence (it belongs to Segmentation and similar IODs), and a private tag would be
@@ -312,26 +313,64 @@ def derived_series_uid(source_series_uid: str, spec: DerivationSpec) -> str:
     return generate_uid(UID_PREFIX, ["series", source_series_uid, *spec._entropy])
 
 
-def derived_sop_uid(source_sop_uid: str, spec: DerivationSpec) -> str:
-    """A derived instance's UID: a resend is the same object, not a duplicate."""
-    return generate_uid(UID_PREFIX, ["instance", source_sop_uid, *spec._entropy])
+def derived_sop_uid(source_sop_uid: str, spec: DerivationSpec, frame: int | None = None) -> str:
+    """A derived instance's UID: a resend is the same object, not a duplicate.
+
+    ``frame`` (1-based) tells the slices derived from one multi-frame instance apart.
+    """
+    frame_entropy = [] if frame is None else [f"frame {frame}"]
+    return generate_uid(UID_PREFIX, ["instance", source_sop_uid, *frame_entropy, *spec._entropy])
+
+
+def frame_view(source: Dataset, frame: int) -> Dataset:
+    """Frame ``frame`` (1-based) of an Enhanced CT instance as single-frame CT attributes.
+
+    The shared, then the frame's own functional groups are lifted to the top level
+    (pixel measures, plane position and orientation, rescale, window, X-ray details),
+    which is where a single-frame CT header holds them.  No pixel data.
+    """
+    frames = int(source.get("NumberOfFrames") or 1)
+    per_frame = source.get("PerFrameFunctionalGroupsSequence") or []
+    if not 1 <= frame <= frames or len(per_frame) != frames:
+        raise ValueError(
+            f"frame {frame} of {frames} with {len(per_frame)} per-frame functional groups"
+        )
+    view = Dataset()
+    view.file_meta = getattr(source, "file_meta", FileMetaDataset())
+    skipped = {"PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelData"}
+    for element in source:
+        if element.keyword not in skipped and element.keyword != "NumberOfFrames":
+            view.add(element)
+    for groups in (*source.get("SharedFunctionalGroupsSequence", []), per_frame[frame - 1]):
+        for macro in groups:
+            if macro.VR == "SQ" and len(macro.value) == 1:
+                for element in macro.value[0]:
+                    view.add(element)
+    view.add_new("InstanceNumber", "IS", frame)  # a new element: the source keeps its own
+    return view
 
 
 def derive_instance(
-    source: Dataset, pixels: np.ndarray, spec: DerivationSpec, now: datetime | None = None
+    source: Dataset,
+    pixels: np.ndarray,
+    spec: DerivationSpec,
+    now: datetime | None = None,
+    frame: int | None = None,
 ) -> Dataset:
     """The denoised single-frame CT instance of ``source`` with stored values ``pixels``.
 
-    ``pixels`` has the source's stored dtype and shape (Rows, Columns).  ``now`` is the
-    instance creation time (default: the current local time).
+    ``source`` is a single-frame CT instance, or ``frame_view(enhanced, frame)`` of one
+    frame of an Enhanced CT instance with ``frame`` its number, which the derived
+    instance then references.  ``pixels`` has the source's stored dtype and shape
+    (Rows, Columns).  ``now`` is the instance creation time (default: now, local).
     """
     rows, columns = int(source.Rows), int(source.Columns)
     if pixels.shape != (rows, columns):
         raise ValueError(f"pixels have shape {pixels.shape}, the source is {rows} x {columns}")
-    if int(source.get("NumberOfFrames", 1) or 1) != 1:
-        raise ValueError("derive_instance builds single-frame CT from single-frame sources")
+    if int(source.get("NumberOfFrames") or 1) != 1:
+        raise ValueError("pass one frame of a multi-frame source: frame_view(source, frame)")
     now = now or datetime.now()
-    sop_uid = derived_sop_uid(source.SOPInstanceUID, spec)
+    sop_uid = derived_sop_uid(source.SOPInstanceUID, spec, frame)
 
     ds = Dataset()
     _copy_source_attributes(source, ds)
@@ -347,9 +386,12 @@ def derive_instance(
     ds.SeriesDescription = _with_suffix(str(source.get("SeriesDescription", "")), spec)
     ds.DerivationDescription = spec.description[:ST_MAX]
     ds.DerivationCodeSequence = Sequence([_code_item(codes.DCM.Smoothing)])
-    ds.SourceImageSequence = Sequence([_source_reference(source)])
+    ds.SourceImageSequence = Sequence([_source_reference(source, frame)])
     ds.ContributingEquipmentSequence = Sequence(
-        [*copy.deepcopy(source.get("ContributingEquipmentSequence", [])), _node_equipment(spec, now)]
+        [
+            *copy.deepcopy(source.get("ContributingEquipmentSequence", [])),
+            _node_equipment(spec, now),
+        ]
     )
     _set_lossy_compression(source, ds)
     ds.PixelData = np.ascontiguousarray(pixels, pixels.dtype.newbyteorder("<")).tobytes()
@@ -369,7 +411,7 @@ def _copy_source_attributes(source: Dataset, target: Dataset) -> None:
     for keywords in _COPIED.values():
         for keyword in keywords:
             if keyword in source:
-                target[keyword] = source[keyword]
+                target.add(copy.copy(source[keyword]))  # setting a value never reaches back
 
 
 def _with_suffix(description: str, spec: DerivationSpec) -> str:
@@ -385,10 +427,12 @@ def _code_item(code: Code) -> Dataset:
     return item
 
 
-def _source_reference(source: Dataset) -> Dataset:
+def _source_reference(source: Dataset, frame: int | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame is not None:
+        item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = Sequence(
         [_code_item(codes.DCM.SourceImageForImageProcessingOperation)]
     )
@@ -418,7 +462,7 @@ def _set_lossy_compression(source: Dataset, target: Dataset) -> None:
         target.LossyImageCompression = "01"
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in source:
-                target[keyword] = source[keyword]
+                target.add(copy.copy(source[keyword]))  # setting a value never reaches back
     elif syntax is not None and UID(syntax) not in _LOSSLESS:
         target.LossyImageCompression = "01"
         if syntax in _LOSSY_METHOD:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from node.tools import free_port
+
 ORTHANC_AE = "ORTHANC"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -27,13 +28,6 @@ STOP_TIMEOUT = 10.0
 
 class OrthancError(Exception):
     """Orthanc could not be started or did not answer as expected."""
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def find_orthanc() -> str:

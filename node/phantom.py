@@ -62,10 +62,10 @@ def phantom_hu(size: int) -> np.ndarray:
 
 
 def uniform_roi(size: int) -> tuple[slice, slice]:
-    """A region of uniform water (no insert) in which noise is measured."""
+    """A region of uniform water at the centre, clear of every insert, to measure noise."""
     c = size // 2
     half = max(2, size // 16)
-    return slice(c - half, c + half), slice(c + size // 6 - half, c + size // 6 + half)
+    return slice(c - half, c + half), slice(c - half, c + half)
 
 
 def write_phantom_series(folder: Path, spec: PhantomSpec = PhantomSpec()) -> list[Path]:

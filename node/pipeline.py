@@ -29,7 +29,7 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from node.config import Settings
 from node.denoise import Denoiser
-from node.derive import DerivationSpec, derive_instance, derived_series_uid
+from node.derive import DerivationSpec, derive_instance, derived_series_uid, frame_view
 from node.pixels import PixelCodec, blend, model_input
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class SeriesResult:
 @dataclass
 class _Slice:
     index: int
+    #: the single-frame source, or frame_view() of a frame of a multi-frame one
     source: Dataset
+    frame: int | None
     stored: np.ndarray
     codec: PixelCodec
     keep: np.ndarray
@@ -146,18 +148,25 @@ def denoise_series(
     result = SeriesResult(provider=denoiser.provider)
     stages = _Stages(depth=2 * denoiser.batch_size)
 
+    expected = [len(sources)]  # grows as multi-frame instances turn out to hold more slices
+
     def read() -> None:
-        shape: tuple[int, int] | None = None
-        for index, path in enumerate(sources):
+        shape: tuple[int, ...] | None = None
+        index = 0
+        for number, path in enumerate(sources, start=1):
             t0 = time.perf_counter()
-            item = _read_slice(index, path)
-            if shape is None:
-                shape = item.stored.shape
-                result.source_series_uid = item.source.SeriesInstanceUID
-                result.series_uid = derived_series_uid(result.source_series_uid, spec)
-            _check_same_series(item, shape, result.source_series_uid)
+            items = _read_instance(number, path, index)
+            expected[0] += len(items) - 1
+            for item in items:
+                if shape is None:
+                    shape = item.stored.shape
+                    result.source_series_uid = item.source.SeriesInstanceUID
+                    result.series_uid = derived_series_uid(result.source_series_uid, spec)
+                _check_same_series(item, shape, result.source_series_uid)
             result.read_seconds += time.perf_counter() - t0
-            stages.put(stages.read, item)
+            for item in items:
+                stages.put(stages.read, item)
+            index += len(items)
         stages.put(stages.read, _DONE)
 
     def write_all() -> None:
@@ -167,13 +176,13 @@ def denoise_series(
                 t0 = time.perf_counter()
                 mixed = blend(item.hu, out, spec.strength)
                 stored = item.codec.to_stored(mixed, item.stored, item.keep)
-                derived = derive_instance(item.source, stored, spec, now)
+                derived = derive_instance(item.source, stored, spec, now, item.frame)
                 write(item.index, derived)
                 result.instances.append((derived.SOPInstanceUID, item.source.SOPInstanceUID))
                 result.slices += 1
                 result.write_seconds += time.perf_counter() - t0
                 if progress is not None:
-                    progress(result.slices, len(sources))
+                    progress(result.slices, expected[0])
 
     reader = stages.thread(read, "pipeline-read")
     writer = stages.thread(write_all, "pipeline-write")
@@ -190,8 +199,6 @@ def denoise_series(
         stages.fail(exc)
     finally:
         writer.join()
-        if not stages.errors:
-            stages.failed.set()  # nothing left to read once the writer is done
         reader.join()
     if stages.errors:
         raise stages.errors[0]
@@ -210,21 +217,22 @@ def _batches(stages: _Stages, size: int) -> Iterator[list[_Slice]]:
         yield batch
 
 
-def _read_slice(index: int, path: Path) -> _Slice:
-    """Read, validate and decode one slice; BadInput names what is wrong and the SOP UID."""
+def _read_instance(number: int, path: Path, first_index: int) -> list[_Slice]:
+    """Read, validate and decode one instance: one slice, or one per frame of Enhanced CT.
+
+    BadInput names what is wrong and the SOP Instance UID, never the patient.
+    """
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-        raise BadInput(f"slice {index + 1} ({Path(path).name}) is not readable DICOM: {exc}")
-    uid = str(ds.get("SOPInstanceUID", "")) or f"without SOP Instance UID (slice {index + 1})"
-    if ds.get("SOPClassUID") == EnhancedCTImageStorage or int(ds.get("NumberOfFrames") or 1) > 1:
         raise BadInput(
-            f"instance {uid}: Enhanced CT (multi-frame) input is not supported yet; "
-            "send the series as single-frame CT Image Storage"
-        )
-    if ds.get("SOPClassUID") != CTImageStorage or ds.get("Modality") != "CT":
+            f"instance {number} ({Path(path).name}) is not readable DICOM: {exc}"
+        ) from exc
+    uid = str(ds.get("SOPInstanceUID", "")) or f"number {number} (no SOP Instance UID)"
+    sop_class = ds.get("SOPClassUID")
+    if sop_class not in (CTImageStorage, EnhancedCTImageStorage) or ds.get("Modality") != "CT":
         raise BadInput(
-            f"instance {uid} is {ds.get('SOPClassUID', 'no SOP class')!s} with modality "
+            f"instance {uid} is {sop_class or 'no SOP class'!s} with modality "
             f"{ds.get('Modality', 'none')}, not a CT image"
         )
     for keyword in ("Rows", "Columns", "PixelData", "SeriesInstanceUID"):
@@ -232,18 +240,31 @@ def _read_slice(index: int, path: Path) -> _Slice:
             raise BadInput(f"instance {uid} has no {keyword}")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise BadInput(f"instance {uid} has {ds.SamplesPerPixel} samples per pixel, CT has 1")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    multi_frame = sop_class == EnhancedCTImageStorage
+    if frames > 1 and not multi_frame:
+        raise BadInput(f"instance {uid} is CT Image Storage with {frames} frames")
+    rows, columns = int(ds.Rows), int(ds.Columns)
     try:
-        codec = PixelCodec.from_dataset(ds)
-        stored = ds.pixel_array
-    except Exception as exc:  # decoders raise many types; all mean the same here
+        views = [frame_view(ds, f) for f in range(1, frames + 1)] if multi_frame else [ds]
+        codecs = [PixelCodec.from_dataset(view) for view in views]
+        decoded = ds.pixel_array
+    except Exception as exc:  # decoders and malformed headers raise many types
         raise BadInput(f"instance {uid}: pixel data cannot be decoded: {exc}") from exc
-    if stored.shape != (int(ds.Rows), int(ds.Columns)):
+    if decoded.size != frames * rows * columns or decoded.shape[-2:] != (rows, columns):
         raise BadInput(
-            f"instance {uid}: pixel data of shape {stored.shape} does not match "
-            f"{ds.Rows} x {ds.Columns}"
+            f"instance {uid}: pixel data of shape {decoded.shape} does not match "
+            f"{frames} frame(s) of {rows} x {columns}"
         )
-    keep = codec.untouchable(stored)
-    return _Slice(index, ds, stored, codec, keep, codec.to_hu(stored))
+    pixels = decoded.reshape(frames, rows, columns)
+    slices = []
+    for offset, (view, codec, stored) in enumerate(zip(views, codecs, pixels, strict=True)):
+        keep = codec.untouchable(stored)
+        frame = offset + 1 if multi_frame else None
+        slices.append(
+            _Slice(first_index + offset, view, frame, stored, codec, keep, codec.to_hu(stored))
+        )
+    return slices
 
 
 def _check_same_series(item: _Slice, shape: tuple[int, ...], series_uid: str) -> None:
@@ -261,23 +282,23 @@ def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[Seri
     """Denoise every CT series in ``in_dir`` into ``out_dir`` (``denoise-node denoise``).
 
     One series is written as ``out_dir/0001.dcm``...; several go to one sub-folder each,
-    ``out_dir/<derived series UID>/0001.dcm``...  Files that are not DICOM images
-    (a DICOMDIR, a README) are skipped with a log line.
+    ``out_dir/<derived series UID>/0001.dcm``...  Files that are not CT images (a
+    DICOMDIR, a dose report, a README) are skipped with a log line.
     """
     series = _group_by_series(in_dir)
     if not series:
         raise BadInput(f"{in_dir} holds no DICOM image files")
     denoiser = Denoiser(settings.model_file, settings.providers, settings.batch_size)
+    spec = DerivationSpec(
+        model_name=denoiser.name,
+        model_version=denoiser.version,
+        strength=settings.strength,
+        series_number_offset=settings.series_number_offset,
+        description_suffix=settings.series_description_suffix,
+        node_ae_title=settings.ae_title,
+    )
     results = []
     for sources in series.values():
-        spec = DerivationSpec(
-            model_name=denoiser.name,
-            model_version=denoiser.version,
-            strength=settings.strength,
-            series_number_offset=settings.series_number_offset,
-            description_suffix=settings.series_description_suffix,
-            node_ae_title=settings.ae_title,
-        )
         target = out_dir
         if len(series) > 1:
             first = pydicom.dcmread(sources[0], stop_before_pixels=True)
@@ -299,7 +320,7 @@ def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[Seri
 
 
 def _group_by_series(in_dir: Path) -> dict[str, list[Path]]:
-    """Image files by SeriesInstanceUID, each series once per SOP Instance UID, in file order."""
+    """CT image files by SeriesInstanceUID, each series once per SOP Instance UID, in file order."""
     series: dict[str, dict[str, Path]] = defaultdict(dict)
     for path in sorted(p for p in Path(in_dir).rglob("*") if p.is_file()):
         try:
@@ -307,8 +328,8 @@ def _group_by_series(in_dir: Path) -> dict[str, list[Path]]:
         except (InvalidDicomError, EOFError, ValueError, OSError):
             log.info("skipping %s: not a DICOM file", path.name)
             continue
-        if "SeriesInstanceUID" not in header or "SOPInstanceUID" not in header:
-            log.info("skipping %s: not an image instance", path.name)
+        if header.get("SOPClassUID") not in (CTImageStorage, EnhancedCTImageStorage):
+            log.info("skipping %s: not a CT image", path.name)
             continue
         series[header.SeriesInstanceUID].setdefault(header.SOPInstanceUID, path)
     return {uid: list(files.values()) for uid, files in series.items()}

@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -94,6 +97,8 @@ class Receiver:
         for sop_class in STORAGE_CLASSES:
             self._ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._server: ThreadedAssociationServer | None = None
+        self._tallies: dict[int, Counter[str]] = {}
+        self._tallies_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -109,7 +114,11 @@ class Receiver:
             log.info("removed %d partial files left by an earlier run", removed)
         # Process-wide in pynetdicom: C-STORE data sets go to a temporary file, not memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
+        handlers = [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_CONN_CLOSE, self.handle_close),
+        ]
         address = (self.ctx.settings.bind_address, self.ctx.settings.port)
         self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
         log.info(
@@ -126,8 +135,9 @@ class Receiver:
             return
         self._server.shutdown()
         self._server = None
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
         for association in self._ae.active_associations:
-            association.join(STOP_GRACE_SECONDS)
+            association.join(max(0.0, deadline - time.monotonic()))
         self._ae.shutdown()
         log.info("receiver stopped")
 
@@ -140,11 +150,14 @@ class Receiver:
         """C-STORE: spool, record, answer; each failure has its own status."""
         calling_ae = _calling_ae(event)
         try:
-            status = self._store(event, calling_ae)
-            return _status(status)
+            outcome = self._store(event, calling_ae)
+            self._tally(event, outcome)
+            return _status(SUCCESS)
         except Refused as refused:
+            self._tally(event, f"refused 0x{refused.status:04X}")
             return _status(refused.status, refused.comment)
         except Exception:
+            self._tally(event, f"refused 0x{HANDLER_FAILED:04X}")
             # Answer (and so let pynetdicom remove its temporary file) even on a bug.
             log.exception(
                 "C-STORE failed unexpectedly",
@@ -155,7 +168,24 @@ class Receiver:
             )
             return _status(HANDLER_FAILED, "internal error in the receiver, see its log")
 
-    def _store(self, event: Event, calling_ae: str) -> int:
+    def handle_close(self, event: Event) -> None:
+        """One log line per association that stored anything: what came and what was refused."""
+        with self._tallies_lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally:
+            log.info(
+                "association from %s closed: %s",
+                _calling_ae(event),
+                ", ".join(f"{count} {outcome}" for outcome, count in sorted(tally.items())),
+                extra={"calling_ae": _calling_ae(event)},
+            )
+
+    def _tally(self, event: Event, outcome: str) -> None:
+        with self._tallies_lock:
+            self._tallies.setdefault(id(event.assoc), Counter())[outcome] += 1
+
+    def _store(self, event: Event, calling_ae: str) -> str:
+        """Spool and record one instance; returns the outcome, or raises Refused."""
         received = Path(event.dataset_path)
         request_uid = str(event.request.AffectedSOPInstanceUID or "")
         extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": _shown(request_uid)}
@@ -196,31 +226,32 @@ class Receiver:
         except Exception as exc:
             spool.remove(relative)
             log.error(
-                "C-STORE refused: the job table did not record the instance: %s",
+                "C-STORE refused: the job table did not record the instance: %s: %s",
                 exc.__class__.__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
                 extra=extra,
             )
             raise Refused(DATABASE_UNAVAILABLE, "node job table unavailable") from exc
 
         if outcome is RecordOutcome.NEW:
             log.debug("instance stored", extra={**extra, "spool_path": relative})
-            return SUCCESS
+            return "stored"
         spool.remove(relative)
         if outcome is RecordOutcome.IDENTICAL:
-            log.info("instance received again with identical content; stored once", extra=extra)
-        else:
-            log.warning(
-                "instance received again with DIFFERENT content; the first copy (%s) is kept",
-                kept,
-                extra=extra,
-            )
-        return SUCCESS
+            log.debug("instance received again with identical content; stored once", extra=extra)
+            return "already stored"
+        log.warning(
+            "instance received again with DIFFERENT content; the first copy (%s) is kept",
+            kept,
+            extra=extra,
+        )
+        return "conflicting duplicates"
 
 
 def selection_header(ds: Dataset) -> dict[str, Any]:
     """What the settler's rules and the worker need from a header: no patient identity."""
     header: dict[str, Any] = {
-        "SOPClassUID": str(ds.SOPClassUID),
+        "SOPClassUID": _text(ds.get("SOPClassUID")),
         "Modality": _text(ds.get("Modality")),
         "ImageType": [str(v) for v in _values(ds.get("ImageType"))],
         "SeriesDescription": _text(ds.get("SeriesDescription")),

@@ -147,11 +147,14 @@ def _mismatch(
         return f"SliceThickness {thickness} mm is below {key}.slice_thickness_min"
     if rule.slice_thickness_max is not None and thickness > rule.slice_thickness_max:
         return f"SliceThickness {thickness} mm is above {key}.slice_thickness_max"
-    if rule.ctdi_vol_max is not None and (
-        series.ctdi_vol is None or series.ctdi_vol > rule.ctdi_vol_max
-    ):
-        shown = "missing" if series.ctdi_vol is None else f"{series.ctdi_vol:.2f} mGy"
-        return f"CTDIvol {shown} is above {key}.ctdi_vol_max ({rule.ctdi_vol_max} mGy)"
+    if rule.ctdi_vol_max is not None:
+        if series.ctdi_vol is None:
+            return f"CTDIvol is missing; {key}.ctdi_vol_max needs it"
+        if series.ctdi_vol > rule.ctdi_vol_max:
+            return (
+                f"CTDIvol {series.ctdi_vol:.2f} mGy is above {key}.ctdi_vol_max "
+                f"({rule.ctdi_vol_max} mGy)"
+            )
     if rule.min_slices is not None:
         return _too_few_slices(series, rule.min_slices, f"{key}.min_slices")
     if rule.action == "denoise":

@@ -104,7 +104,7 @@ class Sender:
             self._conclude(job, errors, total, sent, seconds, fields)
         except Stopping:
             self.manager.release_sending(
-                job.id, self.ctx.name, f"sender stopping after {sent} instances; released"
+                job.id, self.ctx.name, "sender stopping: released; acknowledged instances stay"
             )
             log.info("job %s released: sender stopping", job.id, extra=fields)
         except LostClaim as exc:
@@ -128,7 +128,7 @@ class Sender:
             error = "; ".join(str(exc) for exc in errors)
             previous = self.manager.consecutive_postponements(job.id)
             delay = min(
-                self.settings.send_retry_seconds * 2**previous,
+                self.settings.send_retry_seconds * 2 ** min(previous, 30),
                 self.settings.send_retry_max_seconds,
             )
             self.manager.postpone_sending(job.id, self.ctx.name, error, delay)
@@ -140,9 +140,11 @@ class Sender:
                 extra={**fields, "outcome": "postponed", "retry_in": delay},
             )
         else:
-            names = ", ".join(job.destinations) or "no destination"
+            names = ", ".join(job.destinations)
             message = f"{total} instances acknowledged by {names} in {seconds:.1f} s"
-            if sent != total * len(job.destinations):
+            if not job.destinations:
+                message = "no destination: the derived series stays in the spool only"
+            elif sent != total * len(job.destinations):
                 message += f" ({sent} sent now)"
             self.manager.finish_sending(job.id, self.ctx.name, message)
             log.info("job %s done: %s", job.id, message, extra={**fields, "outcome": "done"})
@@ -160,12 +162,19 @@ class Sender:
         missing = self.manager.missing_deliveries(job.id, name)
         if not missing:
             return 0
+        self._heartbeat_if_due(job)
         assoc = self._associate(name, destination)
         try:
             return self._store_all(job, name, destination, assoc, missing)
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _heartbeat_if_due(self, job: Job) -> None:
+        """Between network steps, prove the claim is alive (raises LostClaim if it is not)."""
+        if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
+            self.manager.heartbeat(job.id, self.ctx.name)
+            self._last_beat = time.monotonic()
 
     def _associate(self, name: str, destination: Destination) -> Association:
         ae = AE(ae_title=self.settings.ae_title)
@@ -181,12 +190,12 @@ class Sender:
             tls_args=self._tls_args(name, destination),
         )
         if not assoc.is_established:
-            if assoc.is_rejected:
-                reason = "rejected the association"
-            elif assoc.is_aborted:
-                reason = "aborted the association"
-            else:
-                reason = "could not be reached (connection refused or timed out)"
+            # pynetdicom reports a refused connection as an abort: one message for both.
+            reason = (
+                "rejected the association"
+                if assoc.is_rejected
+                else "could not be reached (connection refused, aborted or timed out)"
+            )
             raise DeliveryError(name, f"{peer} {reason}", retryable=True)
         if not any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts):
             assoc.release()
@@ -223,9 +232,7 @@ class Sender:
         for item in missing:
             if self._stop.is_set():
                 raise Stopping
-            if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
-                self.manager.heartbeat(job.id, self.ctx.name)
-                self._last_beat = time.monotonic()
+            self._heartbeat_if_due(job)
             uid = item.sop_instance_uid
             path = self.ctx.spool.path(item.spool_path)
             if not path.is_file():

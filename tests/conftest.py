@@ -7,7 +7,6 @@ Every test that touches the database runs twice, once per backend, through the
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,25 +17,20 @@ from sqlalchemy.engine import make_url
 
 from node import db
 from node.jobs import JobManager
+from node.tools import free_port  # noqa: F401 - re-exported for tests
 
 pytest_plugins = [
     "tests.fixtures.dicom",
     "tests.fixtures.onnx_models",
     "tests.fixtures.orthanc",
     "tests.fixtures.node",
+    "tests.fixtures.admin",
 ]
 
 POSTGRES_URL = os.environ.get(
     "DENOISE_NODE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

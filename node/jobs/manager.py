@@ -19,13 +19,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import utcnow
-from node.jobs.states import JobState, TransitionError, check_transition
+from node.jobs.states import FINAL_STATES, JobState, TransitionError, check_transition
 from node.jobs.tables import Delivery, DerivedInstance, Instance, Job, JobEvent, Series, Worker
 
 log = logging.getLogger(__name__)
 
 #: How a postponement starts in the timeline; ``consecutive_postponements`` counts them.
 POSTPONED = "send postponed"
+#: How a spool purge starts in the timeline; ``purgeable_jobs`` skips purged jobs.
+PURGED = "spool purged"
 
 
 class RecordOutcome(StrEnum):
@@ -689,6 +691,98 @@ class JobManager:
         with self._sessions() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         return {state: count for state, count in rows}
+
+    def oldest_queued_at(self) -> datetime | None:
+        """When the job waiting longest was queued: the queue's age, for alerting."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.min(Job.updated_at)).where(Job.state == JobState.QUEUED)
+            )
+
+    def instance_totals(self) -> tuple[int, int, dict[str, int]]:
+        """Instances received, derived, and acknowledged per destination, over all jobs."""
+        with self._sessions() as session:
+            received = session.scalar(select(func.count()).select_from(Instance)) or 0
+            derived = session.scalar(select(func.count()).select_from(DerivedInstance)) or 0
+            rows = session.execute(
+                select(Delivery.destination, func.count()).group_by(Delivery.destination)
+            ).all()
+        return received, derived, {destination: count for destination, count in rows}
+
+    def denoise_timings(self, limit: int = 1000) -> list[tuple[float, int]]:
+        """(seconds, slices) of the last denoising of the ``limit`` newest denoised jobs.
+
+        Read from the timeline: the claim (→ running) to the hand-over (running → sending).
+        """
+        recent = select(Job.id).where(Job.denoised_count > 0).order_by(Job.id.desc()).limit(limit)
+        with self._sessions() as session:
+            slices: dict[int, int] = {
+                job_id: count
+                for job_id, count in session.execute(
+                    select(Job.id, Job.denoised_count).where(Job.id.in_(recent))
+                )
+            }
+            events = session.execute(
+                select(JobEvent.job_id, JobEvent.from_state, JobEvent.to_state, JobEvent.at)
+                .where(JobEvent.job_id.in_(list(slices)))
+                .where(JobEvent.to_state.in_([JobState.RUNNING, JobState.SENDING]))
+                .order_by(JobEvent.id)
+            ).all()
+        started: dict[int, datetime] = {}
+        seconds: dict[int, float] = {}
+        for job_id, from_state, to_state, at in events:
+            if to_state == JobState.RUNNING:
+                started[job_id] = at
+            elif from_state == JobState.RUNNING and job_id in started:
+                seconds[job_id] = (at - started[job_id]).total_seconds()
+        return [(seconds[job_id], slices[job_id]) for job_id in sorted(seconds)]
+
+    def purgeable_jobs(self, finished_before: datetime) -> list[Job]:
+        """Final jobs finished before ``finished_before`` whose spool was not purged since."""
+        purged = select(JobEvent.id).where(
+            JobEvent.job_id == Job.id,
+            JobEvent.message.startswith(PURGED),
+            JobEvent.at >= Job.finished_at,
+        )
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Job)
+                    .where(Job.state.in_(list(FINAL_STATES)))
+                    .where(Job.finished_at < finished_before)
+                    .where(~purged.exists())
+                    .order_by(Job.id)
+                )
+            )
+
+    def series_finished_before(self, series_instance_uid: str, finished_before: datetime) -> bool:
+        """True when the series is settled and every one of its jobs is final and old.
+
+        Only then may its received instances leave the spool: no job can need them.
+        """
+        with self._sessions() as session:
+            series = session.get(Series, series_instance_uid)
+            if series is None or series.settled_through is None:
+                return False
+            if series.settled_through < series.last_received_at:
+                return False
+            pending = session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.series_instance_uid == series_instance_uid)
+                .where(
+                    or_(
+                        Job.state.not_in(list(FINAL_STATES)),
+                        Job.finished_at.is_(None),
+                        Job.finished_at >= finished_before,
+                    )
+                )
+            )
+            return pending == 0
+
+    def record_purge(self, job_id: int, actor: str, detail: str) -> None:
+        """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""
+        self.add_event(job_id, actor, f"{PURGED}: {detail}")
 
     # -- processes ---------------------------------------------------------------------
 

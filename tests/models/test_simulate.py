@@ -108,9 +108,7 @@ def _write_series(folder: Path, n: int = 3, size: int = 128) -> list[Path]:
     return paths
 
 
-def test_write_low_dose_series_round_trip(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_low_dose_series_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DENOISE_NODE_CACHE_DIR", str(tmp_path / "cache"))
     src = _write_series(tmp_path / "src")
     written = write_low_dose_series(tmp_path / "src", tmp_path / "dst", dose=0.25, seed=0)

@@ -1,0 +1,437 @@
+"""Admin sub-commands of ``denoise-node``: look at and steer the job table from a terminal.
+
+``jobs list|show|retry|cancel|resend``, ``status``, ``purge`` and ``web hash-password``.
+Tables fit 100 columns; ``--json`` prints the same data as the REST API for scripts.
+Exit codes: 0 done, 1 refused (unknown job, impossible action, unreachable destination).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from node import overview
+from node.config import load_settings
+from node.context import NodeContext
+from node.db import utcnow
+from node.jobs import JobState
+from node.logs import configure_logging
+from node.overview import ActionRefused, JobNotFound, format_age, format_bytes, format_time
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+WIDTH = 100
+UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str) -> datetime:
+    """``30m``, ``2h``, ``7d``, ``1w`` ago, or an ISO date/time (UTC unless it says otherwise)."""
+    unit = UNITS.get(text[-1:].lower())
+    try:
+        if unit and text[:-1].replace(".", "", 1).isdigit():
+            return utcnow() - timedelta(**{unit: float(text[:-1])})
+        moment = datetime.fromisoformat(text)
+    except (ValueError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an age like 30m, 2h, 7d nor an ISO date/time"
+        ) from exc
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def cli_actor() -> str:
+    """Who acts from this terminal, for the audit log and the job timeline."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+@contextmanager
+def _context(args: argparse.Namespace) -> Iterator[NodeContext]:
+    settings = load_settings(args.config)
+    configure_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+    ctx = NodeContext.open(settings)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def _print_json(value: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
+    if isinstance(value, list):
+        data: Any = [item.model_dump(mode="json") for item in value]
+    elif isinstance(value, BaseModel):
+        data = value.model_dump(mode="json")
+    else:
+        data = value
+    print(json.dumps(data, indent=2))
+
+
+def _cell(value: str, width: int) -> str:
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def _table(headers: Sequence[str], widths: Sequence[int], rows: list[Sequence[str]]) -> str:
+    """Fixed-width columns; the last one takes what is left of ``WIDTH``."""
+    widths = [*widths, WIDTH - sum(widths) - len(widths)]
+    lines = [[*headers], *rows]
+    return "\n".join(
+        " ".join(_cell(str(v), w).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _tail(uid: str, width: int) -> str:
+    """The end of a UID: where series of one study differ."""
+    return uid if len(uid) <= width else "…" + uid[-(width - 1) :]
+
+
+# -- jobs --------------------------------------------------------------------------------
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    with _context(args) as ctx:
+        jobs = overview.list_jobs(ctx, args.state, args.since, args.ae, args.study, args.limit)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    rows = [
+        (
+            str(job.id),
+            job.state,
+            f"{job.created_at:%m-%d %H:%M:%S}",
+            job.calling_ae_title,
+            f"{job.denoised_count}/{job.instance_count}",
+            _tail(job.series_instance_uid, 14),
+            job.last_error or job.reason or f"attempt {job.attempts}/{job.max_attempts}",
+        )
+        for job in jobs
+    ]
+    headers = ("ID", "STATE", "CREATED (UTC)", "AE", "SLICES", "SERIES", "NOTE")
+    print(_table(headers, (5, 9, 14, 16, 7, 14), rows) if rows else "no jobs")
+    return 0
+
+
+def _show(job: overview.JobDetail) -> str:
+    sent = ", ".join(f"{name} {count}/{job.denoised_count}" for name, count in job.sent.items())
+    lines = [
+        f"Job {job.id}  {job.state}  rule {job.rule!r}, strength {job.strength:g}",
+        f"Series     {job.series_instance_uid}",
+        f"Study      {job.study_instance_uid}",
+        f"From       {job.calling_ae_title}",
+        f"Created    {format_time(job.created_at)}   started {format_time(job.started_at)}"
+        f"   finished {format_time(job.finished_at)}",
+        f"Attempts   {job.attempts} of {job.max_attempts}"
+        + (f"   held by {job.claimed_by}" if job.claimed_by else ""),
+        f"Instances  received {job.received_count} (settled {job.instance_count}), "
+        f"denoised {job.denoised_count}, sent {sent or '-'}",
+    ]
+    if job.model_name:
+        lines.append(f"Model      {job.model_name} {job.model_version}")
+    if job.output_series_uid:
+        lines.append(f"Output     {job.output_series_uid}")
+    if job.reason:
+        lines.append(f"Reason     {job.reason}")
+    if job.last_error:
+        lines.append(f"Error      {job.last_error}")
+    lines.append("Timeline")
+    for event in job.events:
+        change = f"→ {event.to_state}" if event.to_state else ""
+        lines.append(
+            f"  {format_time(event.at)}  {_cell(event.actor, 22):22} {change:11} {event.message}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    with _context(args) as ctx:
+        detail = overview.job_detail(ctx, args.id)
+    if args.json:
+        _print_json(detail)
+    else:
+        print(_show(detail))
+    return 0
+
+
+def _action(action: overview.Action) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        with _context(args) as ctx:
+            job = overview.act(ctx, action, args.id, cli_actor(), getattr(args, "to", None))
+        if args.json:
+            _print_json(job)
+        else:
+            print(f"job {job.id}: {action} done, now {job.state}")
+        return 0
+
+    return command
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def _status_text(status: overview.NodeStatus) -> str:
+    counts = "  ".join(f"{state} {count}" for state, count in status.states.items())
+    lines = [
+        f"denoise-node {status.version} on {status.database}",
+        f"Jobs          {counts}",
+        f"Oldest queued {format_age(status.oldest_queued_seconds)}",
+        "Workers",
+    ]
+    now = datetime.now(UTC)
+    rows = [
+        (
+            f"  {worker.name}",
+            worker.roles,
+            "alive" if worker.alive else "silent",
+            format_age((now - worker.heartbeat_at).total_seconds()) + " ago",
+            worker.provider or "-",
+        )
+        for worker in status.workers
+        if worker.stopped_at is None
+    ]
+    headers = ("  NAME", "ROLES", "STATE", "HEARTBEAT", "PROVIDER")
+    lines.append(_table(headers, (30, 22, 8, 12), rows) if rows else "  none running")
+    lines.append("Destinations")
+    for check in status.destinations:
+        mark = "ok  " if check.reachable else "FAIL"
+        lines.append(
+            f"  {mark} {check.name}: {check.ae_title}@{check.host}:{check.port}  {check.detail}"
+        )
+    if not status.destinations:
+        lines.append("  none configured")
+    spool = status.spool
+    lines.append(
+        f"Spool         {spool.path}: {format_bytes(spool.free_bytes)} free of "
+        f"{format_bytes(spool.total_bytes)} (refuses below {format_bytes(spool.min_free_bytes)})"
+    )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 1 when a destination does not answer C-ECHO, so monitoring can alert on it."""
+    with _context(args) as ctx:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the table says it
+        status = overview.node_status(ctx)
+    if args.json:
+        _print_json(status)
+    else:
+        print(_status_text(status))
+    return 0 if all(check.reachable for check in status.destinations) else 1
+
+
+# -- purge -------------------------------------------------------------------------------
+
+
+@dataclass
+class PurgeReport:
+    jobs: list[int] = field(default_factory=list)
+    received_files: int = 0
+    derived_files: int = 0
+    bytes: int = 0
+
+
+def _remove(ctx: NodeContext, paths: list[str], dry_run: bool) -> tuple[int, int]:
+    """Remove spool files; returns (files, bytes) removed (or that would be)."""
+    files = freed = 0
+    for relative in paths:
+        path = ctx.spool.path(relative)
+        try:
+            freed += path.stat().st_size
+            if not dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        files += 1
+    return files, freed
+
+
+def purge_spool(
+    ctx: NodeContext, older_than_days: float, actor: str, dry_run: bool = False
+) -> PurgeReport:
+    """Remove spool files of jobs final for longer than the retention; never of others.
+
+    A job's derived files go once the job is final and old; the received instances of
+    its series only when every job of the series is (a late instance would need them).
+    Each purge is written to the job's timeline.
+    """
+    from node.web.preview import drop_previews
+
+    manager = ctx.manager
+    cutoff = utcnow() - timedelta(days=older_than_days)
+    report = PurgeReport()
+    for job in manager.purgeable_jobs(cutoff):
+        derived = [d.spool_path for d in manager.derived_instances(job.id)]
+        received = []
+        if manager.series_finished_before(job.series_instance_uid, cutoff):
+            received = [i.spool_path for i in manager.series_instances(job.series_instance_uid)]
+        derived_files, derived_bytes = _remove(ctx, derived, dry_run)
+        received_files, received_bytes = _remove(ctx, received, dry_run)
+        report.jobs.append(job.id)
+        report.derived_files += derived_files
+        report.received_files += received_files
+        report.bytes += derived_bytes + received_bytes
+        if dry_run:
+            continue
+        drop_previews(ctx.settings, job.id)
+        with suppress(OSError):  # the receiver may still write into a date folder: keep those
+            ctx.spool.path(Spool.derived(job.id, 0)).parent.rmdir()
+        detail = (
+            f"{derived_files} derived and {received_files} received files, "
+            f"{format_bytes(derived_bytes + received_bytes)} (retention {older_than_days:g} days)"
+        )
+        manager.record_purge(job.id, actor, detail)
+        log.info(
+            "purged spool of job %s: %s",
+            job.id,
+            detail,
+            extra={"audit": True, "actor": actor, "action": "purge", "job_id": job.id},
+        )
+    return report
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    with _context(args) as ctx:
+        report = purge_spool(ctx, args.older_than, cli_actor(), args.dry_run)
+    if args.json:
+        _print_json(asdict(report))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{len(report.jobs)} finished jobs older than {args.older_than:g} days: {verb} "
+        f"{report.derived_files} derived and {report.received_files} received files "
+        f"({format_bytes(report.bytes)})"
+    )
+    return 0
+
+
+# -- web ---------------------------------------------------------------------------------
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print a password hash for ``web_users``; the password never appears in argv."""
+    from node.web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("denoise-node: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("denoise-node: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+# -- wiring ------------------------------------------------------------------------------
+
+
+def _refusals(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Unknown jobs and refused actions end with a one-line message and exit code 1."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (JobNotFound, ActionRefused) as exc:
+            print(f"denoise-node: {exc}", file=sys.stderr)
+            return 1
+
+    return guarded
+
+
+def _at_least(minimum: float, kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (as the REST API)")
+
+
+def _states(text: str) -> list[str]:
+    states = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(states) - set(JobState))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown state(s) {', '.join(unknown)}; choose from {', '.join(JobState)}"
+        )
+    return states
+
+
+def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``jobs``, ``status``, ``purge`` and ``web`` to ``denoise-node``'s sub-commands."""
+    jobs = subparsers.add_parser("jobs", help="list, show, retry, cancel or resend jobs")
+    verbs = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+
+    listing = verbs.add_parser("list", help="the newest jobs, filtered")
+    listing.add_argument("--state", type=_states, help="comma-separated states, e.g. failed")
+    listing.add_argument("--since", type=parse_since, help="created since: 2h, 7d or ISO time")
+    listing.add_argument("--ae", help="calling AE title of the sender")
+    listing.add_argument("--study", help="Study Instance UID")
+    listing.add_argument(
+        "--limit", type=_at_least(1, int), default=50, help="at most this many (50)"
+    )
+    _json_flag(listing)
+    listing.set_defaults(func=_refusals(cmd_jobs_list))
+
+    show = verbs.add_parser("show", help="one job: timeline, counts, error")
+    show.add_argument("id", type=int)
+    _json_flag(show)
+    show.set_defaults(func=_refusals(cmd_jobs_show))
+
+    for action, text in (
+        ("retry", "run a finished, failed, skipped or cancelled job again"),
+        ("cancel", "stop a job that has not finished"),
+        ("resend", "send a job's derived series (again) to a destination"),
+    ):
+        verb = verbs.add_parser(action, help=text)
+        verb.add_argument("id", type=int)
+        if action == "resend":
+            verb.add_argument("--to", required=True, metavar="DEST", help="destination name")
+        _json_flag(verb)
+        verb.set_defaults(func=_refusals(_action(action)))
+
+    status = subparsers.add_parser(
+        "status", help="queue, workers, destinations (C-ECHO) and spool at a glance"
+    )
+    _json_flag(status)
+    status.set_defaults(func=cmd_status)
+
+    purge = subparsers.add_parser("purge", help="remove spool files of long-finished jobs")
+    purge.add_argument(
+        "--older-than",
+        type=_at_least(0, float),
+        required=True,
+        metavar="DAYS",
+        help="retention in days",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="only say what would go")
+    _json_flag(purge)
+    purge.set_defaults(func=cmd_purge)
+
+    web = subparsers.add_parser("web", help="dashboard helpers")
+    web_commands = web.add_subparsers(dest="web_command", required=True, metavar="ACTION")
+    hashing = web_commands.add_parser(
+        "hash-password", help="hash a password for web_users (reads it from the terminal or stdin)"
+    )
+    hashing.set_defaults(func=cmd_hash_password)

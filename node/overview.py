@@ -1,0 +1,358 @@
+"""What an administrator sees and does: job views, node status and the steering actions.
+
+The CLI (``node.admin``), the REST API and the dashboard (``node.web``) all read and
+steer through these functions, so the three always agree.  Every write goes through
+the jobs manager; each admin action is also logged with its actor (the audit log),
+and the manager writes it to the job's timeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from time import monotonic
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from node import __version__
+from node.config import Destination
+from node.context import NodeContext
+from node.db import utcnow
+from node.jobs import JobState, TransitionError
+from node.jobs.tables import Job, JobEvent, Worker
+
+log = logging.getLogger(__name__)
+
+ECHO_TIMEOUT_SECONDS = 3.0
+Action = Literal["retry", "cancel", "resend"]
+
+
+class JobNotFound(LookupError):
+    """No job has this id."""
+
+
+class ActionRefused(ValueError):
+    """The action cannot be done on this job now; the message says why and what to do."""
+
+
+class UnknownDestination(ActionRefused):
+    """A resend named a destination that is not configured."""
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+#: The job table stores naive UTC; views say so, and JSON gets RFC 3339 with ``Z``.
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobSummary(_View):
+    """A row of the job table as the admin sees it."""
+
+    id: int
+    state: JobState
+    series_instance_uid: str
+    study_instance_uid: str
+    calling_ae_title: str
+    rule: str
+    strength: float
+    destinations: list[str]
+    instance_count: int
+    denoised_count: int
+    attempts: int
+    max_attempts: int
+    reason: str | None
+    last_error: str | None
+    claimed_by: str | None
+    model_name: str | None
+    model_version: str | None
+    output_series_uid: str | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+
+
+class JobEventView(_View):
+    at: UtcDatetime
+    from_state: JobState | None
+    to_state: JobState | None
+    actor: str
+    message: str
+
+
+class JobDetail(JobSummary):
+    """A job with its timeline and what each destination acknowledged."""
+
+    received_count: int
+    sent: dict[str, int]
+    events: list[JobEventView]
+
+
+class WorkerView(_View):
+    name: str
+    roles: str
+    hostname: str
+    pid: int
+    provider: str | None
+    started_at: UtcDatetime
+    heartbeat_at: UtcDatetime
+    stopped_at: UtcDatetime | None
+    alive: bool
+
+
+class DestinationCheck(BaseModel):
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    reachable: bool
+    detail: str
+
+
+class SpoolView(BaseModel):
+    path: str
+    free_bytes: int
+    total_bytes: int
+    min_free_bytes: int
+
+
+class NodeStatus(BaseModel):
+    """Everything ``denoise-node status`` and the dashboard header show."""
+
+    version: str
+    database: str
+    states: dict[JobState, int]
+    oldest_queued_seconds: float | None
+    workers: list[WorkerView]
+    destinations: list[DestinationCheck]
+    spool: SpoolView
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def list_jobs(
+    ctx: NodeContext,
+    states: list[str] | None = None,
+    since: datetime | None = None,
+    calling_ae_title: str | None = None,
+    study_instance_uid: str | None = None,
+    limit: int = 100,
+) -> list[JobSummary]:
+    jobs = ctx.manager.list_jobs(states, since, calling_ae_title, study_instance_uid, limit)
+    return [JobSummary.model_validate(job) for job in jobs]
+
+
+def _job(ctx: NodeContext, job_id: int) -> Job:
+    try:
+        return ctx.manager.get_job(job_id)
+    except TransitionError as exc:
+        raise JobNotFound(f"job {job_id} does not exist") from exc
+
+
+def job_detail(ctx: NodeContext, job_id: int) -> JobDetail:
+    job = _job(ctx, job_id)
+    sent = {name: 0 for name in job.destinations} | ctx.manager.delivery_counts(job_id)
+    events: list[JobEvent] = ctx.manager.job_events(job_id)
+    return JobDetail.model_validate(
+        {
+            **JobSummary.model_validate(job).model_dump(),
+            "received_count": len(ctx.manager.series_instances(job.series_instance_uid)),
+            "sent": sent,
+            "events": [JobEventView.model_validate(event) for event in events],
+        }
+    )
+
+
+def worker_views(ctx: NodeContext) -> list[WorkerView]:
+    """Known node processes; ``alive`` when running and heard from within the stale limit."""
+    cutoff = utcnow() - timedelta(seconds=ctx.settings.stale_after_seconds)
+    workers: list[Worker] = ctx.manager.workers()
+    return [
+        WorkerView.model_validate(
+            {
+                **{key: getattr(worker, key) for key in WorkerView.model_fields if key != "alive"},
+                "alive": worker.stopped_at is None and worker.heartbeat_at >= cutoff,
+            }
+        )
+        for worker in workers
+    ]
+
+
+def echo_destination(ctx: NodeContext, name: str, destination: Destination) -> DestinationCheck:
+    """C-ECHO one destination with the node's own AE title, as the sender would associate."""
+    from node.sender import DeliveryError, Sender
+
+    ae = AE(ae_title=ctx.settings.ae_title)
+    ae.add_requested_context(Verification)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ECHO_TIMEOUT_SECONDS
+    ae.network_timeout = ECHO_TIMEOUT_SECONDS
+    started = monotonic()
+    try:
+        # The sender's TLS setup, so the check proves what sending needs.
+        tls_args = Sender(ctx)._tls_args(name, destination)
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
+    except (DeliveryError, OSError) as exc:
+        return _check(name, destination, False, str(exc))
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else "not reachable"
+        return _check(name, destination, False, why)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if status else None
+    if code != 0:
+        return _check(
+            name,
+            destination,
+            False,
+            f"C-ECHO {'no answer' if code is None else f'status 0x{code:04X}'}",
+        )
+    return _check(name, destination, True, f"C-ECHO ok in {(monotonic() - started) * 1000:.0f} ms")
+
+
+def _check(name: str, destination: Destination, reachable: bool, detail: str) -> DestinationCheck:
+    return DestinationCheck(
+        name=name,
+        ae_title=destination.ae_title,
+        host=destination.host,
+        port=destination.port,
+        reachable=reachable,
+        detail=detail,
+    )
+
+
+def check_destinations(ctx: NodeContext) -> list[DestinationCheck]:
+    """Echo every configured destination in parallel: at most one timeout in total."""
+    items = sorted(ctx.settings.destinations.items())
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(lambda item: echo_destination(ctx, *item), items))
+
+
+def spool_view(ctx: NodeContext) -> SpoolView:
+    usage = shutil.disk_usage(ctx.spool.root)
+    return SpoolView(
+        path=str(ctx.spool.root),
+        free_bytes=usage.free,
+        total_bytes=usage.total,
+        min_free_bytes=ctx.spool.min_free_bytes,
+    )
+
+
+def queue_age_seconds(ctx: NodeContext) -> float | None:
+    oldest = ctx.manager.oldest_queued_at()
+    return None if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
+
+
+def node_status(ctx: NodeContext, destinations: list[DestinationCheck] | None = None) -> NodeStatus:
+    """The node at a glance; ``destinations`` lets a caller reuse recent C-ECHO results."""
+    counts = ctx.manager.state_counts()
+    return NodeStatus(
+        version=__version__,
+        database=ctx.engine.url.get_backend_name(),
+        states={state: counts.get(state, 0) for state in JobState},
+        oldest_queued_seconds=queue_age_seconds(ctx),
+        workers=worker_views(ctx),
+        destinations=check_destinations(ctx) if destinations is None else destinations,
+        spool=spool_view(ctx),
+    )
+
+
+# -- steering ----------------------------------------------------------------------------
+
+
+def _require_files(ctx: NodeContext, paths: list[str], what: str, job_id: int) -> None:
+    missing = [path for path in paths if not ctx.spool.path(path).is_file()]
+    if missing or not paths:
+        raise ActionRefused(
+            f"job {job_id}: {len(missing)} of {len(paths)} {what} files are no longer in the "
+            "spool (purged after the retention period?): send the series to the node again"
+        )
+
+
+def act(
+    ctx: NodeContext, action: Action, job_id: int, actor: str, destination: str | None = None
+) -> JobSummary:
+    """Retry, cancel or resend a job on behalf of ``actor``; logged as an audit line.
+
+    Raises JobNotFound, or ActionRefused with a message an administrator can act on.
+    """
+    job = _job(ctx, job_id)
+    manager = ctx.manager
+    try:
+        if action == "retry":
+            sources = [i.spool_path for i in manager.series_instances(job.series_instance_uid)]
+            _require_files(ctx, sources, "received", job_id)
+            manager.retry_job(job_id, actor)
+        elif action == "cancel":
+            manager.cancel_job(job_id, actor)
+        else:
+            if destination not in ctx.settings.destinations:
+                known = ", ".join(sorted(ctx.settings.destinations)) or "none"
+                raise UnknownDestination(
+                    f"unknown destination {destination!r}; configured destinations: {known}"
+                )
+            if job.output_series_uid is None:
+                raise ActionRefused(f"job {job_id} has no derived series to send; retry it instead")
+            derived = [d.spool_path for d in manager.derived_instances(job_id)]
+            _require_files(ctx, derived, "derived", job_id)
+            manager.resend_job(job_id, destination, actor)
+    except TransitionError as exc:
+        raise ActionRefused(f"cannot {action} job {job_id}: {exc}") from exc
+    log.info(
+        "admin action %s on job %s by %s",
+        action,
+        job_id,
+        actor,
+        extra={"audit": True, "actor": actor, "action": action, "job_id": job_id}
+        | ({"destination": destination} if destination else {}),
+    )
+    return JobSummary.model_validate(manager.get_job(job_id))
+
+
+# -- presenting --------------------------------------------------------------------------
+
+
+def format_time(value: datetime | None) -> str:
+    """UTC to the second, the way the CLI and the dashboard both show times."""
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}Z"
+
+
+def format_age(seconds: float | None) -> str:
+    """``95`` → ``1m35s``: short enough for a table cell."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{count} B"
+        size /= 1024
+    return f"{size:.1f} TiB"

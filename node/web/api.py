@@ -1,0 +1,145 @@
+"""REST API ``/api/v1``: the same views and actions as the CLI, as JSON for scripts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from node import overview
+from node.config import AE_TITLE
+from node.jobs import JobState
+from node.overview import JobDetail, JobSummary, NodeStatus
+from node.web.app import WebState, web_state
+from node.web.auth import CSRF_HEADER, Principal, check_post
+
+MAX_JOB_ID = 2**31 - 1  # the database's INTEGER
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class ResendRequest(BaseModel):
+    destination: str = Field(min_length=1, max_length=64, description="a configured destination")
+
+
+def reader(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
+    principal = web.principal(request)
+    if principal is None:
+        raise HTTPException(401, "login required", headers={"WWW-Authenticate": "Basic"})
+    return principal
+
+
+def admin(request: Request, principal: Annotated[Principal, Depends(reader)]) -> Principal:
+    """An admin, asking from our own origin (with the CSRF token when using a session)."""
+    if not principal.is_admin:
+        raise HTTPException(403, f"{principal.name} may only look (role {principal.role})")
+    session = request.state.session if principal.via == "session" else None
+    check_post(request, session, request.headers.get(CSRF_HEADER))
+    return principal
+
+
+JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID)]
+ERRORS = {401: {"model": Problem}, 403: {"model": Problem}}
+ACTION_ERRORS = {
+    404: {"model": Problem, "description": "no such job"},
+    409: {"model": Problem, "description": "the job is not in a state that allows this"},
+}
+
+router = APIRouter(prefix="/api/v1", tags=["jobs"], responses=ERRORS)
+
+
+@router.get("/jobs", response_model=list[JobSummary])
+def jobs(
+    web: Annotated[WebState, Depends(web_state)],
+    _: Annotated[Principal, Depends(reader)],
+    state: Annotated[list[JobState] | None, Query(description="repeat for several")] = None,
+    since: Annotated[datetime | None, Query(description="created at or after")] = None,
+    ae: Annotated[str | None, Query(pattern=AE_TITLE.pattern, description="calling AE")] = None,
+    study: Annotated[str | None, Query(pattern=r"^[0-9.]{1,64}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[JobSummary]:
+    """The newest jobs first, filtered."""
+    if since is not None and since.tzinfo is not None:
+        try:
+            since = since.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError as exc:
+            raise HTTPException(422, "since is out of range") from exc
+    return overview.list_jobs(web.ctx, state, since, ae, study, limit)
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"model": Problem}})
+def job(
+    job_id: JobId,
+    web: Annotated[WebState, Depends(web_state)],
+    _: Annotated[Principal, Depends(reader)],
+) -> JobDetail:
+    """One job with its timeline and per-destination acknowledgements."""
+    try:
+        return overview.job_detail(web.ctx, job_id)
+    except overview.JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+def _act(
+    web: WebState,
+    principal: Principal,
+    action: overview.Action,
+    job_id: int,
+    destination: str | None = None,
+) -> JobSummary:
+    try:
+        return overview.act(web.ctx, action, job_id, principal.actor, destination)
+    except overview.JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except overview.UnknownDestination as exc:
+        raise HTTPException(400, str(exc)) from exc
+    except overview.ActionRefused as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobSummary, responses=ACTION_ERRORS)
+def retry(
+    job_id: JobId,
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(admin)],
+) -> JobSummary:
+    """Run a finished, failed, skipped or cancelled job again from the start."""
+    return _act(web, principal, "retry", job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobSummary, responses=ACTION_ERRORS)
+def cancel(
+    job_id: JobId,
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(admin)],
+) -> JobSummary:
+    """Stop a job that has not finished."""
+    return _act(web, principal, "cancel", job_id)
+
+
+@router.post(
+    "/jobs/{job_id}/resend",
+    response_model=JobSummary,
+    responses={**ACTION_ERRORS, 400: {"model": Problem, "description": "unknown destination"}},
+)
+def resend(
+    job_id: JobId,
+    request: Annotated[ResendRequest, Body()],
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(admin)],
+) -> JobSummary:
+    """Send the job's derived series (again) to a configured destination."""
+    return _act(web, principal, "resend", job_id, request.destination)
+
+
+@router.get("/status", response_model=NodeStatus, tags=["node"])
+def status(
+    web: Annotated[WebState, Depends(web_state)],
+    _: Annotated[Principal, Depends(reader)],
+) -> NodeStatus:
+    """Queue depth, workers, destinations (C-ECHO, cached 10 s) and spool."""
+    return overview.node_status(web.ctx, web.destination_checks())

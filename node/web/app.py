@@ -1,0 +1,208 @@
+"""The web application: dashboard pages, REST API, metrics and health checks in one app.
+
+Everything reads and steers through ``node.overview`` and the jobs manager; this
+module only wires requests to them: who is asking, sessions, security headers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from node import __version__, overview
+from node.context import NodeContext
+from node.overview import DestinationCheck
+from node.web.auth import SESSION_COOKIE, Accounts, Principal, Sessions, WebSession, login_required
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+LOCAL_ADMIN = Principal("local", "admin", "local")
+ECHO_CACHE_SECONDS = 10.0
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+}
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies; answered with a redirect to the login page."""
+
+
+class WebState:
+    """What the requests of one web process share."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.login_required = login_required(ctx.settings)
+        self.accounts = Accounts(ctx.settings.web_users)
+        self.sessions = Sessions()
+        self.templates = Jinja2Templates(directory=HERE / "templates")
+        self._echo: tuple[float, list[DestinationCheck]] | None = None
+        self._echo_lock = threading.Lock()
+
+    def destination_checks(self) -> list[DestinationCheck]:
+        """C-ECHO results at most ``ECHO_CACHE_SECONDS`` old: polling pages stay cheap."""
+        with self._echo_lock:
+            if self._echo is None or time.monotonic() - self._echo[0] > ECHO_CACHE_SECONDS:
+                self._echo = (time.monotonic(), overview.check_destinations(self.ctx))
+            return self._echo[1]
+
+    def principal(self, request: Request) -> Principal | None:
+        """The local admin on 127.0.0.1; else the session's user or HTTP Basic credentials."""
+        if not self.login_required:
+            return LOCAL_ADMIN
+        session: WebSession | None = request.state.session
+        if session is not None and session.principal is not None:
+            return session.principal
+        header = request.headers.get("authorization")
+        return self.accounts.basic(header) if header else None
+
+
+def web_state(request: Request) -> WebState:
+    return request.app.state.web
+
+
+def ensure_session(request: Request, principal: Principal | None = None) -> WebSession:
+    """The browser's session, made (and its cookie set) on first need."""
+    session: WebSession | None = request.state.session
+    if session is None or principal is not None:
+        if session is not None:
+            web_state(request).sessions.drop(session.token)  # a login gets a fresh token
+        session = web_state(request).sessions.new(principal)
+        request.state.session = request.state.new_session = session
+    return session
+
+
+async def _sessions_and_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    web = web_state(request)
+    request.state.session = web.sessions.get(request.cookies.get(SESSION_COOKIE))
+    request.state.new_session = None
+    response = await call_next(request)
+    new: WebSession | None = request.state.new_session
+    if new is not None:
+        response.set_cookie(
+            SESSION_COOKIE,
+            new.token,
+            httponly=True,
+            samesite="lax",  # links from mail keep the login; forms carry CSRF tokens
+            secure=request.url.scheme == "https",
+        )
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def _login_redirect(request: Request, _exc: Exception) -> Response:
+    if request.url.path.startswith("/partials/"):
+        return JSONResponse({"detail": "login required"}, status_code=401)
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    login = request.app.url_path_for("login_page")
+    return RedirectResponse(f"{login}?{urlencode({'next': target})}", status_code=303)
+
+
+@functools.lru_cache(maxsize=4)
+def _model_problem(path: str, _mtime_ns: int, _size: int) -> str | None:
+    """None when onnxruntime can open the model and read its metadata (cached per file)."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session.get_modelmeta()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not loadable", say which
+        return f"not loadable by onnxruntime: {exc.__class__.__name__}: {str(exc)[:200]}"
+    return None
+
+
+def readiness(ctx: NodeContext) -> dict[str, str]:
+    """Database reachable, spool writable, model loadable: ``ok`` or what is wrong."""
+    checks: dict[str, str] = {}
+    try:
+        with ctx.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except SQLAlchemyError as exc:
+        checks["database"] = f"unreachable: {exc.__class__.__name__}"
+    probe = ctx.spool.root / f".readyz-{os.getpid()}-{threading.get_ident()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        checks["spool"] = "ok"
+    except OSError as exc:
+        checks["spool"] = f"not writable: {exc.strerror or exc}"
+    model = ctx.settings.model_file
+    try:
+        stat = model.stat()
+    except OSError:
+        checks["model"] = f"{model} is missing"
+    else:
+        checks["model"] = _model_problem(str(model), stat.st_mtime_ns, stat.st_size) or "ok"
+    return checks
+
+
+def create_app(ctx: NodeContext) -> FastAPI:
+    """The whole web application for one node context."""
+    from node.web import api, metrics, pages
+
+    app = FastAPI(
+        title="ct-denoise-node",
+        version=__version__,
+        description=(
+            "Look at and steer the node's job table. On 127.0.0.1 no login is needed; "
+            "bound elsewhere, use HTTP Basic with a `web_users` account (admins may act)."
+        ),
+        openapi_url="/api/v1/openapi.json",
+        docs_url=None,  # Swagger UI would load scripts from a CDN
+        redoc_url=None,
+    )
+    web = WebState(ctx)
+    app.state.web = web
+    if web.login_required and not ctx.settings.web_users:
+        log.warning(
+            "the dashboard on %s needs a login but no web_users are configured: add one "
+            "(denoise-node web hash-password)",
+            ctx.settings.web_host,
+        )
+    app.middleware("http")(_sessions_and_headers)
+    if not web.login_required:
+        # Refuse other Host names: a DNS-rebinding page cannot use the local admin.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
+    app.add_exception_handler(LoginRequired, _login_redirect)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        """The process answers: for liveness probes."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        """Ready to work: database, spool and model; 503 names what is wrong."""
+        checks = readiness(ctx)
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    app.include_router(metrics.router(ctx, web.destination_checks))
+    return app

@@ -1,0 +1,227 @@
+"""The worker role: claim a queued job, denoise its series into the spool, hand it to the sender.
+
+Every change to a job goes through the JobManager.  While a job runs, a heartbeat
+thread proves the worker is alive; if the claim is lost (the job was cancelled, or a
+stall detector gave it to someone else) the worker stops at the next slice.  On
+SIGTERM the worker stops at the next slice and releases the job back to ``queued``.
+Bad input fails a job for good; anything else is retried until ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from pydicom.dataset import Dataset
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.context import NodeContext
+from node.denoise import Denoiser, ModelError
+from node.derive import DerivationSpec
+from node.jobs.manager import LostClaim
+from node.jobs.states import JobState
+from node.jobs.tables import Job
+from node.pipeline import BadInput, SeriesResult, denoise_series
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Interrupted(Exception):
+    """The worker is stopping (SIGTERM): the job goes back to the queue."""
+
+
+class Worker:
+    """Claims and denoises jobs until told to stop; the model is loaded on first use."""
+
+    def __init__(self, ctx: NodeContext, denoiser: Denoiser | None = None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.manager = ctx.manager
+        self.name = f"{ctx.name}/work"
+        self._denoiser = denoiser
+        self.stop = threading.Event()
+
+    @property
+    def provider(self) -> str | None:
+        return self._denoiser.provider if self._denoiser is not None else None
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; a job in hand is released at the next slice boundary."""
+        self.stop = stop
+        self.manager.register_worker(
+            self.name, "work", socket.gethostname(), os.getpid(), self.provider
+        )
+        log.info("worker %s started", self.name, extra={"worker": self.name})
+        last_beat = time.monotonic()
+        try:
+            while not stop.is_set():
+                try:
+                    self.manager.requeue_stalled(self.settings.stale_after_seconds)
+                    if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
+                        self.manager.worker_heartbeat(self.name, self.provider)
+                        last_beat = time.monotonic()
+                    worked = self.run_once()
+                except SQLAlchemyError as exc:
+                    log.warning("job table unreachable, retrying: %s", exc.__class__.__name__)
+                    worked = False
+                if not worked:
+                    stop.wait(self.settings.poll_seconds)
+        finally:
+            self.manager.worker_stopped(self.name)
+            log.info("worker %s stopped", self.name, extra={"worker": self.name})
+
+    def run_once(self) -> bool:
+        """Claim one queued job and process it; False when there was nothing to do."""
+        job = self.manager.claim_next_job(self.name)
+        if job is None:
+            return False
+        started = time.monotonic()
+        try:
+            with self._heartbeat(job.id) as lost:
+                result = self._denoise(job, lost)
+            self.manager.finish_denoising(
+                job.id,
+                self.name,
+                result.series_uid,
+                self._model.name,
+                self._model.version,
+                result.summary(),
+            )
+        except _Interrupted as exc:
+            self._outcome(job, started, logging.INFO, "released", str(exc))
+            self._settle(self.manager.release_job, job.id, self.name, f"released: {exc}")
+        except LostClaim as exc:
+            self._outcome(job, started, logging.WARNING, "abandoned", str(exc))
+        except BadInput as exc:
+            self._settle(self.manager.fail_job, job.id, self.name, f"bad input: {exc}")
+            self._outcome(job, started, logging.ERROR, "failed", f"bad input: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any other failure is retried
+            error = f"{exc.__class__.__name__}: {exc}"
+            retry_in = self.settings.retry_seconds * job.attempts
+            state = self._settle(self.manager.fail_job, job.id, self.name, error, retry_in)
+            log.debug("job %s failed", job.id, exc_info=True)
+            if state is JobState.FAILED:
+                self._outcome(job, started, logging.ERROR, "failed", error)
+            else:
+                outcome = "abandoned" if state is None else f"will retry in {retry_in:.0f} s"
+                self._outcome(job, started, logging.WARNING, outcome, error)
+        else:
+            self._outcome(job, started, logging.INFO, "denoised", result.summary(), result)
+        return True
+
+    @property
+    def _model(self) -> Denoiser:
+        """The denoiser, loaded on first use; a load failure is retried with the next job."""
+        if self._denoiser is None:
+            try:
+                path = self.settings.model_file
+            except (ImportError, AttributeError) as exc:
+                raise ModelError(f"no model configured and none shipped: {exc}") from exc
+            self._denoiser = Denoiser(path, self.settings.providers, self.settings.batch_size)
+            self.manager.worker_heartbeat(self.name, self._denoiser.provider)
+        return self._denoiser
+
+    def _denoise(self, job: Job, lost: threading.Event) -> SeriesResult:
+        instances = self.manager.series_instances(job.series_instance_uid)
+        sources = [self.ctx.spool.path(instance.spool_path) for instance in instances]
+        model = self._model
+        spec = DerivationSpec(
+            model_name=model.name,
+            model_version=model.version,
+            strength=job.strength,
+            series_number_offset=self.settings.series_number_offset,
+            description_suffix=self.settings.series_description_suffix,
+            node_ae_title=self.settings.ae_title,
+        )
+        written: list[tuple[str, str, str]] = []
+
+        def write(index: int, ds: Dataset) -> None:
+            relative = Spool.derived(job.id, index)
+            self.ctx.spool.write_atomic(
+                relative, lambda handle: ds.save_as(handle, enforce_file_format=True)
+            )
+            source_uid = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+            written.append((ds.SOPInstanceUID, source_uid, relative))
+
+        def progress(done: int, total: int) -> None:
+            if lost.is_set():
+                raise LostClaim(f"job {job.id} was taken from {self.name} (cancelled or stalled)")
+            if self.stop.is_set() and done < total:
+                raise _Interrupted(f"worker stopping after {done} of {total} slices")
+
+        result = denoise_series(sources, write, model, spec, progress)
+        self.manager.record_derived(job.id, self.name, written)
+        return result
+
+    @contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[threading.Event]:
+        """Heartbeat the job (and this worker) every ``heartbeat_seconds``.
+
+        The yielded event is set when the claim is lost.
+        """
+        lost = threading.Event()
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.settings.heartbeat_seconds):
+                try:
+                    self.manager.heartbeat(job_id, self.name)
+                    self.manager.worker_heartbeat(self.name)
+                except LostClaim:
+                    lost.set()
+                    return
+                except SQLAlchemyError as exc:
+                    log.warning("heartbeat of job %s skipped: %s", job_id, exc.__class__.__name__)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            done.set()
+            thread.join()
+
+    def _settle(self, verb: Callable[..., T], *args: Any) -> T | None:
+        """Call a manager verb that ends the attempt; a lost claim there means nothing to do."""
+        try:
+            return verb(*args)
+        except LostClaim as exc:
+            log.warning("%s", exc)
+            return None
+
+    def _outcome(
+        self,
+        job: Job,
+        started: float,
+        level: int,
+        outcome: str,
+        detail: str,
+        result: SeriesResult | None = None,
+    ) -> None:
+        """One log line per job outcome, with its duration; ERROR only for a final failure."""
+        seconds = round(time.monotonic() - started, 2)
+        log.log(
+            level,
+            "job %s %s in %.1f s: %s",
+            job.id,
+            outcome,
+            seconds,
+            detail,
+            extra={
+                "job_id": job.id,
+                "series_uid": job.series_instance_uid,
+                "outcome": outcome,
+                "slices": result.slices if result else None,
+                "seconds": seconds,
+                "provider": self.provider,
+                "attempt": job.attempts,
+            },
+        )

@@ -1,0 +1,81 @@
+"""The exported ONNX model keeps the worker's contract and matches PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "ct_denoise.onnx"
+METADATA_KEYS = {"name", "version", "training_doses", "training_data", "description"}
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ct_like(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    """Body-like HU: soft tissue, some air and bone, plus noise."""
+    hu = rng.normal(40.0, 30.0, size=(n, 1, h, w)).astype(np.float32)
+    hu[..., : h // 5, :] = -1000.0
+    hu[..., h // 2 : h // 2 + 4, w // 3 : w // 3 + 6] = 900.0
+    return hu
+
+
+def test_onnx_matches_pytorch_for_odd_sizes_and_batches(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from models.export import export_model
+    from models.network import DenoiseUNet
+
+    torch.manual_seed(0)
+    model = DenoiseUNet().eval()
+    with torch.no_grad():  # a non-trivial network: the zero-initialised head would hide bugs
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    out = export_model(model, tmp_path / "tiny.onnx", {"training_doses": "0.25"})
+    session = _session(out)
+    assert [i.name for i in session.get_inputs()] == ["hu"]
+    assert [o.name for o in session.get_outputs()] == ["denoised"]
+    rng = np.random.default_rng(0)
+    for n, h, w in [(1, 64, 64), (2, 65, 67), (3, 31, 45), (1, 127, 96)]:
+        x = _ct_like(rng, n, h, w)
+        got = session.run(["denoised"], {"hu": x})[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        assert got.shape == x.shape and got.dtype == np.float32
+        assert np.abs(got - want).max() < 0.5, (n, h, w)
+
+
+def test_fresh_network_is_identity() -> None:
+    torch = pytest.importorskip("torch")
+    from models.network import DenoiseUNet
+
+    x = torch.from_numpy(_ct_like(np.random.default_rng(1), 1, 33, 40))
+    with torch.no_grad():
+        assert torch.equal(DenoiseUNet()(x), x)
+
+
+def test_shipped_model_contract() -> None:
+    if not SHIPPED.exists():
+        pytest.fail(f"{SHIPPED} is missing: the node ships it")
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(SHIPPED))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert set(meta) >= METADATA_KEYS
+    assert meta["name"] == "ct-denoise-unet"
+    assert SHIPPED.stat().st_size < 20e6
+    session = _session(SHIPPED)
+    rng = np.random.default_rng(2)
+    for n, h, w in [(1, 64, 64), (2, 65, 67)]:
+        x = _ct_like(rng, n, h, w)
+        y = session.run(["denoised"], {"hu": x})[0]
+        assert y.shape == x.shape and y.dtype == np.float32
+        assert np.isfinite(y).all()
+        # a residual denoiser: the image stays the image
+        assert np.abs(y - x)[..., h // 5 :, :].mean() < 40.0

@@ -1,0 +1,319 @@
+"""The receiver over real sockets: DCMTK's echoscu/storescu against a running Receiver."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import EnhancedCTImageStorage, MRImageStorage, generate_uid
+from sqlalchemy import create_engine, text
+
+from node.config import Settings
+from node.context import NodeContext
+from node.jobs.manager import NewJob
+from node.phantom import PhantomSpec, write_phantom_series
+from node.receiver import (
+    CANNOT_UNDERSTAND,
+    DATABASE_UNAVAILABLE,
+    SPOOL_FULL,
+    Receiver,
+    made_by_node,
+    selection_header,
+)
+from node.spool import TMP_SUFFIX
+from tests.conftest import free_port
+from tests.fixtures.dicom import COMPRESSORS, DCMTK_ENV, CompressedCopy, dcmtk_tool, storescu
+
+PATIENT_KEYS = {"PatientName", "PatientID", "PatientBirthDate"}
+
+
+def make_context(db_url: str, tmp_path: Path, **overrides: object) -> NodeContext:
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        database_url=db_url,
+        bind_address="127.0.0.1",
+        port=free_port(),
+        **{"spool_min_free_mb": 0, **overrides},
+    )
+    return NodeContext.open(settings)
+
+
+@pytest.fixture
+def ctx(db_url: str, tmp_path: Path) -> Iterator[NodeContext]:
+    context = make_context(db_url, tmp_path)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def receiver(ctx: NodeContext) -> Iterator[Receiver]:
+    running = Receiver(ctx)
+    running.start()
+    yield running
+    running.stop()
+
+
+def spooled(ctx: NodeContext) -> list[Path]:
+    return sorted(ctx.spool.root.rglob("*.dcm"))
+
+
+def series_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_echo_succeeds(receiver: Receiver) -> None:
+    done = subprocess.run(
+        [dcmtk_tool("echoscu"), "127.0.0.1", str(receiver.port)], env=DCMTK_ENV, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_series_is_spooled_and_recorded(
+    receiver: Receiver, ctx: NodeContext, phantom_series: list[Path]
+) -> None:
+    assert storescu(receiver.port, phantom_series) == [0x0000] * len(phantom_series)
+
+    instances = ctx.manager.series_instances(series_uid(phantom_series[0]))
+    assert len(instances) == len(phantom_series) == len(spooled(ctx))
+    sent = {str(dcmread(p).SOPInstanceUID): p for p in phantom_series}
+    for instance in instances:
+        path = ctx.spool.path(instance.spool_path)
+        assert path.parent.parent == ctx.spool.root / "incoming"
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == instance.sha256
+        assert len(data) == instance.size_bytes
+        received = dcmread(path)
+        assert received.SOPInstanceUID == instance.sop_instance_uid
+        original = dcmread(sent[instance.sop_instance_uid])
+        assert np.array_equal(received.pixel_array, original.pixel_array)
+        assert instance.calling_ae_title == "SCANNER"
+        header = instance.header
+        assert not PATIENT_KEYS & set(header)
+        assert header["Modality"] == "CT"
+        assert header["ImageType"] == ["ORIGINAL", "PRIMARY", "AXIAL"]
+        assert header["Rows"] == header["Columns"] == 128
+        assert header["ImagePositionPatientZ"] == float(original.ImagePositionPatient[2])
+        assert header["NodeOutput"] is False
+
+
+def test_every_transfer_syntax_is_received(
+    receiver: Receiver,
+    ctx: NodeContext,
+    phantom_series: list[Path],
+    compressed_copy: CompressedCopy,
+) -> None:
+    # One slice per kind, so that each is a new instance, all in one association.
+    kinds = sorted(set(COMPRESSORS) - {"jpeg-ls-near"})
+    sources = phantom_series[: len(kinds)]
+    copies = [compressed_copy([path], kind)[0] for path, kind in zip(sources, kinds, strict=True)]
+    assert storescu(receiver.port, copies) == [0x0000] * len(kinds)
+
+    instances = ctx.manager.series_instances(series_uid(copies[0]))
+    expected = {
+        str(dcmread(path).SOPInstanceUID): kind for path, kind in zip(copies, kinds, strict=True)
+    }
+    assert len(instances) == len(kinds)
+    for instance in instances:
+        kind = expected[instance.sop_instance_uid]
+        assert instance.transfer_syntax_uid == COMPRESSORS[kind][1], kind
+        # The worker decodes what was received: prove that the installed plugins can.
+        assert dcmread(ctx.spool.path(instance.spool_path)).pixel_array.shape == (128, 128)
+
+
+def test_near_lossless_jpeg_ls_is_received(
+    receiver: Receiver, ctx: NodeContext, tmp_path: Path, compressed_copy: CompressedCopy
+) -> None:
+    # DCMTK encodes near-lossless JPEG-LS only for unsigned pixels.
+    unsigned = write_phantom_series(tmp_path / "unsigned", PhantomSpec(slices=2, signed=False))
+    copies = compressed_copy(unsigned, "jpeg-ls-near")
+    assert storescu(receiver.port, copies) == [0x0000] * 2
+    assert len(ctx.manager.series_instances(series_uid(copies[0]))) == 2
+
+
+def test_enhanced_ct_is_received(receiver: Receiver, ctx: NodeContext, tmp_path: Path) -> None:
+    path = tmp_path / "enhanced.dcm"
+    enhanced_ct(tmp_path / "source", frames=3).save_as(path, enforce_file_format=True)
+    assert storescu(receiver.port, [path]) == [0x0000]
+
+    [instance] = ctx.manager.series_instances(series_uid(path))
+    assert instance.sop_class_uid == EnhancedCTImageStorage
+    assert instance.header["NumberOfFrames"] == 3
+    assert instance.header["SliceThickness"] == 2.5
+    assert instance.header["ConvolutionKernel"] == "SOFT"
+    assert instance.header["ImagePositionPatientZ"] == -10.0
+
+
+def test_resent_series_is_stored_once(
+    receiver: Receiver,
+    ctx: NodeContext,
+    phantom_series: list[Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert storescu(receiver.port, phantom_series[:4]) == [0x0000] * 4
+    with caplog.at_level(logging.INFO, logger="node.receiver"):
+        assert storescu(receiver.port, phantom_series[:4]) == [0x0000] * 4
+        deadline = time.monotonic() + 5
+        while "closed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "association from SCANNER closed: 4 already stored" in caplog.text
+    assert len(ctx.manager.series_instances(series_uid(phantom_series[0]))) == 4
+    assert len(spooled(ctx)) == 4
+
+
+def test_different_content_keeps_first_copy_and_warns(
+    receiver: Receiver,
+    ctx: NodeContext,
+    phantom_series: list[Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = phantom_series[0]
+    assert storescu(receiver.port, [first]) == [0x0000]
+    uid = series_uid(first)
+    [instance] = ctx.manager.series_instances(uid)
+    job_id = ctx.manager.create_job(
+        NewJob(uid, instance.study_instance_uid, "SCANNER", instance.received_at, 1, "t", 1.0, [])
+    )
+    assert job_id is not None
+    changed = dcmread(first)
+    changed.SeriesDescription = "changed"
+    changed.save_as(tmp_path / "changed.dcm")
+
+    with caplog.at_level(logging.WARNING, logger="node.receiver"):
+        assert storescu(receiver.port, [tmp_path / "changed.dcm"]) == [0x0000]
+
+    [kept] = ctx.manager.series_instances(uid)
+    assert kept.spool_path == instance.spool_path
+    assert dcmread(ctx.spool.path(kept.spool_path)).SeriesDescription == "Phantom low dose"
+    assert spooled(ctx) == [ctx.spool.path(kept.spool_path)]
+    assert any("DIFFERENT content" in r.getMessage() for r in caplog.records)
+    assert any("different content" in e.message for e in ctx.manager.job_events(job_id))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_invalid_uids_are_refused_and_never_a_path(
+    receiver: Receiver, ctx: NodeContext, phantom_series: list[Path], tmp_path: Path
+) -> None:
+    evil = "../../../../escaped"
+    paths = []
+    for path, keyword in zip(
+        phantom_series, ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"], strict=False
+    ):
+        ds = dcmread(path)
+        setattr(ds, keyword, evil)
+        if keyword == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = evil
+        paths.append(tmp_path / f"evil-{keyword}.dcm")
+        ds.save_as(paths[-1])
+
+    missing = dcmread(phantom_series[3])
+    del missing.SeriesInstanceUID
+    paths.append(tmp_path / "no-series-uid.dcm")
+    missing.save_as(paths[-1])
+
+    assert storescu(receiver.port, paths) == [CANNOT_UNDERSTAND] * 4
+    assert spooled(ctx) == []
+    assert not list(tmp_path.rglob("escaped*"))
+    assert not list(ctx.spool.root.parent.rglob("escaped*"))
+    assert ctx.manager.series_instances(series_uid(phantom_series[0])) == []
+    assert ctx.manager.series_instances(evil) == []
+
+
+def test_other_sop_classes_are_rejected_at_negotiation(
+    receiver: Receiver, ctx: NodeContext, phantom_series: list[Path], tmp_path: Path
+) -> None:
+    ds = dcmread(phantom_series[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.Modality = "MR"
+    path = tmp_path / "mr.dcm"
+    ds.save_as(path)
+
+    assert storescu(receiver.port, [path], profile=False) == []
+    assert spooled(ctx) == []
+    assert ctx.manager.series_instances(str(ds.SeriesInstanceUID)) == []
+
+
+def test_spool_below_watermark_is_out_of_resources(
+    db_url: str, tmp_path: Path, phantom_series: list[Path]
+) -> None:
+    context = make_context(db_url, tmp_path, spool_min_free_mb=2**40)
+    running = Receiver(context)
+    running.start()
+    try:
+        assert storescu(running.port, phantom_series[:2]) == [SPOOL_FULL] * 2
+        assert spooled(context) == []
+        assert context.manager.series_instances(series_uid(phantom_series[0])) == []
+    finally:
+        running.stop()
+        context.close()
+
+
+def test_database_failure_is_a_failure_status(
+    db_url: str, receiver: Receiver, ctx: NodeContext, phantom_series: list[Path]
+) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE instances RENAME TO instances_gone"))
+    engine.dispose()
+
+    assert storescu(receiver.port, phantom_series[:2]) == [DATABASE_UNAVAILABLE] * 2
+    assert spooled(ctx) == []
+    assert not list(ctx.spool.root.rglob(f"*{TMP_SUFFIX}"))
+
+
+def test_start_removes_partial_files(ctx: NodeContext) -> None:
+    partial = ctx.spool.root / "incoming" / "20260101" / f"abc.dcm.1{TMP_SUFFIX}"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half an instance")
+    running = Receiver(ctx)
+    running.start()
+    running.stop()
+    assert not partial.exists()
+
+
+def test_own_output_is_flagged_but_a_phantom_maker_is_not(phantom_series: list[Path]) -> None:
+    ds = dcmread(phantom_series[0], stop_before_pixels=True)
+    assert "ct-denoise-node" in ds.Manufacturer
+    assert made_by_node(ds) is False
+    equipment = Dataset()
+    equipment.Manufacturer = "ct-denoise-node"
+    ds.ContributingEquipmentSequence = [equipment]
+    assert made_by_node(ds) is True
+    assert selection_header(ds)["NodeOutput"] is True
+
+
+def enhanced_ct(folder: Path, frames: int) -> Dataset:
+    """A minimal Enhanced CT instance: what selection reads lives in functional groups."""
+    [source] = write_phantom_series(folder, PhantomSpec(slices=1, size=32))
+    ds = dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    for keyword in ("SliceThickness", "ConvolutionKernel", "ImagePositionPatient"):
+        delattr(ds, keyword)
+    ds.NumberOfFrames = frames
+    measures, reconstruction, shared = Dataset(), Dataset(), Dataset()
+    measures.SliceThickness = 2.5
+    measures.PixelSpacing = [0.8, 0.8]
+    reconstruction.ConvolutionKernel = "SOFT"
+    shared.PixelMeasuresSequence = [measures]
+    shared.CTReconstructionSequence = [reconstruction]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for index in range(frames):
+        position, group = Dataset(), Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, -10.0 - 2.5 * index]
+        group.PlanePositionSequence = [position]
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.zeros((frames, ds.Rows, ds.Columns), np.int16).tobytes()
+    return ds

@@ -1,0 +1,422 @@
+"""The sender over real sockets: a real Orthanc as the PACS, and pynetdicom SCPs that
+answer with chosen statuses.  Every test runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from node.config import Settings
+from node.context import NodeContext
+from node.jobs import JobState
+from node.jobs.manager import POSTPONED, InstanceRecord, NewJob
+from node.orthanc import OrthancServer
+from node.phantom import PhantomSpec, write_phantom_series
+from node.sender import Sender
+from node.spool import Spool
+from tests.conftest import free_port
+
+SLICES = 5
+HOLDER = "test-worker"
+
+
+@pytest.fixture
+def make_context(tmp_path: Path, db_url: str) -> Iterator[Callable[..., NodeContext]]:
+    """Factory: a NodeContext on this test's database with the given destinations."""
+    opened: list[NodeContext] = []
+
+    def make(destinations: dict[str, dict[str, Any]], name: str = "sender", **values: Any):
+        settings = Settings(
+            state_dir=tmp_path / "state",
+            database_url=db_url,
+            destinations=destinations,
+            spool_min_free_mb=0,
+            heartbeat_seconds=0.2,
+            send_timeout_seconds=5.0,
+            **values,
+        )
+        ctx = NodeContext.open(settings)
+        ctx.name = name
+        opened.append(ctx)
+        return ctx
+
+    yield make
+    for ctx in opened:
+        ctx.close()
+
+
+def pacs(server: OrthancServer) -> dict[str, dict[str, Any]]:
+    return {"pacs": {"ae_title": server.ae_title, "host": server.host, "port": server.dicom_port}}
+
+
+def make_sending_job(
+    ctx: NodeContext, tmp_path: Path, destinations: list[str]
+) -> tuple[int, list[str], str]:
+    """A job in ``sending`` with SLICES derived instances in the spool, made by manager verbs.
+
+    Returns the job id, the derived SOP Instance UIDs and the derived series UID; the
+    UIDs are new for every call, so tests can share one Orthanc.
+    """
+    manager = ctx.manager
+    seed = uuid.uuid4().int % 2**32
+    sources = write_phantom_series(
+        tmp_path / f"source-{seed}", PhantomSpec(slices=SLICES, size=32, seed=seed)
+    )
+    for path in sources:
+        ds = dcmread(path, stop_before_pixels=True)
+        data = path.read_bytes()
+        manager.record_instance(
+            InstanceRecord(
+                sop_instance_uid=ds.SOPInstanceUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                study_instance_uid=ds.StudyInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                spool_path=f"incoming/{path.name}",
+                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
+                header={},
+                calling_ae_title="SCANNER",
+                peer_address="127.0.0.1",
+            )
+        )
+    (series,) = manager.settled_series(quiet_since=datetime(9999, 1, 1))
+    job_id = manager.create_job(
+        NewJob(
+            series_instance_uid=series.series_instance_uid,
+            study_instance_uid=series.study_instance_uid,
+            calling_ae_title=series.calling_ae_title,
+            settled_through=series.last_received_at,
+            instance_count=SLICES,
+            rule="default",
+            strength=1.0,
+            destinations=destinations,
+        )
+    )
+    assert job_id is not None
+    job = manager.claim_next_job(HOLDER)
+    assert job is not None and job.id == job_id
+    derived = write_phantom_series(
+        tmp_path / f"derived-{seed}",
+        PhantomSpec(
+            slices=SLICES,
+            size=32,
+            seed=seed,
+            study_uid=series.study_instance_uid,
+            series_description="Phantom [denoised]",
+            image_type=("DERIVED", "SECONDARY", "AXIAL"),
+        ),
+    )
+    items = []
+    for index, path in enumerate(derived):
+        relative = Spool.derived(job_id, index)
+        ctx.spool.write_atomic(relative, lambda handle, p=path: handle.write(p.read_bytes()))
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append((ds.SOPInstanceUID, "1.2.3.source", relative))
+    manager.record_derived(job_id, HOLDER, items)
+    output_uid = dcmread(derived[0], stop_before_pixels=True).SeriesInstanceUID
+    manager.finish_denoising(job_id, HOLDER, output_uid, "test-model", "0", "derived")
+    return job_id, [uid for uid, _, _ in items], output_uid
+
+
+def orthanc_uids(server: OrthancServer, series_uid: str) -> set[str]:
+    return {i["MainDicomTags"]["SOPInstanceUID"] for i in server.series_instances(series_uid)}
+
+
+def test_job_is_done_and_orthanc_holds_exactly_the_derived_instances(
+    shared_orthanc: OrthancServer, make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    orthanc = shared_orthanc
+    before = orthanc.count_instances()
+    ctx = make_context(pacs(orthanc))
+    job_id, uids, output_uid = make_sending_job(ctx, tmp_path, ["pacs"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.manager.get_job(job_id)
+    assert job.state == JobState.DONE, job.last_error
+    assert orthanc_uids(orthanc, output_uid) == set(uids)
+    assert orthanc.count_instances() - before == SLICES
+    assert ctx.manager.delivery_counts(job_id) == {"pacs": SLICES}
+    assert f"{SLICES} instances acknowledged by pacs" in ctx.manager.job_events(job_id)[-1].message
+    assert not Sender(ctx).run_once()  # nothing left to send
+
+
+def test_after_a_restart_only_the_missing_instances_are_sent(
+    shared_orthanc: OrthancServer, make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    orthanc = shared_orthanc
+    before = orthanc.count_instances()
+    ctx = make_context(pacs(orthanc), stale_after_seconds=0.5)
+    job_id, uids, output_uid = make_sending_job(ctx, tmp_path, ["pacs"])
+    # A sender took the job, had two instances acknowledged, and was killed.
+    crashed = ctx.manager.claim_sending_job("crashed-sender", 0.5)
+    assert crashed is not None
+    for uid in uids[:2]:
+        ctx.manager.record_delivery(job_id, "pacs", uid, 0x0000)
+
+    sender = Sender(ctx)
+    assert not sender.run_once()  # its claim is still fresh
+    time.sleep(0.6)
+    assert sender.run_once()
+
+    job = ctx.manager.get_job(job_id)
+    assert job.state == JobState.DONE, job.last_error
+    assert orthanc_uids(orthanc, output_uid) == set(uids[2:])
+    assert orthanc.count_instances() - before == SLICES - 2
+    assert "(3 sent now)" in ctx.manager.job_events(job_id)[-1].message
+
+
+def test_pacs_down_postpones_with_backoff_then_finishes(
+    make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    orthanc = OrthancServer(tmp_path / "orthanc")  # down: its ports are chosen, not served
+    ctx = make_context(pacs(orthanc), send_retry_seconds=0.3, send_retry_max_seconds=0.5)
+    job_id, uids, output_uid = make_sending_job(ctx, tmp_path, ["pacs"])
+    sender = Sender(ctx)
+
+    delays = []
+    for _ in range(2):
+        assert sender.run_once()
+        job = ctx.manager.get_job(job_id)
+        assert job.state == JobState.SENDING
+        assert "could not be reached" in job.last_error
+        event = ctx.manager.job_events(job_id)[-1]
+        assert event.message.startswith(POSTPONED)
+        delays.append((job.run_after - event.at).total_seconds())
+        assert not sender.run_once()  # not before run_after
+        time.sleep(delays[-1] + 0.05)
+    assert delays == pytest.approx([0.3, 0.5])  # doubled, then capped
+    assert ctx.manager.consecutive_postponements(job_id) == 2
+
+    with orthanc:
+        assert sender.run_once()
+        job = ctx.manager.get_job(job_id)
+        assert job.state == JobState.DONE, job.last_error
+        assert orthanc_uids(orthanc, output_uid) == set(uids)
+
+
+def test_unknown_destination_fails_the_job_with_a_clear_error(
+    shared_orthanc: OrthancServer, make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    orthanc = shared_orthanc
+    before = orthanc.count_instances()
+    ctx = make_context(pacs(orthanc))
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["pacs", "nowhere"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.manager.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert "unknown destination 'nowhere' (configured: pacs)" in job.last_error
+    assert orthanc.count_instances() - before == SLICES  # the known destination still got its copy
+
+
+class StatusSCP:
+    """A pynetdicom Storage SCP that answers every C-STORE with ``status``."""
+
+    def __init__(self, transfer_syntaxes: list[str], ssl_context: ssl.SSLContext | None) -> None:
+        self.status = 0x0000
+        self.on_store: Callable[[], None] | None = None
+        self.received: list[str] = []
+        self.port = free_port()
+        self.tls = ssl_context is not None
+        ae = AE(ae_title="STATUSSCP")
+        ae.add_supported_context(CTImageStorage, transfer_syntaxes)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+            ssl_context=ssl_context,
+        )
+
+    def _handle_store(self, event: evt.Event) -> int:
+        self.received.append(event.request.AffectedSOPInstanceUID)
+        if self.on_store is not None:
+            self.on_store()
+        return self.status
+
+    def destination(self) -> dict[str, dict[str, Any]]:
+        peer = {"ae_title": "STATUSSCP", "host": "127.0.0.1", "port": self.port, "tls": self.tls}
+        return {"scp": peer}
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def scp_servers() -> Iterator[dict[tuple[tuple[str, ...], bool], StatusSCP]]:
+    """SCPs shared by the session (stopping one takes a second), one per kind."""
+    servers: dict[tuple[tuple[str, ...], bool], StatusSCP] = {}
+    yield servers
+    for scp in servers.values():
+        scp.close()
+
+
+@pytest.fixture
+def status_scp(
+    scp_servers: dict[tuple[tuple[str, ...], bool], StatusSCP],
+) -> Callable[..., StatusSCP]:
+    """Factory: an SCP answering ``status``, with nothing received yet."""
+
+    def make(
+        status: int,
+        transfer_syntaxes: list[str] | None = None,
+        on_store: Callable[[], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> StatusSCP:
+        syntaxes = tuple(transfer_syntaxes or [ExplicitVRLittleEndian])
+        key = (syntaxes, ssl_context is not None)
+        if key not in scp_servers:
+            scp_servers[key] = StatusSCP(list(syntaxes), ssl_context)
+        scp = scp_servers[key]
+        scp.status, scp.on_store, scp.received = status, on_store, []
+        return scp
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "in_error"),
+    [
+        (0xA700, JobState.SENDING, "status 0xA700"),  # out of resources: try later
+        (0xA900, JobState.FAILED, "status 0xA900"),  # data set does not match SOP class
+        (0xC123, JobState.FAILED, "status 0xC123"),  # cannot understand
+        (0xB000, JobState.DONE, None),  # warning: stored, counts as acknowledged
+    ],
+)
+def test_store_status_decides_retry_or_failure(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    status: int,
+    state: JobState,
+    in_error: str | None,
+) -> None:
+    scp = status_scp(status)
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.manager.get_job(job_id)
+    assert job.state == state
+    if in_error:
+        assert in_error in job.last_error and "STATUSSCP answered" in job.last_error
+        assert len(scp.received) == 1  # stops at the first refusal
+    else:
+        assert scp.received == uids
+
+
+def test_implicit_only_peer_gets_the_explicit_files_converted(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    scp = status_scp(0x0000, [ImplicitVRLittleEndian])
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    assert ctx.manager.get_job(job_id).state == JobState.DONE
+    assert scp.received == uids
+
+
+def test_stop_releases_the_job_between_instances(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    stop = threading.Event()
+    scp = status_scp(0x0000, on_store=stop.set)  # SIGTERM arrives during the first C-STORE
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    Sender(ctx).run(stop)
+
+    job = ctx.manager.get_job(job_id)
+    assert job.state == JobState.SENDING and job.claimed_by is None
+    assert "released" in ctx.manager.job_events(job_id)[-1].message
+    assert ctx.manager.delivery_counts(job_id) == {"scp": 1}
+    assert scp.received == uids[:1]
+
+
+@pytest.fixture(scope="session")
+def server_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_tls_destination_verifies_the_peer(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    server_certificate: tuple[Path, Path],
+    trusted: bool,
+) -> None:
+    cert, key = server_certificate
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    scp = status_scp(0x0000, ssl_context=server)
+    ctx = make_context(scp.destination(), tls_ca_file=cert if trusted else None)
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.manager.get_job(job_id)
+    if trusted:
+        assert job.state == JobState.DONE, job.last_error
+        assert scp.received == uids
+    else:  # an unknown certificate is never sent to; the job waits for a fixed config
+        assert job.state == JobState.SENDING and "could not be reached" in job.last_error
+        assert scp.received == []
+
+
+def test_a_job_cancelled_while_sending_stops_at_the_next_heartbeat(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    scp = status_scp(0x0000)
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    def cancel_during_first_store() -> None:
+        scp.on_store = None
+        ctx.manager.cancel_job(job_id, "admin")
+        time.sleep(0.3)  # longer than heartbeat_seconds: the next instance heartbeats
+
+    scp.on_store = cancel_during_first_store
+
+    assert Sender(ctx).run_once()
+
+    assert ctx.manager.get_job(job_id).state == JobState.CANCELLED
+    assert scp.received == uids[:1]

@@ -1,0 +1,279 @@
+"""The worker on a real job table (SQLite and PostgreSQL): claim, denoise, fail, stall, stop."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from node import db
+from node.config import Settings
+from node.context import NodeContext
+from node.db import utcnow
+from node.denoise import Denoiser
+from node.jobs import JobManager, JobState
+from node.jobs.manager import InstanceRecord, NewJob
+from node.phantom import PhantomSpec, write_phantom_series
+from node.worker import Worker
+from tests.fixtures.onnx_models import ScriptedDenoiser
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+@pytest.fixture
+def context(db_url: str, tmp_path: Path, tiny_model: Path) -> Iterator[NodeContext]:
+    """A node context on the test database whose worker uses the tiny model."""
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        database_url=db_url,
+        model_path=tiny_model,
+        providers=PROVIDERS,
+        heartbeat_seconds=0.05,
+        poll_seconds=0.05,
+        retry_seconds=0.01,
+    )
+    ctx = NodeContext.open(settings)
+    yield ctx
+    ctx.close()
+
+
+def queue_series(ctx: NodeContext, paths: list[Path], strength: float = 1.0) -> int:
+    """Spool and record ``paths`` as the receiver would, then settle them into a queued job."""
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    for path in paths:
+        data = path.read_bytes()
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        relative = ctx.spool.new_incoming()
+        ctx.spool.write_atomic(relative, lambda handle, data=data: handle.write(data))
+        ctx.manager.record_instance(
+            InstanceRecord(
+                sop_instance_uid=header.SOPInstanceUID,
+                series_instance_uid=header.SeriesInstanceUID,
+                study_instance_uid=header.StudyInstanceUID,
+                sop_class_uid=header.SOPClassUID,
+                transfer_syntax_uid=header.file_meta.TransferSyntaxUID,
+                spool_path=relative,
+                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
+                header={},
+                calling_ae_title="SCANNER",
+                peer_address="127.0.0.1",
+            )
+        )
+    return settle(ctx.manager, first.SeriesInstanceUID, first.StudyInstanceUID, strength)
+
+
+def settle(manager: JobManager, series_uid: str, study_uid: str, strength: float = 1.0) -> int:
+    (series,) = [s for s in manager.settled_series(utcnow()) if s.series_instance_uid == series_uid]
+    job_id = manager.create_job(
+        NewJob(
+            series_instance_uid=series_uid,
+            study_instance_uid=study_uid,
+            calling_ae_title="SCANNER",
+            settled_through=series.last_received_at,
+            instance_count=series.instance_count,
+            rule="default",
+            strength=strength,
+            destinations=["pacs"],
+        )
+    )
+    assert job_id is not None
+    return job_id
+
+
+def empty_job(manager: JobManager, index: int) -> int:
+    """A queued job whose series has one (unspooled) instance: enough to race claims on."""
+    series_uid, study_uid = generate_uid(), generate_uid()
+    manager.record_instance(
+        InstanceRecord(
+            sop_instance_uid=generate_uid(),
+            series_instance_uid=series_uid,
+            study_instance_uid=study_uid,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            spool_path=f"incoming/none/{index}.dcm",
+            sha256=f"{index:064d}",
+            size_bytes=0,
+            header={},
+            calling_ae_title="SCANNER",
+            peer_address="127.0.0.1",
+        )
+    )
+    return settle(manager, series_uid, study_uid)
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> list[Path]:
+    return write_phantom_series(tmp_path / "phantom", PhantomSpec(slices=8, size=64))
+
+
+def test_worker_denoises_a_queued_job_into_sending(
+    context: NodeContext, series: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = queue_series(context, series, strength=0.8)
+    worker = Worker(context)
+    with caplog.at_level(logging.INFO, logger="node.worker"):
+        assert worker.run_once() is True
+    assert worker.run_once() is False  # nothing left
+    job = context.manager.get_job(job_id)
+    assert job.state == JobState.SENDING, job.last_error
+    assert (job.model_name, job.model_version, job.denoised_count) == ("tiny-mean", "0.0.1", 8)
+    derived = context.manager.derived_instances(job_id)
+    sources = {pydicom.dcmread(p).SOPInstanceUID for p in series}
+    assert {d.source_sop_instance_uid for d in derived} == sources
+    for item in derived:
+        ds = pydicom.dcmread(context.spool.path(item.spool_path))
+        assert ds.SOPInstanceUID == item.sop_instance_uid
+        assert ds.SeriesInstanceUID == job.output_series_uid
+        assert "0.8" in ds.DerivationDescription
+    (outcome,) = [r for r in caplog.records if getattr(r, "job_id", None) == job_id]
+    assert outcome.levelno == logging.INFO and outcome.slices == 8
+    assert outcome.provider == "CPUExecutionProvider" and outcome.seconds >= 0
+
+
+def test_corrupt_model_fails_the_job_clearly_and_the_worker_goes_on(
+    context: NodeContext, series: list[Path], broken_model: Path, tiny_model: Path
+) -> None:
+    context.settings.model_path = broken_model
+    context.manager.max_attempts = 1
+    first = queue_series(context, series[:4])
+    worker = Worker(context)
+    assert worker.run_once() is True
+    job = context.manager.get_job(first)
+    assert job.state == JobState.FAILED
+    assert "not a usable ONNX model" in job.last_error and str(broken_model) in job.last_error
+    # the model is loaded again for the next job: a repaired model_path works at once
+    context.settings.model_path = tiny_model
+    second = queue_series(context, series[4:])
+    assert worker.run_once() is True
+    assert context.manager.get_job(second).state == JobState.SENDING
+
+
+def test_bad_input_fails_for_good_without_retry(
+    context: NodeContext, series: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = pydicom.dcmread(series[3])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(series[3], enforce_file_format=True)
+    job_id = queue_series(context, series)
+    with caplog.at_level(logging.INFO, logger="node.worker"):
+        assert Worker(context, Denoiser(context.settings.model_file, PROVIDERS)).run_once()
+    job = context.manager.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    assert ds.SOPInstanceUID in job.last_error and "bad input" in job.last_error
+    assert [r.levelno for r in caplog.records if getattr(r, "job_id", None)] == [logging.ERROR]
+
+
+def test_other_errors_are_retried_until_max_attempts(
+    context: NodeContext, series: list[Path]
+) -> None:
+    def explode(call: int) -> None:
+        raise RuntimeError("GPU fell off the bus")
+
+    job_id = queue_series(context, series[:2])
+    worker = Worker(context, ScriptedDenoiser(hook=explode))  # type: ignore[arg-type]
+    states = []
+    for _ in range(3):
+        while not worker.run_once():  # the retry waits retry_seconds x attempts
+            threading.Event().wait(0.01)
+        states.append(context.manager.get_job(job_id).state)
+    assert states == [JobState.QUEUED, JobState.QUEUED, JobState.FAILED]
+    assert "GPU fell off the bus" in context.manager.get_job(job_id).last_error
+
+
+def test_stop_mid_job_releases_it_to_the_queue(context: NodeContext, series: list[Path]) -> None:
+    job_id = queue_series(context, series)
+    denoiser = ScriptedDenoiser(batch_size=2)
+    worker = Worker(context, denoiser)  # type: ignore[arg-type]
+    denoiser.hook = lambda call: worker.stop.set()  # SIGTERM arrives during inference
+    assert worker.run_once() is True
+    job = context.manager.get_job(job_id)
+    assert (job.state, job.attempts, job.claimed_by) == (JobState.QUEUED, 0, None)
+    assert "released" in context.manager.job_events(job_id)[-1].message
+    assert context.manager.derived_instances(job_id) == []
+
+
+def test_a_cancelled_job_is_abandoned(context: NodeContext, series: list[Path]) -> None:
+    job_id = queue_series(context, series)
+
+    def cancel(call: int) -> None:
+        if call == 1:
+            context.manager.cancel_job(job_id, "admin")
+
+    worker = Worker(context, ScriptedDenoiser(batch_size=2, delay=0.2, hook=cancel))  # type: ignore[arg-type]
+    assert worker.run_once() is True
+    assert context.manager.get_job(job_id).state == JobState.CANCELLED
+    assert context.manager.derived_instances(job_id) == []
+
+
+def test_worker_loop_requeues_a_stalled_job_and_finishes_it(
+    context: NodeContext, series: list[Path]
+) -> None:
+    context.settings.stale_after_seconds = 0.3
+    job_id = queue_series(context, series)
+    assert context.manager.claim_next_job("ghost:1/work").id == job_id  # then never heartbeats
+    stop = threading.Event()
+    worker = Worker(context)
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        for _ in range(200):
+            if context.manager.get_job(job_id).state == JobState.SENDING:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    job = context.manager.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.SENDING, 2)
+    messages = [e.message for e in context.manager.job_events(job_id)]
+    assert any("stopped heartbeating" in m for m in messages)
+    (row,) = [w for w in context.manager.workers() if w.name == worker.name]
+    assert row.provider == "CPUExecutionProvider" and row.stopped_at is not None
+
+
+def test_a_job_that_keeps_stalling_fails_after_max_attempts(manager: JobManager) -> None:
+    job_id = empty_job(manager, 0)
+    outcomes = []
+    for attempt in range(manager.max_attempts):
+        assert manager.claim_next_job(f"ghost:{attempt}").id == job_id
+        threading.Event().wait(0.01)
+        outcomes += manager.requeue_stalled(stale_after=0.0)
+    assert outcomes == [(job_id, JobState.QUEUED)] * 2 + [(job_id, JobState.FAILED)]
+    job = manager.get_job(job_id)
+    assert job.state == JobState.FAILED and "gave up after 3 attempts" in job.last_error
+
+
+def test_two_workers_never_take_the_same_job(manager: JobManager, db_url: str) -> None:
+    jobs = {empty_job(manager, index) for index in range(24)}
+    engine = db.make_engine(db_url)  # the second worker has its own connection pool
+    managers = [manager, JobManager(db.session_factory(engine))]
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+    start = threading.Barrier(2)
+
+    def claim_all(name: str, own: JobManager) -> None:
+        start.wait()
+        while (job := own.claim_next_job(name)) is not None:
+            claimed[name].append(job.id)
+
+    threads = [
+        threading.Thread(target=claim_all, args=(name, own))
+        for name, own in zip(claimed, managers, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    engine.dispose()
+    taken = claimed["a"] + claimed["b"]
+    assert sorted(taken) == sorted(jobs), "every job claimed exactly once"
+    for job_id in jobs:
+        job = manager.get_job(job_id)
+        assert job.state == JobState.RUNNING and job.attempts == 1
+        assert job.claimed_by == ("a" if job_id in claimed["a"] else "b")
