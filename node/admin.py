@@ -27,7 +27,14 @@ from node.context import NodeContext
 from node.db import utcnow
 from node.jobs import JobState
 from node.logs import configure_logging
-from node.overview import ActionRefused, JobNotFound, format_age, format_bytes, format_time
+from node.overview import (
+    ActionRefused,
+    JobNotFound,
+    format_age,
+    format_bytes,
+    format_time,
+    naive_utc,
+)
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -42,12 +49,11 @@ def parse_since(text: str) -> datetime:
     try:
         if unit and text[:-1].replace(".", "", 1).isdigit():
             return utcnow() - timedelta(**{unit: float(text[:-1])})
-        moment = datetime.fromisoformat(text)
+        return naive_utc(datetime.fromisoformat(text))
     except (ValueError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither an age like 30m, 2h, 7d nor an ISO date/time"
         ) from exc
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def cli_actor() -> str:

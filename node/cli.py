@@ -65,15 +65,24 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from node.pipeline import denoise_folder
+    from node.denoise import ModelError
+    from node.pipeline import BadInput, denoise_folder
 
     overrides = {"strength": args.strength} if args.strength is not None else {}
     if args.model is not None:
         overrides["model_path"] = args.model
     settings = load_settings(args.config, **overrides)
     configure_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
-    result = denoise_folder(args.input, args.output, settings)
-    print(result.summary())
+    try:
+        results = denoise_folder(args.input, args.output, settings)
+    except (BadInput, ModelError) as exc:
+        print(f"denoise-node denoise: {exc}", file=sys.stderr)
+        return 1
+    if not results:
+        print(f"denoise-node denoise: no CT images in {args.input}", file=sys.stderr)
+        return 1
+    for result in results:
+        print(result.summary())
     return 0
 
 

@@ -6,13 +6,21 @@ Environment variables win over the file; nested keys use a double underscore
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "DENOISE_NODE_"
@@ -127,6 +135,10 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = None  # trusted CAs for TLS destinations (default: system)
     tls_cert_file: Path | None = None  # the node's client certificate, if peers ask for one
     tls_key_file: Path | None = None
+    tls_port: int | None = Field(None, ge=1, le=65535)  # DICOM over TLS (tls_cert/key_file)
+    tls_require_client_cert: bool = False  # mutual TLS: callers need a cert from tls_ca_file
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # empty: any
+    allowed_addresses: list[str] = Field(default_factory=list)  # CIDR networks; empty: any
     spool_min_free_mb: int = Field(200, ge=0)
     max_pdu_size: int = Field(0, ge=0)
     web_host: str = "127.0.0.1"
@@ -139,6 +151,31 @@ class Settings(BaseSettings):
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return Destination._ae_title(value)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _allowed_ae_titles(cls, values: list[str]) -> list[str]:
+        return [Destination._ae_title(value).strip() for value in values]
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _allowed_addresses(cls, values: list[str]) -> list[str]:
+        """Normalised CIDR networks; a bare address is a /32 (or /128) network."""
+        try:
+            return [str(ipaddress.ip_network(value, strict=False)) for value in values]
+        except ValueError as exc:
+            raise ValueError(f"not an IP network: {exc}") from exc
+
+    @model_validator(mode="after")
+    def _tls_listener(self) -> Settings:
+        """A TLS listener needs the node's certificate and key; mutual TLS needs the CA."""
+        if self.tls_port is not None and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("tls_port needs tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and self.tls_ca_file is None:
+            raise ValueError("tls_require_client_cert needs tls_ca_file (the callers' CA)")
+        if self.tls_port is not None and self.tls_port == self.port:
+            raise ValueError("tls_port must differ from port")
+        return self
 
     @classmethod
     def settings_customise_sources(

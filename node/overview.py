@@ -48,6 +48,11 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+def naive_utc(value: datetime) -> datetime:
+    """A time as the job table stores it: UTC without tzinfo (naive input is UTC already)."""
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
 #: The job table stores naive UTC; views say so, and JSON gets RFC 3339 with ``Z``.
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 

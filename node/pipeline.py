@@ -5,7 +5,7 @@ decodes slices; the calling thread runs the model on batches; a writer thread bl
 converts back to stored values, builds the derived instance and hands it to ``write``.
 Bounded queues keep memory flat; the first error in any stage stops all three and is
 raised in the caller, so a callback that raises (say, to stop at a slice boundary)
-ends the series cleanly.
+ends the series cleanly.  An Enhanced CT instance gives one slice per frame.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[Seri
     """
     series = _group_by_series(in_dir)
     if not series:
-        raise BadInput(f"{in_dir} holds no DICOM image files")
+        raise BadInput(f"{in_dir} holds no CT image files")
     denoiser = Denoiser(settings.model_file, settings.providers, settings.batch_size)
     spec = DerivationSpec(
         model_name=denoiser.name,

@@ -11,8 +11,10 @@ memory flat however large the instance.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
+import ssl
 import threading
 import time
 from collections import Counter
@@ -97,6 +99,8 @@ class Receiver:
         for sop_class in STORAGE_CLASSES:
             self._ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
+        self._networks = [ipaddress.ip_network(net) for net in ctx.settings.allowed_addresses]
         self._tallies: dict[int, Counter[str]] = {}
         self._tallies_lock = threading.Lock()
 
@@ -107,6 +111,13 @@ class Receiver:
             return self.ctx.settings.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM-over-TLS port (None without ``tls_port``)."""
+        if self._tls_server is None:
+            return self.ctx.settings.tls_port
+        return int(self._tls_server.server_address[1])
+
     def start(self) -> None:
         """Remove unacknowledged partial files, then listen in background threads."""
         removed = self.ctx.spool.remove_partials()
@@ -115,6 +126,7 @@ class Receiver:
         # Process-wide in pynetdicom: C-STORE data sets go to a temporary file, not memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
         handlers = [
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_CONN_CLOSE, self.handle_close),
@@ -128,18 +140,70 @@ class Receiver:
             self.port,
             extra={"ae_title": self.ctx.settings.ae_title, "port": self.port},
         )
+        settings = self.ctx.settings
+        if settings.tls_port is not None:
+            tls_address = (settings.bind_address, settings.tls_port)
+            self._tls_server = self._ae.start_server(
+                tls_address, block=False, evt_handlers=handlers, ssl_context=self._tls_context()
+            )
+            log.info(
+                "receiver %s listening for DICOM over TLS on %s:%d%s",
+                settings.ae_title,
+                tls_address[0],
+                self.tls_port,
+                " (client certificate required)" if settings.tls_require_client_cert else "",
+                extra={"ae_title": settings.ae_title, "port": self.tls_port},
+            )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """A server context with the node's certificate; mutual TLS checks the callers' CA."""
+        settings = self.ctx.settings
+        context = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH,
+            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        )
+        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+        if settings.tls_require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     def stop(self) -> None:
         """Stop accepting, let running associations finish briefly, then abort the rest."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for association in self._ae.active_associations:
             association.join(max(0.0, deadline - time.monotonic()))
         self._ae.shutdown()
         log.info("receiver stopped")
+
+    def handle_requested(self, event: Event) -> None:
+        """A-ASSOCIATE-RQ: reject callers outside the allow-lists before anything is stored."""
+        settings = self.ctx.settings
+        calling_ae = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(event.assoc.requestor.address)
+        reason = None
+        if settings.allowed_calling_ae_titles and calling_ae not in (
+            settings.allowed_calling_ae_titles
+        ):
+            reason, diagnostic = "calling AE title not in allowed_calling_ae_titles", 0x03
+        elif self._networks and not _address_allowed(address, self._networks):
+            reason, diagnostic = "address not in allowed_addresses", 0x01
+        if reason is None:
+            return
+        log.warning(
+            "association from %s at %s rejected: %s",
+            _shown(calling_ae),
+            address,
+            reason,
+            extra={"calling_ae": _shown(calling_ae), "peer_address": address},
+        )
+        # Rejected permanent, by the service user: the caller should not try again as is.
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
 
     def handle_echo(self, event: Event) -> int:
         """C-ECHO: always success while the receiver runs."""
@@ -321,6 +385,16 @@ def _checked_uids(ds: Dataset, event: Event, extra: dict[str, Any]) -> dict[str,
 def valid_uid(value: str) -> bool:
     """A DICOM UID: dotted digits without leading zeros, at most 64 characters."""
     return 0 < len(value) <= 64 and UID(value).is_valid
+
+
+def _address_allowed(address: str, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def _copy_hashing(source: Path, out: BinaryIO, digest: Any) -> None:

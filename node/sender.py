@@ -24,6 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Destination
 from node.context import NodeContext
@@ -64,10 +65,19 @@ class Sender:
         self._last_beat = 0.0
 
     def run(self, stop: threading.Event) -> None:
-        """Send until ``stop`` is set; an idle sender polls every ``poll_seconds``."""
+        """Send until ``stop`` is set; an idle sender polls every ``poll_seconds``.
+
+        A database outage is waited out: a job whose acknowledgement could not be
+        recorded stays claimed and is taken again once its heartbeat is stale.
+        """
         self._stop = stop
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                sent = self.run_once()
+            except SQLAlchemyError as exc:
+                log.warning("job table unreachable, retrying: %s", exc.__class__.__name__)
+                sent = False
+            if not sent:
                 stop.wait(self.settings.poll_seconds)
 
     def run_once(self) -> bool:

@@ -6,6 +6,7 @@ every DENOISE_NODE_* variable is a real setting and every command a real sub-com
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 NODE_SERVICES = ["migrate", "node", "worker"]
 
 
+def interpolate(value: object) -> str:
+    """What compose does to ``${NAME:-default}`` when NAME is unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+
 @pytest.mark.parametrize("service", NODE_SERVICES)
 def test_environment_is_a_valid_node_configuration(
     service: str, monkeypatch: pytest.MonkeyPatch
@@ -26,7 +32,7 @@ def test_environment_is_a_valid_node_configuration(
     environment = COMPOSE["services"][service]["environment"]
     for key, value in environment.items():
         assert key.startswith("DENOISE_NODE_"), key
-        monkeypatch.setenv(key, str(value))
+        monkeypatch.setenv(key, interpolate(value))
     settings = load_settings()
     assert settings.db_url.startswith("postgresql+psycopg://")
     assert settings.destinations["pacs"].host == "orthanc"

@@ -11,7 +11,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, generate_uid
-from scipy.ndimage import binary_erosion
 
 from node.config import Settings
 from node.denoise import Denoiser
@@ -73,12 +72,8 @@ def test_noise_is_lower_and_the_bone_edge_stays(
     assert result.slices == len(derived) == len(phantom_series)
     before = source_stored(phantom_series).astype(np.float32)
     after = stored(derived).astype(np.float32)
-    # uniform_roi, keeping only water at least 3 pixels (the filter's reach) from an insert
-    water = np.zeros((128, 128), bool)
-    water[uniform_roi(128)] = True
-    water &= binary_erosion(phantom_hu(128) == 0, iterations=3)
-    assert water.sum() >= 40
-    assert after[:, water].std() < 0.6 * before[:, water].std()
+    roi = (slice(None), *uniform_roi(128))
+    assert after[roi].std() < 0.6 * before[roi].std()
     # the bone disc's left edge (half-way between water and bone) stays where it was
     row = 64
     truth = phantom_hu(128)[row]

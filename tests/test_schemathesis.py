@@ -16,7 +16,7 @@ from tests.fixtures.admin import AdminNode
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
 
 LOCAL_HOST = {"Host": "127.0.0.1"}  # the local dashboard refuses other Host names
-EXAMPLES = 15
+EXAMPLES = 25
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

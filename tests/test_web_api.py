@@ -95,10 +95,10 @@ def test_actions_change_state_and_are_audited(
     resent = api.post(f"/api/v1/jobs/{jobs['done']}/resend", json={"destination": "pacs"})
     assert resent.status_code == 200 and resent.json()["state"] == "sending"
     unknown = api.post(f"/api/v1/jobs/{jobs['done']}/resend", json={"destination": "nowhere"})
-    assert unknown.status_code == 400
-    assert unknown.json()["detail"] == (
-        "unknown destination 'nowhere'; configured destinations: pacs"
-    )
+    assert unknown.status_code == 422 and "'pacs'" in unknown.json()["detail"][0]["msg"]
+    schemas = api.get("/api/v1/openapi.json").json()["components"]["schemas"]
+    named = schemas["ResendRequest"]["properties"]["destination"]
+    assert named.get("enum", [named.get("const")]) == ["pacs"], "the schema names destinations"
     nothing = api.post(f"/api/v1/jobs/{jobs['skipped']}/resend", json={"destination": "pacs"})
     assert nothing.status_code == 409 and "no derived series" in nothing.json()["detail"]
     assert api.post("/api/v1/jobs/999999/retry").status_code == 404

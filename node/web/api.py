@@ -1,17 +1,20 @@
-"""REST API ``/api/v1``: the same views and actions as the CLI, as JSON for scripts."""
+"""REST API ``/api/v1``: the same views and actions as the CLI, as JSON for scripts.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the resend route is made per node (its
+body lists the configured destinations) and FastAPI must see its real annotations.
+"""
 
-from datetime import UTC, datetime
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from node import overview
 from node.config import AE_TITLE
 from node.jobs import JobState
-from node.overview import JobDetail, JobSummary, NodeStatus
+from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
 from node.web.app import WebState, web_state
 from node.web.auth import CSRF_HEADER, Principal, check_post
 
@@ -20,10 +23,6 @@ MAX_JOB_ID = 2**31 - 1  # the database's INTEGER
 
 class Problem(BaseModel):
     detail: str
-
-
-class ResendRequest(BaseModel):
-    destination: str = Field(min_length=1, max_length=64, description="a configured destination")
 
 
 def reader(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
@@ -35,8 +34,7 @@ def reader(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Pr
 
 def admin(request: Request, principal: Annotated[Principal, Depends(reader)]) -> Principal:
     """An admin, asking from our own origin (with the CSRF token when using a session)."""
-    if not principal.is_admin:
-        raise HTTPException(403, f"{principal.name} may only look (role {principal.role})")
+    principal.require_admin()
     session = request.state.session if principal.via == "session" else None
     check_post(request, session, request.headers.get(CSRF_HEADER))
     return principal
@@ -49,29 +47,32 @@ ACTION_ERRORS = {
     409: {"model": Problem, "description": "the job is not in a state that allows this"},
 }
 
-router = APIRouter(prefix="/api/v1", tags=["jobs"], responses=ERRORS)
+_routes = APIRouter(tags=["jobs"])
 
 
-@router.get("/jobs", response_model=list[JobSummary])
+@_routes.get("/jobs", response_model=list[JobSummary])
 def jobs(
     web: Annotated[WebState, Depends(web_state)],
     _: Annotated[Principal, Depends(reader)],
     state: Annotated[list[JobState] | None, Query(description="repeat for several")] = None,
-    since: Annotated[datetime | None, Query(description="created at or after")] = None,
+    since: Annotated[
+        str | None,
+        Query(description="created at or after", json_schema_extra={"format": "date-time"}),
+    ] = None,
     ae: Annotated[str | None, Query(pattern=AE_TITLE.pattern, description="calling AE")] = None,
     study: Annotated[str | None, Query(pattern=r"^[0-9.]{1,64}$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[JobSummary]:
     """The newest jobs first, filtered."""
-    if since is not None and since.tzinfo is not None:
-        try:
-            since = since.astimezone(UTC).replace(tzinfo=None)
-        except OverflowError as exc:
-            raise HTTPException(422, "since is out of range") from exc
-    return overview.list_jobs(web.ctx, state, since, ae, study, limit)
+    try:  # ISO 8601 only: pydantic would also take a number as a Unix time
+        created_since = None if since is None else naive_utc(datetime.fromisoformat(since))
+    except (ValueError, OverflowError) as exc:
+        problem = {"type": "datetime_parsing", "loc": ("query", "since"), "input": since}
+        raise RequestValidationError([{**problem, "msg": "not an ISO 8601 date-time"}]) from exc
+    return overview.list_jobs(web.ctx, state, created_since, ae, study, limit)
 
 
-@router.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"model": Problem}})
+@_routes.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"model": Problem}})
 def job(
     job_id: JobId,
     web: Annotated[WebState, Depends(web_state)],
@@ -101,7 +102,7 @@ def _act(
         raise HTTPException(409, str(exc)) from exc
 
 
-@router.post("/jobs/{job_id}/retry", response_model=JobSummary, responses=ACTION_ERRORS)
+@_routes.post("/jobs/{job_id}/retry", response_model=JobSummary, responses=ACTION_ERRORS)
 def retry(
     job_id: JobId,
     web: Annotated[WebState, Depends(web_state)],
@@ -111,7 +112,7 @@ def retry(
     return _act(web, principal, "retry", job_id)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobSummary, responses=ACTION_ERRORS)
+@_routes.post("/jobs/{job_id}/cancel", response_model=JobSummary, responses=ACTION_ERRORS)
 def cancel(
     job_id: JobId,
     web: Annotated[WebState, Depends(web_state)],
@@ -121,25 +122,40 @@ def cancel(
     return _act(web, principal, "cancel", job_id)
 
 
-@router.post(
-    "/jobs/{job_id}/resend",
-    response_model=JobSummary,
-    responses={**ACTION_ERRORS, 400: {"model": Problem, "description": "unknown destination"}},
-)
-def resend(
-    job_id: JobId,
-    request: Annotated[ResendRequest, Body()],
-    web: Annotated[WebState, Depends(web_state)],
-    principal: Annotated[Principal, Depends(admin)],
-) -> JobSummary:
-    """Send the job's derived series (again) to a configured destination."""
-    return _act(web, principal, "resend", job_id, request.destination)
-
-
-@router.get("/status", response_model=NodeStatus, tags=["node"])
+@_routes.get("/status", response_model=NodeStatus, tags=["node"])
 def status(
     web: Annotated[WebState, Depends(web_state)],
     _: Annotated[Principal, Depends(reader)],
 ) -> NodeStatus:
     """Queue depth, workers, destinations (C-ECHO, cached 10 s) and spool."""
     return overview.node_status(web.ctx, web.destination_checks())
+
+
+def router(destinations: list[str]) -> APIRouter:
+    """The API of a node whose destinations are ``destinations`` (named in the schema)."""
+    names = tuple(sorted(destinations))
+
+    class ResendRequest(BaseModel):
+        destination: Literal[names] if names else str = Field(  # type: ignore[valid-type]
+            description="one of this node's configured destinations"
+        )
+
+    api = APIRouter(prefix="/api/v1", responses=ERRORS)
+    api.include_router(_routes)
+
+    @api.post(
+        "/jobs/{job_id}/resend",
+        response_model=JobSummary,
+        tags=["jobs"],
+        responses={**ACTION_ERRORS, 400: {"model": Problem, "description": "unknown destination"}},
+    )
+    def resend(
+        job_id: JobId,
+        request: Annotated[ResendRequest, Body()],
+        web: Annotated[WebState, Depends(web_state)],
+        principal: Annotated[Principal, Depends(admin)],
+    ) -> JobSummary:
+        """Send the job's derived series (again) to a configured destination."""
+        return _act(web, principal, "resend", job_id, request.destination)
+
+    return api

@@ -189,7 +189,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
     app.add_exception_handler(LoginRequired, _login_redirect)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.include_router(api.router)
+    app.include_router(api.router(list(ctx.settings.destinations)))
     app.include_router(pages.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -104,6 +104,11 @@ class Principal:
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    def require_admin(self) -> None:
+        """Viewers may look but not act."""
+        if not self.is_admin:
+            raise HTTPException(403, f"{self.name} may only look (role {self.role})")
+
 
 @dataclass
 class WebSession:

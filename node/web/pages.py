@@ -140,10 +140,9 @@ def job_action(
     destination: Annotated[str | None, Form()] = None,
 ) -> Response:
     """A button on the job page: act, then show the job again with what happened."""
-    check_post(request, ensure_session(request), csrf_token)
-    if not principal.is_admin:
-        raise HTTPException(403, f"{principal.name} may only look (role {principal.role})")
     session = ensure_session(request)
+    check_post(request, session, csrf_token)
+    principal.require_admin()
     try:
         job = overview.act(web.ctx, action, job_id, principal.actor, destination)
         session.flash.append(("ok", f"{action}: job {job_id} is now {job.state}"))
@@ -181,11 +180,11 @@ def login(
     csrf_token: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "/",
 ) -> Response:
-    web = web_state(request)
-    check_post(request, ensure_session(request), csrf_token)
+    web, session = web_state(request), ensure_session(request)
+    check_post(request, session, csrf_token)
     principal = web.accounts.authenticate(username, password)
     if principal is None:
-        ensure_session(request).flash.append(("error", "unknown user or wrong password"))
+        session.flash.append(("error", "unknown user or wrong password"))
         return RedirectResponse(request.url_for("login_page"), status_code=303)
     ensure_session(request, principal)
     return RedirectResponse(_local(next), status_code=303)

@@ -1,0 +1,183 @@
+"""Ingest: storescu sends one CT series to DCMTK storescp, Orthanc and the node's receiver.
+
+``python -m bench.ingest [--quick] [--slices N] [--repeat N]``
+
+Each receiver starts fresh (empty folder, storage or database) for each run, and the
+runs are interleaved so that background load falls on all of them alike.  The node runs
+as ``denoise-node serve --roles receive`` with its durability on (fsync of every file
+and its folder, one job table row per instance) and a settle time so long that no job
+is created during the run.  The time is storescu's, from its start to its exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import common
+from node.orthanc import OrthancServer
+from node.tools import dcmtk_tool, free_port
+from tests.fixtures.dicom import DCMTK_ENV
+from tests.fixtures.node import echo
+
+NO_SETTLE = 86400.0
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class Peer:
+    """A receiver ready for a run: where it listens, how to count what it stored."""
+
+    port: int
+    ae_title: str
+    received: Callable[[], int]
+    pid: int | None = None
+
+
+Starter = Callable[[Path], AbstractContextManager[Peer]]
+
+
+@dataclass
+class Runs:
+    """One receiver's runs: seconds and peak RSS of each."""
+
+    seconds: list[float] = field(default_factory=list)
+    rss_mib: list[float | None] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def peak(self) -> float | None:
+        known = [value for value in self.rss_mib if value is not None]
+        return max(known) if known else None
+
+
+@contextmanager
+def storescp(folder: Path) -> Iterator[Peer]:
+    """DCMTK storescp writing each instance into ``folder`` (TCP_NODELAY=1)."""
+    port = free_port()
+    out = folder / "storescp"
+    out.mkdir()
+    process = subprocess.Popen(
+        [dcmtk_tool("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not echo(port, "STORESCP"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise common.CannotRun(f"storescp did not start on port {port}")
+            time.sleep(0.1)
+        yield Peer(port, "STORESCP", lambda: sum(1 for _ in out.iterdir()), process.pid)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def orthanc(folder: Path) -> Iterator[Peer]:
+    """Orthanc with fresh storage, configured as the project's tests configure it."""
+    with OrthancServer(folder / "orthanc") as server:
+        yield Peer(server.dicom_port, server.ae_title, server.count_instances)
+
+
+def node(backend: str) -> Starter:
+    """The node's receiver on a fresh job table of ``backend`` (sqlite or postgresql)."""
+
+    @contextmanager
+    def start(folder: Path) -> Iterator[Peer]:
+        with (
+            common.database(backend, folder) as url,
+            common.node_process(folder, url, "receive", settle_seconds=NO_SETTLE) as process,
+        ):
+            assert process.process is not None
+            yield Peer(
+                process.port,
+                "DENOISE",
+                lambda: process.manager.instance_totals()[0],
+                process.process.pid,
+            )
+            process.stop()
+
+    return start
+
+
+def measure(start: Starter, paths: Sequence[Path]) -> tuple[float, float | None]:
+    """Send the series to a fresh receiver; the seconds and the receiver's peak RSS."""
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as folder, start(Path(folder)) as peer:
+        seconds = common.storescu(peer.port, paths, peer.ae_title)
+        stored = peer.received()
+        if stored != len(paths):
+            raise common.CannotRun(f"{peer.ae_title} stored {stored} of {len(paths)} instances")
+        return seconds, common.peak_rss_mib(peer.pid) if peer.pid else None
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    count = common.slices(args)
+    repeat = args.repeat or (1 if args.quick else 3)
+    paths = common.phantom_series(count)
+    size = common.megabytes(paths)
+    receivers: dict[str, Starter] = {
+        "DCMTK storescp": storescp,
+        "Orthanc": orthanc,
+        "node, SQLite": node("sqlite"),
+        "node, PostgreSQL": node("postgresql"),
+    }
+    runs = {name: Runs() for name in receivers}
+    for attempt in range(1, repeat + 1):
+        for name, start in receivers.items():
+            common.progress(f"run {attempt}/{repeat}: {count} slices to {name}")
+            seconds, rss = measure(start, paths)
+            runs[name].seconds.append(seconds)
+            runs[name].rss_mib.append(rss)
+            common.progress(f"  {seconds:.2f} s, {count / seconds:.1f} slices/s")
+
+    storescp_s = runs["DCMTK storescp"].median
+    orthanc_s = runs["Orthanc"].median
+    rows = [
+        [
+            name,
+            count / r.median,
+            size / r.median,
+            storescp_s / r.median,
+            orthanc_s / r.median,
+            r.peak,
+            ", ".join(common.cell(s) for s in r.seconds),
+        ]
+        for name, r in runs.items()
+    ]
+    common.print_table(
+        f"Ingest: {count} slices of {common.SIZE}x{common.SIZE} ({size:.0f} MB) by storescu, "
+        f"median of {repeat}",
+        ["receiver", "slices/s", "MB/s", "x storescp", "x Orthanc", "peak RSS MiB", "runs (s)"],
+        rows,
+    )
+    print()
+    common.note("target: the node >= 0.7x storescp and >= 1.0x Orthanc")
+    common.note(
+        "storescp and Orthanc do not fsync; the node fsyncs each file and its folder and "
+        "commits one job table row per instance before it answers"
+    )
+    common.note("peak RSS of Orthanc is not read (its process id is private to OrthancServer)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = common.parser(__doc__.splitlines()[0])
+    options.add_argument("--repeat", type=int, help="runs per receiver (default 3, 1 with --quick)")
+    return common.run("Ingest benchmark", options, benchmark, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
