@@ -46,13 +46,7 @@ def benchmark(args: argparse.Namespace) -> None:
             "receive,work,send",
             settle_seconds=settle,
             model_path=str(model),
-            destinations={
-                "pacs": {
-                    "ae_title": orthanc.ae_title,
-                    "host": "127.0.0.1",
-                    "port": orthanc.dicom_port,
-                }
-            },
+            destinations={"pacs": pacs(orthanc)},
         ) as node,
     ):
         assert node.process is not None

@@ -105,8 +105,8 @@ def benchmark(args: argparse.Namespace) -> None:
         common.progress(f"onnxruntime alone: {bare_count} slices, batch {batch}")
         row, rss = common.in_child(bare, model, provider, batch, paths, bare_count)
         rows.append([*row, rss])
-    same = next(row for row in rows if row[1] == args.batch)[4] if args.batch in BATCHES else None
-    best = max(float(row[4]) for row in rows)
+    alone = {int(row[1]): float(row[4]) for row in rows}  # batch -> slices/s
+    same = alone.get(args.batch)
     worker = result.slices_per_second
     rows.append(
         ["worker path (denoise_series)", args.batch, result.slices, result.wall_seconds]
@@ -117,18 +117,19 @@ def benchmark(args: argparse.Namespace) -> None:
         ["path", "batch", "slices", "seconds", "slices/s", "peak RSS MiB"],
         rows,
     )
+    stages = [
+        ("read + decode + HU (reader thread)", result.read_seconds),
+        ("inference (calling thread)", result.infer_seconds),
+        ("blend + encode + write + fsync (writer thread)", result.write_seconds),
+        ("wall", result.wall_seconds),
+    ]
     common.print_table(
         f"Worker path, where the time goes ({result.slices} slices; stages run in three threads, "
         "so busy times overlap)",
         ["stage", "busy s", "share of wall", "slices/s of the stage alone"],
         [
-            ["read + decode + HU (reader thread)", result.read_seconds]
-            + _share(result.read_seconds, result),
-            ["inference (calling thread)", result.infer_seconds]
-            + _share(result.infer_seconds, result),
-            ["blend + encode + write + fsync (writer thread)", result.write_seconds]
-            + _share(result.write_seconds, result),
-            ["wall", result.wall_seconds, 1.0, worker],
+            [name, seconds, seconds / result.wall_seconds, result.slices / seconds]
+            for name, seconds in stages
         ],
     )
     common.print_table(
@@ -136,7 +137,7 @@ def benchmark(args: argparse.Namespace) -> None:
         ["comparison", "ratio", "target"],
         [
             [f"worker / alone at batch {args.batch}", worker / same if same else None, TARGET],
-            ["worker / best batch alone", worker / best, None],
+            ["worker / best batch alone", worker / max(alone.values()), None],
         ],
     )
     print()
@@ -144,10 +145,6 @@ def benchmark(args: argparse.Namespace) -> None:
         "each row runs in a fresh Python process; peak RSS is its VmHWM (Python, libraries, "
         "model and session arena, and for the worker path its queues)"
     )
-
-
-def _share(seconds: float, result: SeriesResult) -> list[object]:
-    return [seconds / result.wall_seconds, result.slices / seconds if seconds else None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

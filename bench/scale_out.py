@@ -4,12 +4,13 @@
 
 The receiver (``serve --roles receive``) takes K phantom series once and settles them
 into K queued jobs.  Each worker count then gets a copy of that database (``CREATE
-DATABASE ... TEMPLATE``) and a hard-linked copy of the spool, and starts its ``denoise-node
-work`` processes together.  A job is processed when it reaches ``sending`` (no sender
-runs).  Jobs/minute is K over the time from the first claim to the last hand-over, both
-from the job events, so process start-up is not counted.  The model is a 5 x 5 mean
-filter unless --model says otherwise, so the figure is the node's (read, decode,
-encode, write, job table), not the CNN's.
+DATABASE ... TEMPLATE``) and a hard-linked copy of the spool, and starts its
+``denoise-node work`` processes; the jobs are held (``run_after``) until every worker
+has started.  A job is processed when it reaches ``sending`` (no sender runs).
+Jobs/minute is K over the time from the first claim to the last hand-over, both from
+the job events, so process start-up is not counted.  The model is a 5 x 5 mean filter
+unless --model says otherwise, so the figure is the node's (read, decode, encode,
+write, job table), not the CNN's.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import update
+
 from bench import common
+from node import db
 from node.jobs import JobManager, JobState
+from node.jobs.tables import Job
 from tests.fixtures.node import NodeProcess
 
 TIMEOUT = 3600.0
+#: Jobs wait (run_after) until every worker process of a run has started.
+HELD = datetime(9999, 1, 1)
 
 
 @dataclass
@@ -53,6 +60,17 @@ def receive(folder: Path, url: str, paths: list[Path], jobs: int) -> None:
             f"{jobs} queued jobs",
         )
         node.stop()
+    hold_jobs(url, HELD)
+
+
+def hold_jobs(url: str, until: datetime | None) -> None:
+    """Make every job claimable only after ``until`` (None: now)."""
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(update(Job).values(run_after=until))
+    finally:
+        engine.dispose()
 
 
 def run_workers(
@@ -69,6 +87,8 @@ def run_workers(
             for i in range(count)
         ]
         manager = workers[0].manager
+        workers[0].wait_for(lambda: ready(manager) == count, TIMEOUT, f"{count} workers to start")
+        hold_jobs(url, None)
         workers[0].wait_for(
             lambda: processed(manager, jobs), TIMEOUT, f"{jobs} jobs denoised by {count} workers"
         )
@@ -76,6 +96,11 @@ def run_workers(
         for worker in workers:
             worker.stop()
         return analyse(manager), rss
+
+
+def ready(manager: JobManager) -> int:
+    """Worker loops running on this job table."""
+    return sum(1 for w in manager.workers() if w.name.endswith("/work") and not w.stopped_at)
 
 
 def processed(manager: JobManager, jobs: int) -> bool:
@@ -113,8 +138,8 @@ def analyse(manager: JobManager) -> Outcome:
 def benchmark(args: argparse.Namespace) -> None:
     model = args.model or common.mean_filter_model()
     count = common.slices(args)
-    jobs = args.series or (4 if args.quick else 16)
-    counts = [int(n) for n in args.workers.split(",")]
+    jobs = args.series or (2 if args.quick else 16)
+    counts = [int(n) for n in (args.workers or ("1,2" if args.quick else "1,2,4")).split(",")]
     common.note(f"model: {common.describe_model(model)}")
     common.note(f"{jobs} series of {count} slices of {common.SIZE}x{common.SIZE}, on PostgreSQL")
     series = [common.phantom_series(count, seed=100 + k) for k in range(jobs)]
@@ -177,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         full_slices=60,
         model_help="ONNX model (default: a 5x5 mean filter, to measure the node, not the CNN)",
     )
-    options.add_argument("--series", type=int, help="queued series (default 16, 4 with --quick)")
-    options.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    options.add_argument("--series", type=int, help="queued series (default 16, 2 with --quick)")
+    options.add_argument("--workers", help="worker counts (default 1,2,4; 1,2 with --quick)")
     return common.run("Scale-out benchmark", options, benchmark, argv)
 
 

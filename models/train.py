@@ -28,6 +28,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
+from skimage.restoration import denoise_tv_chambolle  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from models.data import SHARED_CT, TRAIN_SERIES, cache_dir, load_series
@@ -97,7 +98,12 @@ def sample_batch(
             # local mean, so the model sees noise levels below those of the training series.
             lo, hi = config["scale_range"]
             k = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-            smooth = gaussian_filter(target, float(config["scale_sigma"]), mode="nearest")
+            if config.get("scale_reference", "gaussian") == "tv":
+                # edge-preserving: anatomy keeps its contrast, only noise and texture shrink
+                weight = float(config["tv_weight"])
+                smooth = denoise_tv_chambolle(target / 1000.0, weight=weight) * 1000.0
+            else:
+                smooth = gaussian_filter(target, float(config["scale_sigma"]), mode="nearest")
             inp = np.where(mask, smooth + k * (inp - smooth), FILL_HU).astype(np.float32)
             target = np.where(mask, smooth + k * (target - smooth), FILL_HU).astype(np.float32)
         k = int(rng.integers(4))
@@ -172,6 +178,10 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
     print(f"data ready in {prep_s:.0f} s", flush=True)
 
     model = build(config.get("model"))
+    if config.get("init_from"):
+        init = cache_dir() / "checkpoints" / config["init_from"] / "best.pt"
+        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=False)["model"])
+        print(f"initialised from {init}", flush=True)
     print(f"model: {parameter_count(model)} parameters", flush=True)
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"])
@@ -267,10 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="wall-clock budget for the training loop (default: config)",
     )
+    parser.add_argument(
+        "--stage", type=int, default=None, help="run only this stage (1-based) of the config"
+    )
     args = parser.parse_args(argv)
-    config = json.loads(args.config.read_text())
+    raw = json.loads(args.config.read_text())
     command = "python -m models.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    train(config, args.minutes, command)
+    stages = raw.pop("stages", [{}])
+    chosen = range(len(stages)) if args.stage is None else [args.stage - 1]
+    for i in chosen:
+        config = {**raw, **stages[i], "stage": i + 1}
+        print(f"stage {i + 1}/{len(stages)}: {config['run_name']}", flush=True)
+        train(config, args.minutes, command)
     return 0
 
 

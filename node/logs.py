@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -53,3 +54,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # pynetdicom logs whole datasets at DEBUG and peer details at INFO: keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom quotes the value it finds invalid (a birth date written 1943-11-17, a name
+    # where a UID belongs) in a log line and a warning: neither may reach the log.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

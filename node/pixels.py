@@ -36,8 +36,9 @@ class PixelCodec:
         for keyword in ("Rows", "Columns", "BitsStored", "PixelRepresentation"):
             if keyword not in ds:
                 raise ValueError(f"missing {keyword}: cannot interpret the pixel data")
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        # Absent (or empty) means identity; a present zero slope is invalid, not 1.
+        slope = _float_or(ds.get("RescaleSlope"), 1.0)
+        intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
         if slope <= 0 or not np.isfinite(slope) or not np.isfinite(intercept):
             raise ValueError(f"invalid rescale slope/intercept {slope}/{intercept}")
         return cls(
@@ -87,6 +88,12 @@ def model_input(hu: np.ndarray, keep: np.ndarray) -> np.ndarray:
 def blend(original_hu: np.ndarray, denoised_hu: np.ndarray, strength: float) -> np.ndarray:
     """``original + strength * (denoised - original)``: strength 0 is the input, 1 the model."""
     return original_hu + np.float32(strength) * (denoised_hu - original_hu)
+
+
+def _float_or(value: object, default: float) -> float:
+    if value is None or value == "":
+        return default
+    return float(value)  # type: ignore[arg-type]
 
 
 def _int_or_none(value: object) -> int | None:

@@ -88,6 +88,21 @@ class Refused(Exception):
         self.comment = comment
 
 
+class _HandshakeInAssociation(ssl.SSLContext):
+    """A server context whose TLS handshake runs in the association's thread.
+
+    pynetdicom wraps each accepted socket in its single accept loop; with Python's
+    default handshake-on-connect, one caller that connects and stays silent would hold
+    up every other TLS caller.  OpenSSL then handshakes on the first read instead.
+    """
+
+    def wrap_socket(  # type: ignore[override]
+        self, sock: Any, *args: Any, **kwargs: Any
+    ) -> ssl.SSLSocket:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 class Receiver:
     """A non-blocking C-ECHO/C-STORE SCP on ``settings.bind_address:port``."""
 
@@ -158,11 +173,11 @@ class Receiver:
     def _tls_context(self) -> ssl.SSLContext:
         """A server context with the node's certificate; mutual TLS checks the callers' CA."""
         settings = self.ctx.settings
-        context = ssl.create_default_context(
-            ssl.Purpose.CLIENT_AUTH,
-            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-        )
+        context = _HandshakeInAssociation(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+        if settings.tls_ca_file is not None:
+            context.load_verify_locations(cafile=str(settings.tls_ca_file))
         if settings.tls_require_client_cert:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
@@ -203,7 +218,9 @@ class Receiver:
             extra={"calling_ae": _shown(calling_ae), "peer_address": address},
         )
         # Rejected permanent, by the service user: the caller should not try again as is.
+        # As pynetdicom does for its own rejections: wait until the peer has the A-ASSOCIATE-RJ.
         event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        event.assoc.kill()
 
     def handle_echo(self, event: Event) -> int:
         """C-ECHO: always success while the receiver runs."""
@@ -227,7 +244,7 @@ class Receiver:
                 "C-STORE failed unexpectedly",
                 extra={
                     "calling_ae": calling_ae,
-                    "sop_uid": _shown(event.request.AffectedSOPInstanceUID),
+                    "sop_uid": _shown_uid(event.request.AffectedSOPInstanceUID),
                 },
             )
             return _status(HANDLER_FAILED, "internal error in the receiver, see its log")
@@ -252,7 +269,7 @@ class Receiver:
         """Spool and record one instance; returns the outcome, or raises Refused."""
         received = Path(event.dataset_path)
         request_uid = str(event.request.AffectedSOPInstanceUID or "")
-        extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": _shown(request_uid)}
+        extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": _shown_uid(request_uid)}
         spool = self.ctx.spool
         try:
             spool.check_room(received.stat().st_size)
@@ -368,7 +385,7 @@ def _checked_uids(ds: Dataset, event: Event, extra: dict[str, Any]) -> dict[str,
             log.warning(
                 "C-STORE refused: %s %s is missing or not a valid UID",
                 keyword,
-                _shown(value),
+                _shown_uid(value),
                 extra=extra,
             )
             raise Refused(CANNOT_UNDERSTAND, f"invalid or missing {keyword}")
@@ -414,6 +431,12 @@ def _status(status: int, comment: str | None = None) -> Dataset:
 
 def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
+
+
+def _shown_uid(value: object) -> str:
+    """A received UID made safe to log: an invalid one may hold anything, a name included."""
+    text = str(value or "")
+    return text if valid_uid(text) else f"({len(text)} characters, not a UID)"
 
 
 def _shown(value: object) -> str:

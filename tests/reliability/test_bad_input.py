@@ -22,6 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from node.jobs import JobState
 from node.phantom import PhantomSpec, write_phantom_series
@@ -44,7 +45,7 @@ REFUSED = {CANNOT_UNDERSTAND, DECODE_FAILED, DATASET_MISMATCH}
 
 def phantom(folder: Path, seed: int, slices: int = 6, size: int = 64, **spec) -> list[Path]:
     return write_phantom_series(
-        folder / f"input-{seed}",
+        folder / f"input-{seed}-{size}",
         PhantomSpec(slices=slices, size=size, seed=seed, series_description=f"Bad {seed}", **spec),
     )
 
@@ -87,7 +88,10 @@ def test_truncated_files(node_factory, tmp_path: Path, db_url: str) -> None:
 #: case → (change to every slice of a 6-slice series, words the job's error must hold)
 CANNOT_DENOISE = {
     "short-pixels": (lambda ds: setattr(ds, "PixelData", b"\0" * 100), ["pixel data"]),
-    "long-pixels": (lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), ["pixel data"]),
+    "two-frames-of-pixels": (
+        lambda ds: setattr(ds, "PixelData", ds.PixelData * 2),
+        ["does not match 1 frame(s) of 64 x 64"],
+    ),
     "no-rows": (lambda ds: delattr(ds, "Rows"), ["has no Rows"]),
     "no-columns": (lambda ds: delattr(ds, "Columns"), ["has no Columns"]),
     "no-bits-stored": (lambda ds: delattr(ds, "BitsStored"), ["BitsStored"]),
@@ -146,10 +150,11 @@ def test_unsupported_transfer_syntax_and_sop_class_are_refused_at_negotiation(
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage, [ExplicitVRBigEndian, JPEGBaseline8Bit])
     ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(Verification)  # so the association opens and can be looked at
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DENOISE")
-    assert assoc.is_established  # the association itself is fine (Verification-less too)
+    assert assoc.is_established
     try:
-        assert assoc.accepted_contexts == []
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]
         refused = {cx.abstract_syntax for cx in assoc.rejected_contexts}
         assert refused == {CTImageStorage, MRImageStorage}
         mr = phantom(tmp_path, 6, slices=1)[0]
