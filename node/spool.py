@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -78,12 +79,21 @@ class Spool:
     def remove(self, relative: str) -> None:
         self.path(relative).unlink(missing_ok=True)
 
-    def remove_partials(self) -> int:
-        """Delete temporary files a crash left behind; they were never acknowledged."""
+    def remove_partials(self, older_than: float = 600.0) -> int:
+        """Delete temporary files a crash left behind; they were never acknowledged.
+
+        Only files untouched for ``older_than`` seconds: another process (a worker
+        sharing the spool) may be writing a fresh one right now.
+        """
+        cutoff = time.time() - older_than
         removed = 0
         for partial in self.root.rglob(f"*{TMP_SUFFIX}"):
-            partial.unlink(missing_ok=True)
-            removed += 1
+            try:
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
         return removed
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -269,14 +270,20 @@ def test_database_failure_is_a_failure_status(
     assert not list(ctx.spool.root.rglob(f"*{TMP_SUFFIX}"))
 
 
-def test_start_removes_partial_files(ctx: NodeContext) -> None:
-    partial = ctx.spool.root / "incoming" / "20260101" / f"abc.dcm.1{TMP_SUFFIX}"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"half an instance")
+def test_start_removes_stale_partial_files_but_not_a_live_writers(ctx: NodeContext) -> None:
+    stale = ctx.spool.root / "incoming" / "20260101" / f"abc.dcm.1{TMP_SUFFIX}"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half an instance")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    fresh = ctx.spool.root / "derived" / "7" / f"00001.dcm.2{TMP_SUFFIX}"
+    fresh.parent.mkdir(parents=True)
+    fresh.write_bytes(b"a worker is writing this right now")
     running = Receiver(ctx)
     running.start()
     running.stop()
-    assert not partial.exists()
+    assert not stale.exists()
+    assert fresh.exists()
 
 
 def test_own_output_is_flagged_but_a_phantom_maker_is_not(phantom_series: list[Path]) -> None:

@@ -28,7 +28,7 @@ from node.jobs import JobState
 from node.phantom import PhantomSpec, write_phantom_series
 from node.receiver import CANNOT_UNDERSTAND, DATASET_MISMATCH, DECODE_FAILED
 from tests.fixtures.dicom import storescu
-from tests.reliability.conftest import (
+from tests.reliability.checks import (
     count_instances,
     good_series_goes_through,
     send_raw,

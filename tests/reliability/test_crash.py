@@ -25,7 +25,7 @@ from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from tests.fixtures.dicom import storescu
 from tests.fixtures.onnx_models import write_mean_filter_model
-from tests.reliability.conftest import (
+from tests.reliability.checks import (
     StorescuRun,
     assert_in_spool,
     assert_no_partial_taken,

@@ -27,7 +27,7 @@ from node.spool import TMP_SUFFIX
 from node.tools import free_port
 from tests.fixtures.dicom import storescu
 from tests.fixtures.node import echo
-from tests.reliability.conftest import (
+from tests.reliability.checks import (
     assert_in_spool,
     assert_series_delivered_once,
     count_instances,

@@ -30,7 +30,7 @@ from node.jobs.tables import Instance
 from node.phantom import PhantomSpec, write_phantom_series
 from node.receiver import HANDLER_FAILED
 from tests.fixtures.node import echo
-from tests.reliability.conftest import assert_in_spool, count_instances, send_raw
+from tests.reliability.checks import assert_in_spool, count_instances, send_raw
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 

@@ -19,7 +19,7 @@ from node.jobs import JobState
 from node.jobs.tables import Instance
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
-from tests.reliability.conftest import StorescuRun, pacs, series_uid
+from tests.reliability.checks import StorescuRun, pacs, series_uid
 
 SCANNERS = 8
 SLICES = 300

@@ -25,7 +25,7 @@ from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.tools import dcmtk_tool, free_port
 from tests.fixtures.dicom import DCMTK_ENV, STORE_STATUS, storescu, storescu_profile
-from tests.reliability.conftest import (
+from tests.reliability.checks import (
     count_instances,
     pacs,
     send_raw,
