@@ -199,7 +199,7 @@ def benchmark(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     options = common.parser(
         __doc__.splitlines()[0],
-        full_slices=60,
+        full_slices=50,
         model_help="ONNX model (default: a 5x5 mean filter, to measure the node, not the CNN)",
     )
     options.add_argument("--series", type=int, help="queued series (default 16, 2 with --quick)")

@@ -3,7 +3,7 @@
 Why this shape: the node must denoise a 512x512 slice in <= 0.3 s on two CPU cores.  A
 pixel-unshuffle (space-to-depth) by 2 first moves the work to 256x256, and a three-level
 U-Net (24/48/96 channels) does most of it at 1/4 and 1/8 resolution, about 4.5 GMAC per
-512x512 slice and ~0.4 M parameters.  The network predicts the noise (residual) in HU and
+512x512 slice and 0.35 M parameters.  The network predicts the noise (residual) in HU and
 subtracts it, so full-dose input is left almost unchanged; its last layer starts at zero so an
 untrained network is the identity.
 
