@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -24,13 +23,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import onnxruntime as ort
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
-from node import db
 from node.phantom import PhantomSpec, write_phantom_series
 from node.tools import dcmtk_tool, free_port
+from tests.fixtures.databases import DatabaseUnavailable, temporary_database
 from tests.fixtures.dicom import DCMTK_ENV
 from tests.fixtures.node import NodeProcess, write_config
 from tests.fixtures.onnx_models import write_mean_filter_model
@@ -41,9 +37,6 @@ CACHE = (
 SIZE = 512
 FULL_SLICES = 300
 QUICK_SLICES = 12
-POSTGRES_URL = os.environ.get(
-    "DENOISE_NODE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 T = TypeVar("T")
@@ -125,32 +118,12 @@ def storescu(port: int, paths: Sequence[Path], called_ae: str) -> float:
 
 @contextmanager
 def database(backend: str, folder: Path, template: str | None = None) -> Iterator[str]:
-    """A migrated job table: an SQLite file in ``folder``, or a fresh PostgreSQL database
-    (a copy of the database of the URL ``template`` when given), dropped afterwards."""
-    if backend == "sqlite":
-        url = f"sqlite:///{folder / 'node.db'}"
-        db.upgrade(url)
-        yield url
-        return
-    admin_url = make_url(POSTGRES_URL)
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
+    """A throw-away migrated job table (see tests.fixtures.databases); CannotRun without one."""
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"{copy}'))
-    except SQLAlchemyError as exc:
-        admin.dispose()
-        raise CannotRun(f"PostgreSQL at {POSTGRES_URL} is not usable: {exc}") from exc
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
-    try:
-        if template is None:
-            db.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        with temporary_database(backend, folder, template, prefix="bench") as url:
+            yield url
+    except DatabaseUnavailable as exc:
+        raise CannotRun(str(exc)) from exc
 
 
 @contextmanager

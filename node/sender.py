@@ -24,12 +24,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
-from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Destination
 from node.context import NodeContext
 from node.jobs.manager import LostClaim
 from node.jobs.tables import DerivedInstance, Job
+from node.service import poll_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,7 @@ class Sender:
         recorded stays claimed and is taken again once its heartbeat is stale.
         """
         self._stop = stop
-        while not stop.is_set():
-            try:
-                sent = self.run_once()
-            except SQLAlchemyError as exc:
-                log.warning("job table unreachable, retrying: %s", exc.__class__.__name__)
-                sent = False
-            if not sent:
-                stop.wait(self.settings.poll_seconds)
+        poll_until_stopped(stop, self.run_once, self.settings.poll_seconds, "send")
 
     def run_once(self) -> bool:
         """Claim one job in ``sending`` and deliver it; False when there was none."""

@@ -33,6 +33,29 @@ def parse_roles(text: str) -> list[str]:
     return list(dict.fromkeys(roles))
 
 
+def poll_until_stopped(
+    stop: threading.Event, step: Callable[[], bool], poll_seconds: float, role: str
+) -> None:
+    """Run ``step`` until ``stop``, pausing after a step that found nothing to do.
+
+    A job table outage is logged and waited out, never fatal: the role resumes by itself
+    when the database returns.
+    """
+    while not stop.is_set():
+        try:
+            busy = step()
+        except SQLAlchemyError as exc:
+            log.warning(
+                "%s: job table unreachable, retrying: %s",
+                role,
+                exc.__class__.__name__,
+                extra={"role": role},
+            )
+            busy = False
+        if not busy:
+            stop.wait(poll_seconds)
+
+
 def _role_loops(ctx: NodeContext, roles: list[str]) -> dict[str, Callable[[threading.Event], None]]:
     loops: dict[str, Callable[[threading.Event], None]] = {}
     if "receive" in roles:

@@ -12,12 +12,11 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from node.context import NodeContext
 from node.db import utcnow
 from node.jobs.manager import NewJob
 from node.rules import select_series
+from node.service import poll_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +81,6 @@ class SeriesSettler:
 
     def run(self, stop: threading.Event) -> None:
         """Settle every ``poll_seconds`` until ``stop``; a database outage is waited out."""
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except SQLAlchemyError as exc:
-                log.warning("job table unreachable, settling postponed: %s", exc.__class__.__name__)
-            stop.wait(self.ctx.settings.poll_seconds)
+        poll_until_stopped(
+            stop, lambda: bool(self.run_once()), self.ctx.settings.poll_seconds, "settle"
+        )

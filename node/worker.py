@@ -28,6 +28,7 @@ from node.jobs.manager import LostClaim
 from node.jobs.states import JobState
 from node.jobs.tables import Job
 from node.pipeline import BadInput, SeriesResult, denoise_series
+from node.service import poll_until_stopped
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,17 @@ class Worker:
         )
         log.info("worker %s started", self.name, extra={"worker": self.name})
         last_beat = time.monotonic()
+
+        def step() -> bool:
+            nonlocal last_beat
+            self.manager.requeue_stalled(self.settings.stale_after_seconds)
+            if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
+                self.manager.worker_heartbeat(self.name, self.provider)
+                last_beat = time.monotonic()
+            return self.run_once()
+
         try:
-            while not stop.is_set():
-                try:
-                    self.manager.requeue_stalled(self.settings.stale_after_seconds)
-                    if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
-                        self.manager.worker_heartbeat(self.name, self.provider)
-                        last_beat = time.monotonic()
-                    worked = self.run_once()
-                except SQLAlchemyError as exc:
-                    log.warning("job table unreachable, retrying: %s", exc.__class__.__name__)
-                    worked = False
-                if not worked:
-                    stop.wait(self.settings.poll_seconds)
+            poll_until_stopped(stop, step, self.settings.poll_seconds, "work")
         finally:
             self.manager.worker_stopped(self.name)
             log.info("worker %s stopped", self.name, extra={"worker": self.name})

@@ -6,18 +6,14 @@ Every test that touches the database runs twice, once per backend, through the
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from node import db
 from node.jobs import JobManager
-from node.tools import free_port  # noqa: F401 - re-exported for tests
+from tests.fixtures.databases import DatabaseUnavailable, temporary_database
 
 pytest_plugins = [
     "tests.fixtures.dicom",
@@ -27,37 +23,17 @@ pytest_plugins = [
     "tests.fixtures.admin",
 ]
 
-POSTGRES_URL = os.environ.get(
-    "DENOISE_NODE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty job table database: SQLite file or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'node.db'}"
-        db.upgrade(url)
-        yield url
-        return
-    admin_url = make_url(POSTGRES_URL)
-    name = f"denoise_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001 - report why PostgreSQL is unusable
-        admin.dispose()
-        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not usable: {exc}")
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
-    try:
-        db.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        with temporary_database(request.param, tmp_path) as url:
+            yield url
+    except DatabaseUnavailable as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture

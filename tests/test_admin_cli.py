@@ -15,9 +15,9 @@ from node.admin import parse_since
 from node.cli import main
 from node.db import utcnow
 from node.jobs.manager import InstanceRecord
+from node.tools import free_port
 from node.web.auth import verify_password
 from node.web.preview import preview_png
-from tests.conftest import free_port
 from tests.fixtures.admin import CT_IMAGE_STORAGE, AdminNode
 from tests.fixtures.node import write_config
 

@@ -17,8 +17,8 @@ from urllib.request import urlopen
 import pytest
 from PIL import Image
 
+from node.tools import free_port
 from node.web import serve_web
-from tests.conftest import free_port
 from tests.fixtures.admin import AdminNode, receive_series, settle
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")

@@ -12,41 +12,15 @@ from node import db
 from node.db import SchemaOutOfDate, utcnow
 from node.jobs import JobManager, JobState, TransitionError
 from node.jobs.manager import InstanceRecord, LostClaim, NewJob, RecordOutcome
+from tests.fixtures.jobs import instance_record, settle_series
 
 
 def record(sop: str, series: str = "1.2.3.4", sha: str = "a" * 64) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=sop,
-        series_instance_uid=series,
-        study_instance_uid="1.2.3",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        spool_path=f"incoming/x/{sop}.dcm",
-        sha256=sha,
-        size_bytes=100,
-        header={"Modality": "CT"},
-        calling_ae_title="SCANNER",
-        peer_address="127.0.0.1",
-    )
+    return instance_record(sop, series, sha256=sha)
 
 
 def settle(manager: JobManager, series: str = "1.2.3.4", skip: str | None = None) -> int:
-    (row,) = [s for s in manager.settled_series(utcnow()) if s.series_instance_uid == series]
-    job_id = manager.create_job(
-        NewJob(
-            series_instance_uid=series,
-            study_instance_uid=row.study_instance_uid,
-            calling_ae_title=row.calling_ae_title,
-            settled_through=row.last_received_at,
-            instance_count=row.instance_count,
-            rule="default",
-            strength=1.0,
-            destinations=["pacs"],
-            skip_reason=skip,
-        )
-    )
-    assert job_id is not None
-    return job_id
+    return settle_series(manager, series, skip)
 
 
 def states(manager: JobManager, job_id: int) -> list[tuple[str | None, str | None]]:

@@ -30,7 +30,7 @@ from node.receiver import (
     selection_header,
 )
 from node.spool import TMP_SUFFIX
-from tests.conftest import free_port
+from node.tools import free_port
 from tests.fixtures.dicom import COMPRESSORS, DCMTK_ENV, CompressedCopy, dcmtk_tool, storescu
 
 PATIENT_KEYS = {"PatientName", "PatientID", "PatientBirthDate"}

@@ -29,7 +29,7 @@ from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
 from node.spool import Spool
-from tests.conftest import free_port
+from node.tools import free_port
 
 SLICES = 5
 HOLDER = "test-worker"

@@ -20,7 +20,7 @@ from node.jobs import JobState
 from node.jobs.manager import InstanceRecord
 from node.receiver import Receiver
 from node.settler import SeriesSettler
-from tests.conftest import free_port
+from node.tools import free_port
 from tests.fixtures.dicom import storescu
 
 SETTLE = 0.5

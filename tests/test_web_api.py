@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from node.config import WebUser
+from node.tools import free_port
 from node.web import create_app, serve_web
 from node.web.auth import hash_password, verify_password
-from tests.conftest import free_port
 from tests.fixtures.admin import SLICES, AdminNode
 
 LOCAL = "http://127.0.0.1:8080"
