@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,13 @@ from pynetdicom import AE, evt
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
-from node.jobs.manager import POSTPONED, InstanceRecord, NewJob
+from node.jobs.manager import POSTPONED, InstanceRecord
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
 from node.spool import Spool
 from node.tools import free_port
+from tests.fixtures.jobs import settle_series
 
 SLICES = 5
 HOLDER = "test-worker"
@@ -95,20 +95,9 @@ def make_sending_job(
                 peer_address="127.0.0.1",
             )
         )
-    (series,) = manager.settled_series(quiet_since=datetime(9999, 1, 1))
-    job_id = manager.create_job(
-        NewJob(
-            series_instance_uid=series.series_instance_uid,
-            study_instance_uid=series.study_instance_uid,
-            calling_ae_title=series.calling_ae_title,
-            settled_through=series.last_received_at,
-            instance_count=SLICES,
-            rule="default",
-            strength=1.0,
-            destinations=destinations,
-        )
-    )
-    assert job_id is not None
+    series_uid = dcmread(sources[0], stop_before_pixels=True).SeriesInstanceUID
+    job_id = settle_series(manager, series_uid, destinations=tuple(destinations))
+    study_uid = manager.get_job(job_id).study_instance_uid
     job = manager.claim_next_job(HOLDER)
     assert job is not None and job.id == job_id
     derived = write_phantom_series(
@@ -117,7 +106,7 @@ def make_sending_job(
             slices=SLICES,
             size=32,
             seed=seed,
-            study_uid=series.study_instance_uid,
+            study_uid=study_uid,
             series_description="Phantom [denoised]",
             image_type=("DERIVED", "SECONDARY", "AXIAL"),
         ),
