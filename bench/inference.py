@@ -27,8 +27,7 @@ from pydicom.dataset import Dataset
 from bench import common
 from node.config import Settings
 from node.denoise import Denoiser
-from node.derive import DerivationSpec
-from node.pipeline import SeriesResult, denoise_series
+from node.pipeline import SeriesResult, denoise_series, derivation_spec
 from node.spool import Spool
 
 BATCHES = (1, 4, 8)
@@ -66,14 +65,7 @@ def worker_path(model: Path, provider: str, batch: int, paths: Sequence[Path]) -
     denoiser = Denoiser(model, [provider], batch)
     denoiser.denoise(hu_pool(paths)[:batch])
     defaults = Settings()
-    spec = DerivationSpec(
-        model_name=denoiser.name,
-        model_version=denoiser.version,
-        strength=defaults.strength,
-        series_number_offset=defaults.series_number_offset,
-        description_suffix=defaults.series_description_suffix,
-        node_ae_title=defaults.ae_title,
-    )
+    spec = derivation_spec(defaults, denoiser, defaults.strength)
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as folder:
         spool = Spool(Path(folder))
 

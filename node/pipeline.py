@@ -278,6 +278,18 @@ def _check_same_series(item: _Slice, shape: tuple[int, ...], series_uid: str) ->
         )
 
 
+def derivation_spec(settings: Settings, denoiser: Denoiser, strength: float) -> DerivationSpec:
+    """How this node labels a series derived with ``denoiser`` at ``strength``."""
+    return DerivationSpec(
+        model_name=denoiser.name,
+        model_version=denoiser.version,
+        strength=strength,
+        series_number_offset=settings.series_number_offset,
+        description_suffix=settings.series_description_suffix,
+        node_ae_title=settings.ae_title,
+    )
+
+
 def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[SeriesResult]:
     """Denoise every CT series in ``in_dir`` into ``out_dir`` (``denoise-node denoise``).
 
@@ -289,14 +301,7 @@ def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[Seri
     if not series:
         raise BadInput(f"{in_dir} holds no CT image files")
     denoiser = Denoiser(settings.model_file, settings.providers, settings.batch_size)
-    spec = DerivationSpec(
-        model_name=denoiser.name,
-        model_version=denoiser.version,
-        strength=settings.strength,
-        series_number_offset=settings.series_number_offset,
-        description_suffix=settings.series_description_suffix,
-        node_ae_title=settings.ae_title,
-    )
+    spec = derivation_spec(settings, denoiser, settings.strength)
     results = []
     for sources in series.values():
         target = out_dir

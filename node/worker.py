@@ -23,11 +23,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.denoise import Denoiser, ModelError
-from node.derive import DerivationSpec
 from node.jobs.manager import LostClaim
 from node.jobs.states import JobState
 from node.jobs.tables import Job
-from node.pipeline import BadInput, SeriesResult, denoise_series
+from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
 from node.service import poll_until_stopped
 from node.spool import Spool
 
@@ -132,14 +131,7 @@ class Worker:
         instances = self.manager.series_instances(job.series_instance_uid)
         sources = [self.ctx.spool.path(instance.spool_path) for instance in instances]
         model = self._model
-        spec = DerivationSpec(
-            model_name=model.name,
-            model_version=model.version,
-            strength=job.strength,
-            series_number_offset=self.settings.series_number_offset,
-            description_suffix=self.settings.series_description_suffix,
-            node_ae_title=self.settings.ae_title,
-        )
+        spec = derivation_spec(self.settings, model, job.strength)
         written: list[tuple[str, str, str]] = []
 
         def write(index: int, ds: Dataset) -> None:
