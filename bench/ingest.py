@@ -3,7 +3,10 @@
 ``python -m bench.ingest [--quick] [--slices N] [--repeat N]``
 
 Each receiver starts fresh (empty folder, storage or database) for each run, and the
-runs are interleaved so that background load falls on all of them alike.  The node runs
+runs are interleaved so that background load falls on all of them alike.  Two floors are
+measured beside them: a bare pynetdicom SCP that stores nothing (what the node's DICOM
+library costs before the node does any work) and one fsync of a file of the series' size on
+the disk the benchmark writes to.  The node runs
 as ``denoise-node serve --roles receive`` with its durability on (fsync of every file
 and its folder, one job table row per instance) and a settle time so long that no job
 is created during the run.  The time is storescu's, from its start to its exit.
@@ -12,6 +15,7 @@ is created during the run.  The time is storescu's, from its start to its exit.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -22,8 +26,12 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage
+
 from bench import common
 from node.orthanc import OrthancServer
+from node.receiver import TRANSFER_SYNTAXES
 from node.tools import dcmtk_tool, free_port
 from tests.fixtures.dicom import DCMTK_ENV
 from tests.fixtures.node import echo
@@ -94,6 +102,44 @@ def orthanc(folder: Path) -> Iterator[Peer]:
         yield Peer(server.dicom_port, server.ae_title, server.count_instances, pid_of(config))
 
 
+@contextmanager
+def bare_pynetdicom(_folder: Path) -> Iterator[Peer]:
+    """A pynetdicom C-STORE SCP in this process that answers success and keeps nothing."""
+    stored = 0
+
+    def handle_store(_event: evt.Event) -> int:
+        nonlocal stored
+        stored += 1
+        return 0x0000
+
+    ae = AE(ae_title="BARE")
+    ae.maximum_pdu_size = 0
+    ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
+    )
+    try:
+        yield Peer(int(server.server_address[1]), "BARE", lambda: stored)
+    finally:
+        server.shutdown()
+
+
+def fsync_ms(folder: Path, size: int, repeat: int = 50) -> float:
+    """Median milliseconds to write and fsync one file of ``size`` bytes in ``folder``."""
+    data = os.urandom(size)
+    times = []
+    for i in range(repeat):
+        path = folder / f"fsync-{i}"
+        with open(path, "wb") as handle:
+            handle.write(data)
+            started = time.perf_counter()
+            handle.flush()
+            os.fsync(handle.fileno())
+            times.append(time.perf_counter() - started)
+        path.unlink()
+    return statistics.median(times) * 1000
+
+
 def pid_of(argument: bytes) -> int | None:
     """The process that has ``argument`` on its command line (Orthanc's configuration file)."""
     for entry in Path("/proc").iterdir():
@@ -144,6 +190,7 @@ def benchmark(args: argparse.Namespace) -> None:
     receivers: dict[str, Starter] = {
         "DCMTK storescp": storescp,
         "Orthanc": orthanc,
+        "bare pynetdicom SCP (stores nothing)": bare_pynetdicom,
         "node, SQLite": node("sqlite"),
         "node, PostgreSQL": node("postgresql"),
     }
@@ -177,6 +224,13 @@ def benchmark(args: argparse.Namespace) -> None:
         rows,
     )
     print()
+    with tempfile.TemporaryDirectory(prefix="bench-fsync-") as folder:
+        one_fsync = fsync_ms(Path(folder), round(size * 1e6 / count))
+    budget = 1000 / (0.7 * count / storescp_s)
+    common.note(
+        f"one fsync of a {size / count:.2f} MB file on this disk: {one_fsync:.2f} ms (median); "
+        f"0.7x storescp leaves {budget:.2f} ms per instance for everything"
+    )
     common.note("target: the node >= 0.7x storescp and >= 1.0x Orthanc")
     common.note(
         "storescp and Orthanc do not fsync; the node fsyncs each file and its folder and "

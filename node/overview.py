@@ -197,7 +197,7 @@ def worker_views(ctx: NodeContext) -> list[WorkerView]:
 
 def echo_destination(ctx: NodeContext, name: str, destination: Destination) -> DestinationCheck:
     """C-ECHO one destination with the node's own AE title, as the sender would associate."""
-    from node.sender import DeliveryError, Sender
+    from node.sender import DeliveryError, tls_client_args
 
     ae = AE(ae_title=ctx.settings.ae_title)
     ae.add_requested_context(Verification)
@@ -206,7 +206,7 @@ def echo_destination(ctx: NodeContext, name: str, destination: Destination) -> D
     started = monotonic()
     try:
         # The sender's TLS setup, so the check proves what sending needs.
-        tls_args = Sender(ctx)._tls_args(name, destination)
+        tls_args = tls_client_args(ctx.settings, name, destination)
         assoc = ae.associate(
             destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
         )

@@ -4,8 +4,9 @@ An instance is answered with success only once it is fsynced in the spool under 
 generated name and recorded in the job table; every other outcome is a specific
 failure status so that the sender keeps its copy and retries.  Received data is
 streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded
-here: the header is read without pixel data, which keeps the receiver fast and its
-memory flat however large the instance.
+here: it is copied into the spool and its header is read, without pixel data, while the
+copy is fsynced, which keeps the receiver fast and its memory flat however large the
+instance.
 """
 
 from __future__ import annotations
@@ -277,17 +278,23 @@ class Receiver:
             log.warning("C-STORE refused: %s", exc, extra=extra)
             raise Refused(SPOOL_FULL, "node spool is full") from exc
 
-        ds, header = _read_header(received, extra)
-        uids = _checked_uids(ds, event, extra)
-        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
+        parsed: dict[str, Any] = {}
+
+        def read_header() -> None:
+            ds, parsed["header"] = _read_header(received, extra)
+            parsed["uids"] = _checked_uids(ds, event, extra)
 
         relative = spool.new_incoming()
         digest = hashlib.sha256()
         try:
-            spool.write_atomic(relative, lambda out: _copy_hashing(received, out, digest))
+            final = spool.write_atomic(
+                relative, lambda out: _copy_hashing(received, out, digest), read_header
+            )
         except OSError as exc:
             log.error("C-STORE refused: cannot write the spool: %s", exc, extra=extra)
             raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
+        uids, header = parsed["uids"], parsed["header"]
+        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
 
         record = InstanceRecord(
             sop_instance_uid=uids["SOPInstanceUID"],
@@ -297,7 +304,7 @@ class Receiver:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             spool_path=relative,
             sha256=digest.hexdigest(),
-            size_bytes=spool.path(relative).stat().st_size,
+            size_bytes=final.stat().st_size,
             header=header,
             calling_ae_title=calling_ae,
             peer_address=str(event.assoc.requestor.address),

@@ -25,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from node.config import Destination
+from node.config import Destination, Settings
 from node.context import NodeContext
 from node.jobs.manager import LostClaim
 from node.jobs.tables import DerivedInstance, Job
@@ -47,6 +47,26 @@ class DeliveryError(Exception):
 
 class Stopping(Exception):
     """The process is shutting down: give the job back between two instances."""
+
+
+def tls_client_args(
+    settings: Settings, name: str, destination: Destination
+) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``destination``: a verifying client context with the
+    configured CA (or the system's) and the node's certificate if it has one; None without TLS.
+    """
+    if not destination.tls:
+        return None
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH,
+            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        )
+        if settings.tls_cert_file is not None:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(name, f"TLS setup failed: {exc}", retryable=False) from exc
+    return context, destination.host
 
 
 def is_retryable_status(code: int) -> bool:
@@ -190,7 +210,7 @@ class Sender:
             destination.port,
             ae_title=destination.ae_title,
             max_pdu=self.settings.max_pdu_size,
-            tls_args=self._tls_args(name, destination),
+            tls_args=tls_client_args(self.settings, name, destination),
         )
         if not assoc.is_established:
             # pynetdicom reports a refused connection as an abort: one message for both.
@@ -206,22 +226,6 @@ class Sender:
                 name, f"{peer} refused the CT Image Storage SOP class", retryable=False
             )
         return assoc
-
-    def _tls_args(self, name: str, destination: Destination) -> tuple[ssl.SSLContext, str] | None:
-        """A verifying client context: the configured CA (or the system's), optional cert."""
-        if not destination.tls:
-            return None
-        settings = self.settings
-        try:
-            context = ssl.create_default_context(
-                ssl.Purpose.SERVER_AUTH,
-                cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-            )
-            if settings.tls_cert_file is not None:
-                context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise DeliveryError(name, f"TLS setup failed: {exc}", retryable=False) from exc
-        return context, destination.host
 
     def _store_all(
         self,

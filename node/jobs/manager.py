@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import utcnow
@@ -88,23 +87,22 @@ class JobManager:
         harmless resend, different content keeps the first copy and is reported.
         """
         now = utcnow()
-        try:
-            with self._sessions.begin() as session:
-                existing = session.scalar(
-                    select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
-                )
-                if existing is not None:
-                    return self._duplicate(session, existing, record, now)
-                session.add(Instance(**record.__dict__, received_at=now))
-                session.execute(self._upsert_series(session, record, now))
-                return RecordOutcome.NEW, record.spool_path
-        except IntegrityError:
-            # Another association recorded the same SOP Instance UID a moment earlier.
-            with self._sessions.begin() as session:
+        with self._sessions.begin() as session:
+            # One INSERT that yields to an existing row: no read first, no ORM flush; a
+            # concurrent association that stored the same UID a moment earlier wins cleanly.
+            insert = _dialect(session).insert(Instance)
+            inserted = session.execute(
+                insert.values(**record.__dict__, received_at=now)
+                .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+                .returning(Instance.id)
+            ).scalar()
+            if inserted is None:
                 existing = session.scalars(
                     select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
                 ).one()
                 return self._duplicate(session, existing, record, now)
+            session.execute(self._upsert_series(session, record, now))
+            return RecordOutcome.NEW, record.spool_path
 
     def _duplicate(
         self, session: Session, existing: Instance, record: InstanceRecord, now: datetime
@@ -133,14 +131,17 @@ class JobManager:
 
     @staticmethod
     def _upsert_series(session: Session, record: InstanceRecord, now: datetime) -> Any:
-        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(Series).values(
-            series_instance_uid=record.series_instance_uid,
-            study_instance_uid=record.study_instance_uid,
-            calling_ae_title=record.calling_ae_title,
-            instance_count=1,
-            first_received_at=now,
-            last_received_at=now,
+        statement = (
+            _dialect(session)
+            .insert(Series)
+            .values(
+                series_instance_uid=record.series_instance_uid,
+                study_instance_uid=record.study_instance_uid,
+                calling_ae_title=record.calling_ae_title,
+                instance_count=1,
+                first_received_at=now,
+                last_received_at=now,
+            )
         )
         return statement.on_conflict_do_update(
             index_elements=[Series.series_instance_uid],
@@ -865,3 +866,8 @@ class JobManager:
                     message=message,
                 )
             )
+
+
+def _dialect(session: Session) -> Any:
+    """The dialect module whose ``insert`` has ON CONFLICT (PostgreSQL or SQLite)."""
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
