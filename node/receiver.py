@@ -4,9 +4,8 @@ An instance is answered with success only once it is fsynced in the spool under 
 generated name and recorded in the job table; every other outcome is a specific
 failure status so that the sender keeps its copy and retries.  Received data is
 streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded
-here: it is copied into the spool and its header is read, without pixel data, while the
-copy is fsynced, which keeps the receiver fast and its memory flat however large the
-instance.
+here: the header is read without pixel data, which keeps the receiver fast and its
+memory flat however large the instance.
 """
 
 from __future__ import annotations
@@ -278,23 +277,17 @@ class Receiver:
             log.warning("C-STORE refused: %s", exc, extra=extra)
             raise Refused(SPOOL_FULL, "node spool is full") from exc
 
-        parsed: dict[str, Any] = {}
-
-        def read_header() -> None:
-            ds, parsed["header"] = _read_header(received, extra)
-            parsed["uids"] = _checked_uids(ds, event, extra)
+        ds, header = _read_header(received, extra)
+        uids = _checked_uids(ds, event, extra)
+        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
 
         relative = spool.new_incoming()
         digest = hashlib.sha256()
         try:
-            final = spool.write_atomic(
-                relative, lambda out: _copy_hashing(received, out, digest), read_header
-            )
+            spool.write_atomic(relative, lambda out: _copy_hashing(received, out, digest))
         except OSError as exc:
             log.error("C-STORE refused: cannot write the spool: %s", exc, extra=extra)
             raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
-        uids, header = parsed["uids"], parsed["header"]
-        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
 
         record = InstanceRecord(
             sop_instance_uid=uids["SOPInstanceUID"],
@@ -304,7 +297,7 @@ class Receiver:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             spool_path=relative,
             sha256=digest.hexdigest(),
-            size_bytes=final.stat().st_size,
+            size_bytes=spool.path(relative).stat().st_size,
             header=header,
             calling_ae_title=calling_ae,
             peer_address=str(event.assoc.requestor.address),

@@ -11,15 +11,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from node.db import utcnow
 
 TMP_SUFFIX = ".partial"
-#: Threads that fsync files while their writers go on with other work.
-SYNC_THREADS = 4
 
 
 class SpoolFull(Exception):
@@ -33,7 +30,6 @@ class Spool:
         self.root = root.resolve()
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.root.mkdir(parents=True, exist_ok=True)
-        self._syncing = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="spool-fsync")
 
     def new_incoming(self) -> str:
         """A fresh relative path for a received instance (date folder, random name)."""
@@ -63,18 +59,8 @@ class Spool:
                 "spool_min_free_mb"
             )
 
-    def write_atomic(
-        self,
-        relative: str,
-        write: Callable[[BinaryIO], None],
-        while_syncing: Callable[[], None] | None = None,
-    ) -> Path:
-        """Write a file durably: temporary name, fsync, rename, fsync of the folder.
-
-        ``while_syncing`` runs in the caller's thread while the file is being fsynced (the
-        receiver reads the header then); if it raises, the file is removed and nothing is
-        renamed into place.
-        """
+    def write_atomic(self, relative: str, write: Callable[[BinaryIO], None]) -> Path:
+        """Write a file durably: temporary name, fsync, rename, fsync of the folder."""
         final = self.path(relative)
         final.parent.mkdir(parents=True, exist_ok=True)
         temporary = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -82,12 +68,7 @@ class Spool:
             with open(temporary, "wb") as handle:
                 write(handle)
                 handle.flush()
-                synced = self._syncing.submit(os.fsync, handle.fileno())
-                try:
-                    if while_syncing is not None:
-                        while_syncing()
-                finally:
-                    synced.result()
+                os.fsync(handle.fileno())
             os.replace(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)
