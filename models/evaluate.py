@@ -23,9 +23,11 @@ Regions, found automatically in the full-dose image so that any series works:
 - detectability: 5 mm, 10 HU discs added to the full-dose slice before the low-dose simulation,
   centred in 24 px uniform squares (from the slices richest in them, any slice of the series);
   half the positions carry a disc in each noise realisation.  A channelized Hotelling observer
-  (6 Laguerre-Gauss channels) reads 32 px ROIs; it knows the background (the full-dose ROI is
-  subtracted, identical for both classes), so it measures how noise and the method hide the
-  disc.  d' is the figure compared (AUC saturates at 1 for an easy task).
+  (6 Laguerre-Gauss channels) reads 32 px ROIs; it knows the background, the quadratic surface
+  fitted to the full-dose ROI (identical for both classes), and faces all the noise in the
+  image, the full-dose grain included, as a reader does.  (Subtracting the full-dose ROI
+  itself would hide the full-dose grain from the input's reader while charging a denoiser
+  for removing it.)  d' is the figure compared (AUC saturates at 1 for an easy task).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from models.data import (
     cache_dir,
     load_series,
 )
-from models.simulate import SIM_VERSION, series_calibration, simulate_low_dose
+from models.simulate import SIM_VERSION, series_calibration
 from node.pixels import blend, model_input
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "ct_denoise.onnx"
@@ -71,7 +73,7 @@ EDGE_PX = 24
 DISC_DIAMETER_MM = 5.0
 DISC_CONTRAST_HU = 10.0
 #: A disc goes where a square of this size (about two disc diameters) is uniform; the rest
-#: of its ROI_PX ROI need not be, since the observer subtracts the known background.
+#: of its ROI_PX ROI need not be.
 CHO_UNIFORM_PX = 24
 #: Simulated slices per dose and series for the observer, at most (about 1 s each).
 CHO_SIMULATIONS = 100
@@ -394,14 +396,12 @@ def simulate_slices(series: CTSeries, indices: list[int], dose: float, seed: int
     def make() -> np.ndarray:
         return np.stack(
             [
-                simulate_low_dose(
+                cal.simulate(
                     series.hu[i],
                     series.keep[i],
                     dose,
-                    cal.photons,
                     np.random.default_rng([seed, int(round(dose * 1000)), i]),
-                    pixel_mm=series.pixel_mm,
-                    noise_filter=cal.noise_filter,
+                    series.pixel_mm,
                 )
                 for i in indices
             ]
@@ -439,17 +439,7 @@ def cho_set(
                     centre = (y + (ROI_PX - 1) / 2, x + (ROI_PX - 1) / 2)
                     image = metrics.add_disc(image, centre, radius, DISC_CONTRAST_HU)
             rng = np.random.default_rng([EVAL_SEED + 1, i, r, int(round(dose * 1000))])
-            slices.append(
-                simulate_low_dose(
-                    image,
-                    series.keep[i],
-                    dose,
-                    cal.photons,
-                    rng,
-                    pixel_mm=series.pixel_mm,
-                    noise_filter=cal.noise_filter,
-                )
-            )
+            slices.append(cal.simulate(image, series.keep[i], dose, rng, series.pixel_mm))
         return np.stack(slices)
 
     disc = f"{DISC_DIAMETER_MM}mm|{DISC_CONTRAST_HU}HU"
@@ -611,9 +601,16 @@ def score(case: Case, output: np.ndarray, reference_input: np.ndarray) -> dict[s
     return result
 
 
+def known_background(cho: ChoSet) -> np.ndarray:
+    """Per CHO ROI, the quadratic surface fitted to the full-dose ROI: level and slow trends,
+    no noise, so every method's reader sees all of the noise its image carries."""
+    full = crop(cho.background, cho.rois)
+    return full - metrics.detrend(full)
+
+
 def cho_inputs(cho: ChoSet) -> np.ndarray:
-    """The CHO ROIs of the low-dose input, minus the known (full-dose) background."""
-    return crop(cho.slices - cho.background, cho.rois)
+    """The CHO ROIs of the low-dose input, minus the known background."""
+    return crop(cho.slices, cho.rois) - known_background(cho)
 
 
 def cho_outputs(method: Method, cho: ChoSet, local: bool) -> np.ndarray:
@@ -623,15 +620,14 @@ def cho_outputs(method: Method, cho: ChoSet, local: bool) -> np.ndarray:
     (BM3D: its block matching reaches 27 px, so the ROI is denoised as in the whole slice).
     """
     if not local:
-        return crop(run_method(method, cho.slices, cho.keep)[0] - cho.background, cho.rois)
+        return crop(run_method(method, cho.slices, cho.keep)[0], cho.rois) - known_background(cho)
     m, rois = CHO_MARGIN_PX, []
     for k, y, x in cho.rois:
         y0, x0 = max(y - m, 0), max(x - m, 0)
         box = (k, slice(y0, y + ROI_PX + m), slice(x0, x + ROI_PX + m))
         out = method(cho.slices[box], cho.keep[box])
-        out = out[y - y0 : y - y0 + ROI_PX, x - x0 : x - x0 + ROI_PX]
-        rois.append(out - cho.background[k, y : y + ROI_PX, x : x + ROI_PX])
-    return np.stack(rois)
+        rois.append(out[y - y0 : y - y0 + ROI_PX, x - x0 : x - x0 + ROI_PX])
+    return np.stack(rois) - known_background(cho)
 
 
 def cho_score(case: Case, cho: ChoSet, rois: np.ndarray) -> dict[str, float]:

@@ -63,6 +63,27 @@ class Calibration:
     noise_filter: np.ndarray | None
     native_noise_hu: float
 
+    def simulate(
+        self,
+        hu: np.ndarray,
+        keep: np.ndarray,
+        dose: float,
+        rng: np.random.Generator,
+        pixel_mm: float,
+        modulation: bool = False,
+    ) -> np.ndarray:
+        """:func:`simulate_low_dose` of one slice with this series' photons and noise filter."""
+        return simulate_low_dose(
+            hu,
+            keep,
+            dose,
+            self.photons,
+            rng,
+            pixel_mm=pixel_mm,
+            noise_filter=self.noise_filter,
+            modulation=modulation,
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # The projection-domain simulation of one slice
@@ -350,15 +371,8 @@ def simulate_series(series: CTSeries, dose: float, seed: int = 0) -> np.ndarray:
     start = time.perf_counter()
     for i in range(series.hu.shape[0]):
         rng = np.random.default_rng([seed, int(round(dose * 10000)), i])
-        out[i] = simulate_low_dose(
-            series.hu[i],
-            series.keep[i],
-            dose,
-            cal.photons,
-            rng,
-            pixel_mm=series.pixel_mm,
-            noise_filter=cal.noise_filter,
-            modulation=True,
+        out[i] = cal.simulate(
+            series.hu[i], series.keep[i], dose, rng, series.pixel_mm, modulation=True
         )
         if (i + 1) % 10 == 0 or i + 1 == len(out):
             rate = (time.perf_counter() - start) / (i + 1)

@@ -28,7 +28,6 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
-from skimage.restoration import denoise_tv_chambolle  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from models.data import SHARED_CT, TRAIN_SERIES, cache_dir, load_series
@@ -92,18 +91,18 @@ def sample_batch(
             continue  # mostly air or outside the field of view: rarely worth a patch
         dose = doses[rng.choice(len(doses), p=weights)]
         inp = s["low"][dose][i, y : y + size, x : x + size]
+        if dose < 1 and config.get("keep_extra_noise"):
+            # Aim at a full-dose look, not below it: the best estimate of the full-dose image
+            # also removes most of its grain (a plastic texture); keeping a fraction of the
+            # extra noise in the target lands the output near full-dose noise instead.
+            target = target + float(config["keep_extra_noise"]) * (inp - target)
         mask = ~s["keep"][i, y : y + size, x : x + size]
         if rng.random() < float(config["scale_prob"]):
             # Quieter scanners: shrink the detail (noise and fine contrast) around a smooth
             # local mean, so the model sees noise levels below those of the training series.
             lo, hi = config["scale_range"]
             k = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-            if config.get("scale_reference", "gaussian") == "tv":
-                # edge-preserving: anatomy keeps its contrast, only noise and texture shrink
-                weight = float(config["tv_weight"])
-                smooth = denoise_tv_chambolle(target / 1000.0, weight=weight) * 1000.0
-            else:
-                smooth = gaussian_filter(target, float(config["scale_sigma"]), mode="nearest")
+            smooth = gaussian_filter(target, float(config["scale_sigma"]), mode="nearest")
             inp = np.where(mask, smooth + k * (inp - smooth), FILL_HU).astype(np.float32)
             target = np.where(mask, smooth + k * (target - smooth), FILL_HU).astype(np.float32)
         k = int(rng.integers(4))

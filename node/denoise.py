@@ -31,7 +31,7 @@ class Denoiser:
         self,
         model_path: Path,
         providers: list[str],
-        batch_size: int = 4,
+        batch_size: int = 1,
         threads: int | None = None,
     ) -> None:
         if batch_size < 1:
