@@ -5,8 +5,8 @@
 Each receiver starts fresh (empty folder, storage or database) for each run, and the
 runs are interleaved so that background load falls on all of them alike.  Two floors are
 measured beside them: a bare pynetdicom SCP that stores nothing (what the node's DICOM
-library costs before the node does any work) and one fsync of a file of the series' size on
-the disk the benchmark writes to.  The node runs
+library costs before the node does any work) and one fsync of a file of one slice's size
+on the disk the benchmark writes to.  The node runs
 as ``denoise-node serve --roles receive`` with its durability on (fsync of every file
 and its folder, one job table row per instance) and a settle time so long that no job
 is created during the run.  The time is storescu's, from its start to its exit.

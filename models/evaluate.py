@@ -371,7 +371,10 @@ class ChoSet:
 
     slices: np.ndarray  # [m, H, W] low-dose HU
     keep: np.ndarray  # [m, H, W]
-    background: np.ndarray  # [m, H, W] full-dose HU without discs
+    #: per ROI [K, ROI_PX, ROI_PX], what the observer knows of the background: the quadratic
+    #: surface fitted to the full-dose ROI without a disc (level and slow trends, no noise),
+    #: so every method's reader sees all of the noise its image carries
+    background: np.ndarray
     rois: list[tuple[int, int, int]]  # into ``slices``
     present: np.ndarray  # bool per ROI
 
@@ -446,7 +449,9 @@ def cho_set(
     key = f"cho|{series.name}|{rois}|{dose}|{realisations}|{disc}|{SIM_VERSION}"
     stack = _cached(key, make)
     index = [i for i, _ in plan]
-    return ChoSet(stack, series.keep[index], series.hu[index], out_rois, np.array(present))
+    full = crop(series.hu[index], out_rois)
+    background = full - metrics.detrend(full)
+    return ChoSet(stack, series.keep[index], background, out_rois, np.array(present))
 
 
 def series_case(name: str, slices: int, doses: tuple[float, ...], cho_rois: int, log: Log) -> Case:
@@ -601,16 +606,9 @@ def score(case: Case, output: np.ndarray, reference_input: np.ndarray) -> dict[s
     return result
 
 
-def known_background(cho: ChoSet) -> np.ndarray:
-    """Per CHO ROI, the quadratic surface fitted to the full-dose ROI: level and slow trends,
-    no noise, so every method's reader sees all of the noise its image carries."""
-    full = crop(cho.background, cho.rois)
-    return full - metrics.detrend(full)
-
-
 def cho_inputs(cho: ChoSet) -> np.ndarray:
     """The CHO ROIs of the low-dose input, minus the known background."""
-    return crop(cho.slices, cho.rois) - known_background(cho)
+    return crop(cho.slices, cho.rois) - cho.background
 
 
 def cho_outputs(method: Method, cho: ChoSet, local: bool) -> np.ndarray:
@@ -620,14 +618,14 @@ def cho_outputs(method: Method, cho: ChoSet, local: bool) -> np.ndarray:
     (BM3D: its block matching reaches 27 px, so the ROI is denoised as in the whole slice).
     """
     if not local:
-        return crop(run_method(method, cho.slices, cho.keep)[0], cho.rois) - known_background(cho)
+        return crop(run_method(method, cho.slices, cho.keep)[0], cho.rois) - cho.background
     m, rois = CHO_MARGIN_PX, []
     for k, y, x in cho.rois:
         y0, x0 = max(y - m, 0), max(x - m, 0)
         box = (k, slice(y0, y + ROI_PX + m), slice(x0, x + ROI_PX + m))
         out = method(cho.slices[box], cho.keep[box])
         rois.append(out[y - y0 : y - y0 + ROI_PX, x - x0 : x - x0 + ROI_PX])
-    return np.stack(rois) - known_background(cho)
+    return np.stack(rois) - cho.background
 
 
 def cho_score(case: Case, cho: ChoSet, rois: np.ndarray) -> dict[str, float]:

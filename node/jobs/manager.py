@@ -88,8 +88,8 @@ class JobManager:
         """
         now = utcnow()
         with self._sessions.begin() as session:
-            # One INSERT that yields to an existing row: no read first, no ORM flush; a
-            # concurrent association that stored the same UID a moment earlier wins cleanly.
+            # One INSERT that yields to an existing row, so a concurrent association that
+            # stored the same UID a moment earlier leads to the same path as any resend.
             insert = _dialect(session).insert(Instance)
             inserted = session.execute(
                 insert.values(**record.__dict__, received_at=now)
