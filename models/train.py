@@ -4,9 +4,9 @@
 
 Steps: load the TRAIN_SERIES (never the held-out ones), simulate each at the configured doses
 (cached in cache_dir(), so a second run starts training at once), then train on random
-patches with a dose mixture that includes full dose (target = input, so the model learns to
-leave full-dose images alone).  The last slices of each training series are kept out of the
-patches and used to pick the best checkpoint.  Checkpoints and the loss history go to
+patches drawn with the configured dose mixture, on the GPU when torch sees one, else on the
+CPU.  The last slices of each training series are kept out of the patches and used to pick
+the best checkpoint.  Checkpoints and the loss history go to
 ``cache_dir()/checkpoints/<run>``; nothing is written to the repository.
 """
 
@@ -27,7 +27,6 @@ import numpy as np
 # OpenMP threads that spin while waiting are 10x slower on a shared, oversubscribed CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
-from scipy.ndimage import gaussian_filter  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from models.data import SHARED_CT, TRAIN_SERIES, cache_dir, load_series
@@ -72,53 +71,135 @@ def load_pairs(config: dict) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-def sample_batch(
-    data: list[dict], config: dict, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random patches (input, target, loss mask) with random dose, flips and 90-degree turns."""
-    size, batch = int(config["patch"]), int(config["batch"])
-    doses = [float(d) for d in config["doses"]]
-    weights = np.asarray(config["dose_weights"], dtype=np.float64)
-    weights /= weights.sum()
-    xs, ys, ms = [], [], []
-    while len(xs) < batch:
-        s = data[rng.integers(len(data))]
-        n, h, w = s["full"].shape
-        i, y, x = rng.integers(n), rng.integers(h - size + 1), rng.integers(w - size + 1)
-        target = s["full"][i, y : y + size, x : x + size]
-        body = (target > -900).mean()
-        if body < 0.2 and rng.random() > 0.05:
-            continue  # mostly air or outside the field of view: rarely worth a patch
-        dose = doses[rng.choice(len(doses), p=weights)]
-        inp = s["low"][dose][i, y : y + size, x : x + size]
-        if dose < 1 and config.get("keep_extra_noise"):
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage's 1-D Gaussian (radius ``int(truncate * sigma + 0.5)``), normalised."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(torch.float32)
+
+
+def gaussian_blur(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of [N, H, W] with edge replication (scipy's mode="nearest")."""
+    r = kernel.numel() // 2
+    x = images[:, None]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+class PatchSampler:
+    """Random training patches (input, target, loss mask) with dose, scale, flips and turns.
+
+    The series are stacked once on the training device and each batch is one gather there,
+    so a GPU never waits for the CPU.  The random numbers come from a seeded CPU generator:
+    a seed draws the same patches on every machine.
+    """
+
+    def __init__(
+        self, data: list[dict], config: dict, device: torch.device | str = "cpu", seed: int = 0
+    ) -> None:
+        if len({s["full"].shape[1:] for s in data}) != 1:
+            raise ValueError("the training series must share one slice size")
+        self.size, self.batch = int(config["patch"]), int(config["batch"])
+        self.device = torch.device(device)
+        self.doses = torch.tensor([float(d) for d in config["doses"]], device=self.device)
+        weights = torch.tensor(config["dose_weights"], dtype=torch.float64)
+        self.dose_weights = weights / weights.sum()
+        self.keep_extra = float(config.get("keep_extra_noise") or 0.0)
+        self.scale_prob = float(config.get("scale_prob", 0.0))
+        self.scale_range = tuple(float(v) for v in config.get("scale_range", (1.0, 1.0)))
+        self.kernel = gaussian_kernel(float(config.get("scale_sigma", 1.0))).to(self.device)
+        self.generator = torch.Generator().manual_seed(seed)
+        counts = [s["full"].shape[0] for s in data]
+        self.counts = torch.tensor(counts)
+        self.offsets = torch.tensor(np.cumsum([0, *counts[:-1]]))
+        self.full = self._stack([s["full"] for s in data])
+        self.keep = self._stack([s["keep"] for s in data])
+        self.low = torch.stack(
+            [self._stack([s["low"][float(d)] for s in data]) for d in config["doses"]]
+        )
+        self._span = torch.arange(self.size, device=self.device)
+
+    def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(arrays)).to(self.device)
+
+    def _crop(
+        self,
+        stack: torch.Tensor,
+        lead: tuple[torch.Tensor, ...],
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+    ) -> torch.Tensor:
+        """``stack[lead..., y:y+P, x:x+P]`` for every patch at once (one gather)."""
+        rows = (ys.to(self.device)[:, None] + self._span)[:, :, None]
+        cols = (xs.to(self.device)[:, None] + self._span)[:, None, :]
+        return stack[tuple(i.to(self.device)[:, None, None] for i in lead) + (rows, cols)]
+
+    def _places(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slice and corner of each patch; mostly-air patches are kept only 5 % of the time."""
+        g, n = self.generator, 2 * self.batch
+        h, w = self.full.shape[1:]
+        found: list[torch.Tensor] = []
+        while sum(len(f) for f in found) < self.batch:
+            series = torch.randint(len(self.counts), (n,), generator=g)
+            index = self.offsets[series] + (torch.rand(n, generator=g) * self.counts[series]).long()
+            ys = torch.randint(h - self.size + 1, (n,), generator=g)
+            xs = torch.randint(w - self.size + 1, (n,), generator=g)
+            lucky = torch.rand(n, generator=g) < 0.05
+            body = (self._crop(self.full, (index,), ys, xs) > -900).float().mean(dim=(1, 2))
+            accept = (body.cpu() >= 0.2) | lucky
+            found.append(torch.stack([index, ys, xs])[:, accept])
+        index, ys, xs = torch.cat(found, dim=1)[:, : self.batch]
+        return index, ys, xs
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch: input and target [B, 1, P, P] in HU, loss mask (body pixels) as float."""
+        g, b = self.generator, self.batch
+        index, ys, xs = self._places()
+        dose = torch.multinomial(self.dose_weights, b, replacement=True, generator=g)
+        scaled = torch.rand(b, generator=g) < self.scale_prob
+        lo, hi = np.log(self.scale_range[0]), np.log(self.scale_range[1])
+        factor = torch.exp(lo + (hi - lo) * torch.rand(b, generator=g)).float()
+        turns = torch.randint(4, (b,), generator=g)
+        flips = torch.randint(2, (b,), generator=g).bool()
+
+        target = self._crop(self.full, (index,), ys, xs)
+        inp = self._crop(self.low, (dose, index), ys, xs)
+        mask = ~self._crop(self.keep, (index,), ys, xs)
+        if self.keep_extra:
             # Aim at a full-dose look, not below it: the best estimate of the full-dose image
             # also removes most of its grain (a plastic texture); keeping a fraction of the
             # extra noise in the target lands the output near full-dose noise instead.
-            target = target + float(config["keep_extra_noise"]) * (inp - target)
-        mask = ~s["keep"][i, y : y + size, x : x + size]
-        if rng.random() < float(config["scale_prob"]):
+            low_dose = (self.doses[dose.to(self.device)] < 1)[:, None, None]
+            target = torch.where(low_dose, target + self.keep_extra * (inp - target), target)
+        if scaled.any():
             # Quieter scanners: shrink the detail (noise and fine contrast) around a smooth
             # local mean, so the model sees noise levels below those of the training series.
-            lo, hi = config["scale_range"]
-            k = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-            smooth = gaussian_filter(target, float(config["scale_sigma"]), mode="nearest")
-            inp = np.where(mask, smooth + k * (inp - smooth), FILL_HU).astype(np.float32)
-            target = np.where(mask, smooth + k * (target - smooth), FILL_HU).astype(np.float32)
-        k = int(rng.integers(4))
-        flip = bool(rng.integers(2))
-        arrays = []
-        for a in (inp, target, mask):
-            a = np.rot90(a, k)
-            arrays.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
-        xs.append(arrays[0])
-        ys.append(arrays[1])
-        ms.append(arrays[2])
-    return (np.stack(xs)[:, None], np.stack(ys)[:, None], np.stack(ms)[:, None].astype(np.float32))
+            k = factor.to(self.device)[:, None, None]
+            chosen = scaled.to(self.device)[:, None, None]
+            smooth = gaussian_blur(target, self.kernel)
+            fill = torch.tensor(FILL_HU, device=self.device)
+            inp = torch.where(chosen, torch.where(mask, smooth + k * (inp - smooth), fill), inp)
+            target = torch.where(
+                chosen, torch.where(mask, smooth + k * (target - smooth), fill), target
+            )
+        out = []
+        for a in (inp, target, mask.float()):
+            a = a.clone()
+            for t in range(1, 4):
+                turn = (turns == t).to(self.device)
+                a[turn] = torch.rot90(a[turn], t, dims=(1, 2))
+            flip = flips.to(self.device)
+            a[flip] = a[flip].flip(-1)
+            out.append(a[:, None])
+        return out[0], out[1], out[2]
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, val: list[dict], config: dict) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module, val: list[dict], config: dict, device: torch.device
+) -> dict[str, float]:
     """Mean absolute error (HU, body pixels of a 256x256 centre crop) per dose."""
     model.eval()
     c = int(config["val_crop"])
@@ -128,9 +209,10 @@ def validate(model: torch.nn.Module, val: list[dict], config: dict) -> dict[str,
         for s in val:
             n, h, w = s["full"].shape
             y0, x0 = (h - c) // 2, (w - c) // 2
-            low = torch.from_numpy(s["low"][float(dose)][:, None, y0 : y0 + c, x0 : x0 + c])
-            full = torch.from_numpy(s["full"][:, None, y0 : y0 + c, x0 : x0 + c])
-            mask = torch.from_numpy(~s["keep"][:, None, y0 : y0 + c, x0 : x0 + c])
+            crop = (slice(None), None, slice(y0, y0 + c), slice(x0, x0 + c))
+            low = torch.from_numpy(s["low"][float(dose)][crop]).to(device)
+            full = torch.from_numpy(s["full"][crop]).to(device)
+            mask = torch.from_numpy(~s["keep"][crop]).to(device)
             pred = model(low)
             errs.append(float((pred - full).abs()[mask].mean()))
         out[f"{float(dose):g}"] = float(np.mean(errs))
@@ -164,11 +246,23 @@ def plot_history(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def training_device() -> torch.device:
+    """The GPU when torch sees one (its convolutions in TF32, torch's default), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe(device: torch.device) -> str:
+    """The machine that trains, for the log and the checkpoint."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def train(config: dict, minutes: float | None, command: str) -> Path:
     """Run one training; return the path of the best checkpoint."""
     torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(int(config["seed"]))
-    rng = np.random.default_rng(int(config["seed"]))
+    device = training_device()
     run_dir = cache_dir() / "checkpoints" / config["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -176,12 +270,14 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
     prep_s = time.perf_counter() - t0
     print(f"data ready in {prep_s:.0f} s", flush=True)
 
+    sampler = PatchSampler(train_data, config, device, seed=int(config["seed"]))
     model = build(config.get("model"))
     if config.get("init_from"):
         init = cache_dir() / "checkpoints" / config["init_from"] / "best.pt"
         model.load_state_dict(torch.load(init, map_location="cpu", weights_only=False)["model"])
         print(f"initialised from {init}", flush=True)
-    print(f"model: {parameter_count(model)} parameters", flush=True)
+    model.to(device)
+    print(f"model: {parameter_count(model)} parameters on {describe(device)}", flush=True)
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"])
     )
@@ -200,41 +296,47 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
     history: dict = {"train": [], "val": []}
     best, best_path = float("inf"), run_dir / "best.pt"
     start = time.perf_counter()
-    running, count = 0.0, 0
+    running: torch.Tensor | float = 0.0
+    count = 0
     step = 0
     lr = 0.0
     for step in range(steps):
         lr = lr_at(step, time.perf_counter() - start)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y, m = (torch.from_numpy(a) for a in sample_batch(train_data, config, rng))
+        x, y, m = sampler.draw()
         pred = model(x)
         loss = (F.l1_loss(pred, y, reduction="none") * m).sum() / m.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += float(loss)
+        running += loss.detach()  # a tensor: no GPU sync per step
         count += 1
         elapsed = time.perf_counter() - start
         last = step + 1 == steps or elapsed > budget_s
         if (step + 1) % int(config["log_every"]) == 0 or last:
             history["train"].append(
-                {"step": step + 1, "loss_hu": running / count, "lr": lr, "elapsed_s": elapsed}
+                {
+                    "step": step + 1,
+                    "loss_hu": float(running) / count,
+                    "lr": lr,
+                    "elapsed_s": elapsed,
+                }
             )
             print(
-                f"step {step + 1}/{steps} loss {running / count:.2f} HU "
+                f"step {step + 1}/{steps} loss {float(running) / count:.2f} HU "
                 f"lr {lr:.2e} {elapsed / (step + 1):.3f} s/step "
                 f"elapsed {elapsed / 60:.1f} min",
                 flush=True,
             )
             running, count = 0.0, 0
         if (step + 1) % int(config["val_every"]) == 0 or last:
-            mae = validate(model, val_data, config)
+            mae = validate(model, val_data, config, device)
             score = float(np.mean(list(mae.values())))
             history["val"].append({"step": step + 1, "mae": mae, "score": score})
             print(f"  val MAE (HU) {json.dumps(mae)} mean {score:.3f}", flush=True)
             record = {
-                "model": model.state_dict(),
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "config": config,
                 "step": step + 1,
                 "val": mae,
@@ -243,8 +345,7 @@ def train(config: dict, minutes: float | None, command: str) -> Path:
                 "wall_time_s": time.perf_counter() - t0,
                 "train_time_s": elapsed,
                 "parameters": parameter_count(model),
-                "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                f"torch {torch.__version__}, {config['threads']} threads",
+                "machine": f"{platform.node()} {describe(device)}, torch {torch.__version__}",
             }
             torch.save(record, run_dir / "last.pt")
             if score < best:

@@ -7,7 +7,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from models.train import sample_batch  # noqa: E402
+import torch  # noqa: E402
+from scipy.ndimage import gaussian_filter  # noqa: E402
+
+from models.train import PatchSampler, gaussian_blur, gaussian_kernel  # noqa: E402
 
 FLAT_HU = 40.0
 
@@ -32,7 +35,7 @@ def _config(**overrides: object) -> dict:
 
 def test_low_dose_patches_have_the_full_dose_target() -> None:
     data = [_series(np.random.default_rng(0))]
-    x, y, m = sample_batch(data, _config(), np.random.default_rng(1))
+    x, y, m = (t.numpy() for t in PatchSampler(data, _config(), seed=1).draw())
     assert x.shape == y.shape == m.shape == (8, 1, 16, 16)
     assert np.allclose(y, FLAT_HU)
     assert np.isin(x.ravel(), data[0]["low"][0.5].ravel()).all()
@@ -41,7 +44,7 @@ def test_low_dose_patches_have_the_full_dose_target() -> None:
 
 def test_targets_keep_the_configured_fraction_of_the_extra_noise() -> None:
     data = [_series(np.random.default_rng(0))]
-    x, y, _ = sample_batch(data, _config(keep_extra_noise=0.25), np.random.default_rng(1))
+    x, y, _ = (t.numpy() for t in PatchSampler(data, _config(keep_extra_noise=0.25), seed=1).draw())
     assert np.allclose(y - FLAT_HU, 0.25 * (x - FLAT_HU), atol=1e-4)
     assert np.std(x - FLAT_HU) > 5.0
 
@@ -49,6 +52,44 @@ def test_targets_keep_the_configured_fraction_of_the_extra_noise() -> None:
 def test_full_dose_patches_are_their_own_target() -> None:
     data = [_series(np.random.default_rng(0))]
     config = _config(dose_weights=[0.0, 1.0], keep_extra_noise=0.25)
-    x, y, _ = sample_batch(data, config, np.random.default_rng(1))
+    x, y, _ = (t.numpy() for t in PatchSampler(data, config, seed=1).draw())
     assert np.array_equal(x, y)
     assert np.allclose(x, FLAT_HU)
+
+
+def test_detail_scaling_blurs_like_scipy() -> None:
+    images = np.random.default_rng(2).normal(0.0, 30.0, (3, 40, 40)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(images), gaussian_kernel(6.0)).numpy()
+    for image, blurred in zip(images, ours, strict=True):
+        assert np.allclose(blurred, gaussian_filter(image, 6.0, mode="nearest"), atol=1e-3)
+
+
+def test_scaled_patches_shrink_the_detail_and_keep_the_outside_filled() -> None:
+    rng = np.random.default_rng(0)
+    series = _series(rng)
+    series["keep"][:, :, :4] = True  # a strip outside the field of view
+    series["full"][series["keep"]] = -1000.0
+    series["low"] = {
+        d: np.where(series["keep"], -1000.0, a).astype(np.float32) for d, a in series["low"].items()
+    }
+    plain = PatchSampler([series], _config(patch=32, batch=16), seed=3).draw()
+    scaled = PatchSampler(
+        [series],
+        _config(patch=32, batch=16, scale_prob=1.0, scale_range=[0.2, 0.2], scale_sigma=6.0),
+        seed=3,
+    ).draw()
+    body = plain[2].bool()
+    assert torch.equal(scaled[2], plain[2])
+    assert torch.all(scaled[0][~body] == -1000.0)
+    noise = (plain[0] - plain[1])[body]
+    assert float(noise.std()) > 5.0
+    assert torch.allclose((scaled[0] - scaled[1])[body], 0.2 * noise, atol=1e-3)
+
+
+def test_a_seed_draws_the_same_batches() -> None:
+    data = [_series(np.random.default_rng(0))]
+    config = _config(scale_prob=0.5, scale_range=[0.2, 1.0], scale_sigma=3.0)
+    first, second = PatchSampler(data, config, seed=7), PatchSampler(data, config, seed=7)
+    for _ in range(3):
+        for a, b in zip(first.draw(), second.draw(), strict=True):
+            assert torch.equal(a, b)

@@ -1,0 +1,55 @@
+"""The target check scores the full-dose reference beside the model."""
+
+from __future__ import annotations
+
+from models.evaluate import REFERENCE, check_targets, markdown
+
+
+def _figures(noise_pct: float, nps_pct: float, dprime: float, psnr: float) -> dict[str, float]:
+    return {
+        "psnr_db": psnr,
+        "ssim": 0.9,
+        "noise_reduction_pct": noise_pct,
+        "hu_bias": 0.1,
+        "mtf50_vs_full_pct": 0.0,
+        "nps_peak_shift_pct": nps_pct,
+        "cho_dprime": dprime,
+        "cho_dprime_se": 0.2,
+    }
+
+
+def _results() -> dict:
+    rows = {
+        "input": _figures(0.0, 0.0, 4.0, 27.0),
+        "BM3D (sigma 7.0 HU)": _figures(30.0, -5.0, 4.0, 28.0),
+        "model s=1": _figures(52.0, -30.0, 3.8, 29.5),
+        REFERENCE: {
+            k: v for k, v in _figures(46.0, -23.0, 0.0, float("inf")).items() if "cho" not in k
+        },
+    }
+    return {
+        "model": "m.onnx",
+        "setup": "",
+        "cases": {"head": {"window": (80, 40), "slices": 6}},
+        "series": {"head": {"25%": rows, "full dose": {"model s=1": {"rmse_hu": 2.0}}}},
+    }
+
+
+def test_the_reference_gets_its_own_verdict_per_target() -> None:
+    lines = {
+        target.split(" (")[0]: (verdict, ref)
+        for _, target, verdict, ref in check_targets(_results())
+    }
+    assert lines["noise reduction >= 50 %"] == ("PASS", "MISS (46.0 %)")
+    assert lines["abs(NPS peak shift) < 20 %"] == ("MISS", "MISS (-23.0 %)")
+    assert lines["CHO d' not below the input's"] == ("MISS", "n/a")
+    assert lines["PSNR >= BM3D + 1 dB"] == ("PASS", "PASS (inf vs 28.00 dB)")
+
+
+def test_the_report_shows_the_reference_column() -> None:
+    results = _results()
+    results["targets"] = check_targets(results)
+    report = markdown(results)
+    assert "| full dose itself |" in report
+    assert "| head | noise reduction >= 50 % (52.0 %) | PASS | MISS (46.0 %) |" in report
+    assert f"| {REFERENCE} | inf |" in report
