@@ -61,13 +61,14 @@ def load_checkpoint(path: Path) -> tuple[DenoiseUNet, dict]:
     return model, state
 
 
-def metadata_from_checkpoint(state: dict) -> dict[str, str]:
-    """ONNX metadata from what the training run recorded."""
+def metadata_from_checkpoint(state: dict, version: str | None = None) -> dict[str, str]:
+    """ONNX metadata from what the training run recorded; ``version`` overrides its config's
+    (a release is numbered when it is chosen, after its run)."""
     cfg = state["config"]
     doses = ",".join(f"{d:g}" for d in cfg["doses"])
     return {
         "name": MODEL_NAME,
-        "version": cfg.get("version", DEFAULT_VERSION),
+        "version": version or cfg.get("version", DEFAULT_VERSION),
         "training_doses": doses,
         "training_data": (
             "full-dose CT series "
@@ -85,6 +86,7 @@ def metadata_from_checkpoint(state: dict) -> dict[str, str]:
         "training_seed": str(cfg.get("seed", "")),
         "training_wall_time_s": f"{state.get('wall_time_s', 0):.0f}",
         "training_step": str(state.get("step", "")),
+        "training_machine": str(state.get("machine", "")),
         "config": json.dumps(cfg, sort_keys=True),
     }
 
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=Path("models/ct_denoise.onnx"))
+    parser.add_argument("--version", default=None, help="release version (default: config's)")
     args = parser.parse_args(argv)
     model, state = load_checkpoint(args.checkpoint)
-    out = export_model(model, args.out, metadata_from_checkpoint(state))
+    out = export_model(model, args.out, metadata_from_checkpoint(state, args.version))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 

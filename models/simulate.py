@@ -70,9 +70,13 @@ class Calibration:
         dose: float,
         rng: np.random.Generator,
         pixel_mm: float,
-        modulation: bool = False,
     ) -> np.ndarray:
-        """:func:`simulate_low_dose` of one slice with this series' photons and noise filter."""
+        """:func:`simulate_low_dose` of one slice with this series' photons and noise filter.
+
+        Always with tube-current modulation: :func:`calibrate` measured the photons with it
+        (per 20 cm of water), so without it a head or a small phantom gets a fraction of the
+        noise it was calibrated for.
+        """
         return simulate_low_dose(
             hu,
             keep,
@@ -81,7 +85,7 @@ class Calibration:
             rng,
             pixel_mm=pixel_mm,
             noise_filter=self.noise_filter,
-            modulation=modulation,
+            modulation=True,
         )
 
 
@@ -371,9 +375,7 @@ def simulate_series(series: CTSeries, dose: float, seed: int = 0) -> np.ndarray:
     start = time.perf_counter()
     for i in range(series.hu.shape[0]):
         rng = np.random.default_rng([seed, int(round(dose * 10000)), i])
-        out[i] = cal.simulate(
-            series.hu[i], series.keep[i], dose, rng, series.pixel_mm, modulation=True
-        )
+        out[i] = cal.simulate(series.hu[i], series.keep[i], dose, rng, series.pixel_mm)
         if (i + 1) % 10 == 0 or i + 1 == len(out):
             rate = (time.perf_counter() - start) / (i + 1)
             print(
