@@ -123,8 +123,8 @@ class Settings(BaseSettings):
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    # Slices per inference call: 1 is fastest and leanest on a CPU (bench.inference: 37 vs
-    # 34 slices/s and 247 vs 504 MiB at 4); a GPU wants more (the compose worker uses 8).
+    # Slices per inference call: 1 is fastest and leanest on a CPU (bench.inference, model
+    # 2.1.0: 6.1 vs 6.0 slices/s and 287 vs 654 MiB at 4); a GPU wants more (compose uses 8).
     batch_size: int = Field(1, ge=1, le=256)
     max_attempts: int = Field(3, ge=1)
     retry_seconds: float = Field(30.0, gt=0.0)
