@@ -88,7 +88,7 @@ def metadata_from_checkpoint(state: dict, version: str | None = None) -> dict[st
         "training_step": str(state.get("step", "")),
         "training_machine": str(state.get("machine", "")),
         "config": json.dumps(cfg, sort_keys=True),
-    }
+    } | ({"fine_tuned_from": state["base_model"]} if state.get("base_model") else {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,6 +242,20 @@ def nps_peak_frequency(freqs: np.ndarray, nps: np.ndarray) -> float:
     return float(freqs[i] + np.clip(shift, -0.5, 0.5) * (freqs[1] - freqs[0]))
 
 
+def repeated_scan_nps(
+    first: np.ndarray, second: np.ndarray, pixel_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Radial NPS of the noise alone, from the same ROIs ``[K, n, n]`` of two scans that differ
+    only in their noise realisation: (first - second) / sqrt(2) cancels what the two share.
+
+    On patient images a single scan's NPS holds anatomy too, and a denoiser that lowers the
+    noise lets that anatomy pull the peak down, even when it returns the full-dose image
+    exactly.  The difference of repeated scans is how CT noise is measured without it.
+    """
+    difference = (np.asarray(first, np.float64) - np.asarray(second, np.float64)) / np.sqrt(2)
+    return radial_nps(nps_2d(difference, pixel_mm), pixel_mm)
+
+
 def nps_mean_frequency(freqs: np.ndarray, nps: np.ndarray) -> float:
     """NPS-weighted mean frequency: a steadier texture summary than the peak for flat spectra."""
     return float(np.sum(freqs[1:] * nps[1:]) / np.sum(nps[1:]))

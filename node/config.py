@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     # Slices per inference call: 1 is fastest and leanest on a CPU (bench.inference, model
-    # 2.1.0: 6.1 vs 6.0 slices/s and 287 vs 654 MiB at 4); a GPU wants more (compose uses 8).
+    # 2.2.0: 12.8 vs 12.6 slices/s and 294 vs 659 MiB at 4); a GPU wants more (compose uses 8).
     batch_size: int = Field(1, ge=1, le=256)
     max_attempts: int = Field(3, ge=1)
     retry_seconds: float = Field(30.0, gt=0.0)

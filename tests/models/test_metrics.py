@@ -127,11 +127,7 @@ def test_nps_peak_of_band_pass_noise() -> None:
     """Noise filtered by H(f) = f exp(-f^2 / (2 s^2)) has |H|^2 peaking at f = s."""
     rng = np.random.default_rng(5)
     n, count, s = 64, 100, 0.4  # s in cycles/mm, below Nyquist 1.0
-    f = np.fft.fftfreq(n, d=PIXEL_MM)
-    radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))
-    transfer = radius * np.exp(-(radius**2) / (2 * s * s))
-    noise = rng.normal(0, 1, (count, n, n))
-    rois = np.real(np.fft.ifft2(np.fft.fft2(noise) * transfer))
+    rois = _band_pass_noise(rng, count, n, s)
     freqs, radial = metrics.radial_nps(metrics.nps_2d(rois, PIXEL_MM), PIXEL_MM)
     assert metrics.nps_peak_frequency(freqs, radial) == pytest.approx(s, abs=0.5 * freqs[1])
     smoother = ndi.gaussian_filter(rois, (0, 1.5, 1.5))
@@ -141,6 +137,38 @@ def test_nps_peak_of_band_pass_noise() -> None:
     assert metrics.nps_mean_frequency(freqs, radial_smooth) < metrics.nps_mean_frequency(
         freqs, radial
     )
+
+
+def _band_pass_noise(rng: np.random.Generator, count: int, n: int, s: float) -> np.ndarray:
+    """Noise whose NPS peaks at ``s`` cycles/mm (see the test above)."""
+    f = np.fft.fftfreq(n, d=PIXEL_MM)
+    radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))
+    transfer = radius * np.exp(-(radius**2) / (2 * s * s))
+    return np.real(np.fft.ifft2(np.fft.fft2(rng.normal(0, 1, (count, n, n))) * transfer))
+
+
+def test_repeated_scans_measure_the_noise_without_the_anatomy() -> None:
+    """Shared content (anatomy, full-dose grain) cancels between two scans; a single scan's
+    NPS peak is pulled down by it once a denoiser lowers the noise."""
+    rng = np.random.default_rng(6)
+    n, count, s = 64, 80, 0.4
+    anatomy = 3.0 * _band_pass_noise(rng, count, n, 0.1)  # fixed, low-frequency structure
+    first = anatomy + _band_pass_noise(rng, count, n, s)
+    second = anatomy + _band_pass_noise(rng, count, n, s)
+    freqs, alone = metrics.repeated_scan_nps(first, second, PIXEL_MM)
+    assert metrics.nps_peak_frequency(freqs, alone) == pytest.approx(s, abs=0.5 * freqs[1])
+    # a denoiser that only scales the noise down keeps its texture ...
+    quieter = [anatomy + 0.3 * (scan - anatomy) for scan in (first, second)]
+    freqs, after = metrics.repeated_scan_nps(*quieter, PIXEL_MM)
+    assert metrics.nps_peak_frequency(freqs, after) == pytest.approx(s, abs=0.5 * freqs[1])
+    assert after.sum() == pytest.approx(0.09 * alone.sum(), rel=1e-6)
+    # ... where a single scan's NPS sees the anatomy and moves its peak down
+    freqs, single = metrics.radial_nps(metrics.nps_2d(quieter[0], PIXEL_MM), PIXEL_MM)
+    assert metrics.nps_peak_frequency(freqs, single) < 0.6 * s
+    # and a blur moves the noise-alone peak down
+    blurred = [ndi.gaussian_filter(scan, (0, 1.5, 1.5)) for scan in (first, second)]
+    freqs, smooth = metrics.repeated_scan_nps(*blurred, PIXEL_MM)
+    assert metrics.nps_peak_frequency(freqs, smooth) < 0.8 * s
 
 
 def test_add_disc_has_the_right_area_and_contrast() -> None:

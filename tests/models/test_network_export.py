@@ -79,3 +79,27 @@ def test_shipped_model_contract() -> None:
         assert np.isfinite(y).all()
         # a residual denoiser: the image stays the image
         assert np.abs(y - x)[..., h // 5 :, :].mean() < 40.0
+
+
+def test_a_released_model_is_where_fine_tuning_starts(tmp_path: Path) -> None:
+    """``models.train --init-from X.onnx`` starts from exactly the released weights, and
+    says which release that was."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from models.export import export_model
+    from models.network import DenoiseUNet
+    from models.train import load_initial_weights
+
+    torch.manual_seed(1)
+    released = DenoiseUNet().eval()
+    with torch.no_grad():
+        for p in released.parameters():
+            p.normal_(0.0, 0.05)
+    path = export_model(
+        released, tmp_path / "r.onnx", {"version": "9.1.0", "training_machine": "an H200"}
+    )
+    fresh = DenoiseUNet()
+    base = load_initial_weights(fresh, str(path))
+    assert base.startswith("ct-denoise-unet 9.1.0") and "an H200" in base
+    for name, value in released.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

@@ -86,10 +86,34 @@ def test_scaled_patches_shrink_the_detail_and_keep_the_outside_filled() -> None:
     assert torch.allclose((scaled[0] - scaled[1])[body], 0.2 * noise, atol=1e-3)
 
 
-def test_a_seed_draws_the_same_batches() -> None:
+@pytest.mark.parametrize("insert_prob", [0.0, 0.5])
+def test_a_seed_draws_the_same_batches(insert_prob: float) -> None:
     data = [_series(np.random.default_rng(0))]
-    config = _config(scale_prob=0.5, scale_range=[0.2, 1.0], scale_sigma=3.0)
+    config = _config(
+        scale_prob=0.5, scale_range=[0.2, 1.0], scale_sigma=3.0, insert_prob=insert_prob
+    )
     first, second = PatchSampler(data, config, seed=7), PatchSampler(data, config, seed=7)
     for _ in range(3):
         for a, b in zip(first.draw(), second.draw(), strict=True):
             assert torch.equal(a, b)
+
+
+def test_inserts_add_a_uniform_disc_in_air_and_leave_the_noise_to_remove_alone() -> None:
+    """The disc and ring replace the patch's content in input and target alike, so what the
+    network must remove (input minus target) is the patch's own extra noise, unchanged."""
+    data = [_series(np.random.default_rng(0))]
+    config = _config(patch=32, batch=16, keep_extra_noise=0.25)
+    inserted = config | {
+        "insert_prob": 1.0,
+        "insert_radius_px": [6, 6],
+        "insert_ring_px": [8, 8],
+        "insert_hu": [150, 150],
+    }
+    x0, y0, m0 = PatchSampler(data, config, seed=5).draw()
+    x1, y1, m1 = PatchSampler(data, inserted, seed=5).draw()
+    assert torch.equal(m0, m1)
+    assert torch.allclose(x1 - y1, x0 - y0, atol=1e-3)
+    for target in y1[:, 0]:
+        assert float(target.min()) < -900.0  # the air ring reaches into every patch
+    assert float((y1 > 100.0).float().mean()) > 0.02  # and so do the discs
+    assert float((y0 > 100.0).float().mean()) == 0.0
