@@ -486,17 +486,25 @@ def series_case(name: str, slices: int, doses: tuple[float, ...], cho_rois: int,
     rois = [(indices.index(i), y, x) for i, y, x in all_rois if i in indices]
     edge_kind, edges = find_edges(full, keep)
     log(f"{name}: slices {indices}, {len(rois)} uniform ROIs, {len(edges)} {edge_kind}")
-    inputs = {}
+    inputs, repeats = {}, {}
     for dose in doses:
         label = "full dose" if dose == 1 else f"{dose * 100:g}%"
         inputs[label] = full if dose == 1 else simulate_slices(series, indices, dose, EVAL_SEED)
-        log(f"{name}: {label} input ready")
-    case = Case(name, full, keep, series.pixel_mm, window_for(name), inputs, rois, edge_kind, edges)
-    for dose in doses:
         if dose < 1 and rois:
-            case.repeats[f"{dose * 100:g}%"] = simulate_slices(series, indices, dose, REPEAT_SEED)
-    if case.repeats:
-        log(f"{name}: second noise realisations ready ({', '.join(case.repeats)})")
+            repeats[label] = simulate_slices(series, indices, dose, REPEAT_SEED)
+        log(f"{name}: {label} input ready{' (two noise realisations)' if label in repeats else ''}")
+    case = Case(
+        name,
+        full,
+        keep,
+        series.pixel_mm,
+        window_for(name),
+        inputs,
+        rois,
+        edge_kind,
+        edges,
+        repeats=repeats,
+    )
     if cho_rois:
         positions = cho_positions(
             UniformMaps.of(series.hu, series.keep, CHO_UNIFORM_PX), 2 * cho_rois

@@ -167,7 +167,7 @@ class PatchSampler:
         return (lo + (hi - lo) * torch.rand(n, generator=self.generator)).to(self.device)
 
     def _inserts(
-        self, inp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, dose: torch.Tensor
+        self, inp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, d: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and target with a uniform disc, most in a ring of air, in some patches.
 
@@ -177,7 +177,8 @@ class PatchSampler:
         the insert the input carries the patch's own simulated extra noise ``e`` where it is,
         and both input and target carry full-dose-like noise: ``e`` turned by 180 degrees
         (another place, so independent of it) and scaled to the full-dose variance, which is
-        dose / (1 - dose) times the extra variance.  The edge has a partial-volume blur.
+        d / (1 - d) times the extra variance at dose ``d`` (per patch).  The edge has a
+        partial-volume blur.
         """
         b, p = target.shape[0], self.size
         chosen = (torch.rand(b, generator=self.generator) < self.insert_prob).to(self.device)
@@ -193,7 +194,6 @@ class PatchSampler:
         content = gaussian_blur(content, self.edge_kernel)
         weight = gaussian_blur((r < outer[k]).to(target.dtype), self.edge_kernel)
         weight = torch.where(chosen[k] & mask, weight, torch.zeros_like(weight))
-        d = self.doses[dose.to(self.device)]
         extra = (inp - target) / (1.0 - self.keep_extra)
         full_like = torch.sqrt(torch.where(d < 1, d / (1 - d).clamp(min=1e-6), 0.0))
         native = full_like[k] * extra.flip(-1, -2)
@@ -215,11 +215,12 @@ class PatchSampler:
         target = self._crop(self.full, (index,), ys, xs)
         inp = self._crop(self.low, (dose, index), ys, xs)
         mask = ~self._crop(self.keep, (index,), ys, xs)
+        dose_value = self.doses[dose.to(self.device)]
         if self.keep_extra:
             # Aim at a full-dose look, not below it: the best estimate of the full-dose image
             # also removes most of its grain (a plastic texture); keeping a fraction of the
             # extra noise in the target lands the output near full-dose noise instead.
-            low_dose = (self.doses[dose.to(self.device)] < 1)[:, None, None]
+            low_dose = (dose_value < 1)[:, None, None]
             target = torch.where(low_dose, target + self.keep_extra * (inp - target), target)
         if scaled.any():
             # Quieter scanners: shrink the detail (noise and fine contrast) around a smooth
@@ -233,7 +234,7 @@ class PatchSampler:
                 chosen, torch.where(mask, smooth + k * (target - smooth), fill), target
             )
         if self.insert_prob:
-            inp, target = self._inserts(inp, target, mask, dose)
+            inp, target = self._inserts(inp, target, mask, dose_value)
         out = []
         for a in (inp, target, mask.float()):
             a = a.clone()
@@ -317,11 +318,15 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> str:
         from onnx import numpy_helper
 
         proto = onnx.load(source)
-        weights = {
-            t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-            for t in proto.graph.initializer
-        }
-        model.load_state_dict({name: weights[name] for name in model.state_dict()})
+        wanted = model.state_dict()
+        # load_state_dict names any weight the file lacks (another architecture or widths)
+        model.load_state_dict(
+            {
+                t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+                for t in proto.graph.initializer
+                if t.name in wanted
+            }
+        )
         meta = {p.key: p.value for p in proto.metadata_props}
         return (
             f"{meta.get('name', 'model')} {meta.get('version', '')} ({source}), trained on "
