@@ -63,3 +63,11 @@ def test_the_report_shows_the_reference_column() -> None:
         "included: -30.0 %) | PASS | n/a |"
     ) in report
     assert f"| {REFERENCE} | inf |" in report
+
+
+def test_the_report_shows_the_grain_size_check() -> None:
+    results = _results() | {"targets": [], "grain": {"head": {"0.7": 36.3, "1": 53.9, "1.4": 15.0}}}
+    report = markdown(results)
+    assert "| series | x0.7 noise -% | x1 noise -% | x1.4 noise -% |" in report
+    assert "| head | 36.3 | 53.9 | 15.0 |" in report
+    assert "Grain size" not in markdown(_results() | {"targets": []})

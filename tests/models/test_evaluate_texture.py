@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.evaluate import ROI_PX, Case, RepeatedScans, crop
+from models.evaluate import GRAIN_ZOOMS, ROI_PX, Case, RepeatedScans, crop, grain_sizes
 
 PIXEL_MM = 0.5
 
@@ -50,3 +50,18 @@ def test_the_input_has_no_shift_and_a_blur_moves_the_noise_peak_down() -> None:
     half = scans.texture(0.5, PIXEL_MM)["nps_noise_shift_pct"]
     assert full < -20.0
     assert full < half <= 0.0
+
+
+def test_a_fixed_blur_removes_less_of_a_coarser_grain() -> None:
+    """The grain-size check: the same input resampled finer / as is / coarser before a blur of
+    fixed pixel width, which removes most of a fine grain and least of a coarse one."""
+    case = _case(np.random.default_rng(1))
+
+    def blur(hu: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        return ndi.gaussian_filter(hu, 1.5)
+
+    removed = grain_sizes(case, blur, "25%")
+    assert list(removed) == [f"{z:g}" for z in GRAIN_ZOOMS]
+    finer, as_is, coarser = removed.values()
+    assert finer > as_is > coarser + 5.0
+    assert grain_sizes(case, lambda hu, keep: hu, "25%") == dict.fromkeys(removed, 0.0)

@@ -86,11 +86,16 @@ def test_scaled_patches_shrink_the_detail_and_keep_the_outside_filled() -> None:
     assert torch.allclose((scaled[0] - scaled[1])[body], 0.2 * noise, atol=1e-3)
 
 
-@pytest.mark.parametrize("insert_prob", [0.0, 0.5])
-def test_a_seed_draws_the_same_batches(insert_prob: float) -> None:
+@pytest.mark.parametrize(("insert_prob", "zoom_prob"), [(0.0, 0.0), (0.5, 0.0), (0.5, 0.5)])
+def test_a_seed_draws_the_same_batches(insert_prob: float, zoom_prob: float) -> None:
     data = [_series(np.random.default_rng(0))]
     config = _config(
-        scale_prob=0.5, scale_range=[0.2, 1.0], scale_sigma=3.0, insert_prob=insert_prob
+        scale_prob=0.5,
+        scale_range=[0.2, 1.0],
+        scale_sigma=3.0,
+        insert_prob=insert_prob,
+        zoom_prob=zoom_prob,
+        zoom_range=[0.8, 1.5],
     )
     first, second = PatchSampler(data, config, seed=7), PatchSampler(data, config, seed=7)
     for _ in range(3):
@@ -117,3 +122,39 @@ def test_inserts_add_a_uniform_disc_in_air_and_leave_the_noise_to_remove_alone()
         assert float(target.min()) < -900.0  # the air ring reaches into every patch
     assert float((y1 > 100.0).float().mean()) > 0.02  # and so do the discs
     assert float((y0 > 100.0).float().mean()) == 0.0
+
+
+def _ramp_series(rng: np.random.Generator, size: int = 64) -> dict:
+    """Full dose rising 4 HU per pixel along x; 50 % dose adds white noise of 10 HU."""
+    ramp = np.broadcast_to(4.0 * np.arange(size, dtype=np.float32), (2, size, size)).copy()
+    low = ramp + rng.normal(0.0, 10.0, ramp.shape).astype(np.float32)
+    return {"full": ramp, "keep": np.zeros(ramp.shape, bool), "low": {0.5: low, 1.0: ramp.copy()}}
+
+
+def _neighbour_correlation(noise: np.ndarray) -> float:
+    """Correlation of horizontally adjacent pixels, over a batch [B, 1, P, P]."""
+    a, b = noise[..., :, :-1].ravel(), noise[..., :, 1:].ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@pytest.mark.parametrize("zoom", [0.5, 2.0])
+def test_zoomed_patches_resample_anatomy_and_noise_alike(zoom: float) -> None:
+    """A zoom of z shows the ramp at 4 / z HU per pixel in input and target alike. White
+    extra noise gets a grain z pixels wide when z > 1 (neighbours correlated); at z = 0.5 each
+    output pixel averages a 2 x 2 block of its own, so it stays white at half the std."""
+    data = [_ramp_series(np.random.default_rng(0))]
+    config = _config(patch=16, batch=8, zoom_prob=1.0, zoom_range=[zoom, zoom])
+    x, y, m = (t.numpy() for t in PatchSampler(data, config, seed=4).draw())
+    plain = PatchSampler(data, _config(patch=16, batch=8), seed=4).draw()
+    for target in y[:, 0]:
+        gy, gx = np.gradient(target.astype(np.float64))
+        assert np.allclose(np.hypot(gy, gx), 4.0 / zoom, atol=1e-3)
+    assert m.all()
+    noise = x - y
+    plain_noise = (plain[0] - plain[1]).numpy()
+    assert abs(_neighbour_correlation(plain_noise)) < 0.1
+    if zoom > 1:
+        assert _neighbour_correlation(noise) > 0.5
+    else:
+        assert abs(_neighbour_correlation(noise)) < 0.1
+        assert np.std(noise) == pytest.approx(np.std(plain_noise) / 2, rel=0.15)
