@@ -215,6 +215,11 @@ class PatchSampler:
         lo, hi = bounds
         return (lo + (hi - lo) * torch.rand(n, generator=self.generator)).to(self.device)
 
+    def _log_uniform(self, n: int, bounds: tuple[float, float]) -> torch.Tensor:
+        """Factors drawn log-uniformly in ``bounds`` (on the CPU, like every draw)."""
+        lo, hi = np.log(bounds[0]), np.log(bounds[1])
+        return torch.exp(lo + (hi - lo) * torch.rand(n, generator=self.generator)).float()
+
     def _inserts(
         self, inp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, d: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +261,7 @@ class PatchSampler:
         index, ys, xs = self._places()
         dose = torch.multinomial(self.dose_weights, b, replacement=True, generator=g)
         scaled = torch.rand(b, generator=g) < self.scale_prob
-        lo, hi = np.log(self.scale_range[0]), np.log(self.scale_range[1])
-        factor = torch.exp(lo + (hi - lo) * torch.rand(b, generator=g)).float()
+        factor = self._log_uniform(b, self.scale_range)
         turns = torch.randint(4, (b,), generator=g)
         flips = torch.randint(2, (b,), generator=g).bool()
 
@@ -266,8 +270,7 @@ class PatchSampler:
         mask = ~self._crop(self.keep, (index,), ys, xs)
         if self.zoom_prob:
             zoomed = torch.rand(b, generator=g) < self.zoom_prob
-            lo, hi = np.log(self.zoom_range[0]), np.log(self.zoom_range[1])
-            zoom = torch.exp(lo + (hi - lo) * torch.rand(b, generator=g)).float()
+            zoom = self._log_uniform(b, self.zoom_range)
             if zoomed.any():
                 target, inp, mask = self._zoom(
                     zoomed, zoom, (index, dose, ys, xs), (target, inp, mask)
