@@ -679,6 +679,9 @@ class RepeatedScans:
 
     inputs: tuple[np.ndarray, np.ndarray]
     outputs: tuple[np.ndarray, np.ndarray]
+    pixel_mm: float
+    #: peak frequency of the inputs' noise-alone NPS, what every strength's peak is compared to
+    input_peak: float
 
     @classmethod
     def of(
@@ -693,17 +696,18 @@ class RepeatedScans:
         else:
             first = crop(first_output, case.rois)
         second = method_rois(method, repeat, case.keep, case.rois, local)
-        return cls(inputs, (first, second))
+        f, before = metrics.repeated_scan_nps(*inputs, case.pixel_mm)
+        peak_in = metrics.nps_peak_frequency(f, before)
+        return cls(inputs, (first, second), case.pixel_mm, peak_in)
 
-    def texture(self, strength: float, pixel_mm: float) -> dict[str, float]:
+    def texture(self, strength: float) -> dict[str, float]:
         """Peak of the noise-alone NPS after the method, and its shift from the input's."""
-        f, before = metrics.repeated_scan_nps(*self.inputs, pixel_mm)
         blended = (blend(i, o, strength) for i, o in zip(self.inputs, self.outputs, strict=True))
-        f, after = metrics.repeated_scan_nps(*blended, pixel_mm)
-        peak, peak_in = metrics.nps_peak_frequency(f, after), metrics.nps_peak_frequency(f, before)
+        f, after = metrics.repeated_scan_nps(*blended, self.pixel_mm)
+        peak = metrics.nps_peak_frequency(f, after)
         return {
             "nps_noise_peak_per_mm": peak,
-            "nps_noise_shift_pct": 100.0 * (peak / peak_in - 1.0),
+            "nps_noise_shift_pct": 100.0 * (peak / self.input_peak - 1.0),
         }
 
 
@@ -800,7 +804,7 @@ def evaluate_case(case: Case, model: OnnxDenoiser | None, log: Log) -> dict[str,
             for name, strength in variants.items():
                 figures = score(case, blend(low, out, strength), low)
                 if repeated is not None:
-                    figures |= repeated.texture(strength, case.pixel_mm)
+                    figures |= repeated.texture(strength)
                 if cho_out is not None:
                     figures |= cho_score(case, cho, blend(cho_inputs(cho), cho_out, strength))
                 figures["seconds_per_slice"] = seconds

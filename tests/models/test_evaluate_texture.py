@@ -36,7 +36,7 @@ def test_the_input_has_no_shift_and_a_blur_moves_the_noise_peak_down() -> None:
     case = _case(np.random.default_rng(0))
     low = case.inputs["25%"]
     untouched = RepeatedScans.of(lambda hu, keep: hu, case, "25%", low, local=False)
-    assert untouched.texture(1.0, PIXEL_MM)["nps_noise_shift_pct"] == 0.0
+    assert untouched.texture(1.0)["nps_noise_shift_pct"] == 0.0
     # a local (ROI-wise) run of the identity is the identity too
     local = RepeatedScans.of(lambda hu, keep: hu, case, "25%", low, local=True)
     assert np.array_equal(local.outputs[0], crop(low, case.rois, ROI_PX))
@@ -46,8 +46,8 @@ def test_the_input_has_no_shift_and_a_blur_moves_the_noise_peak_down() -> None:
 
     blurred = np.stack([blur(s, None) for s in low])
     scans = RepeatedScans.of(blur, case, "25%", blurred, local=False)
-    full = scans.texture(1.0, PIXEL_MM)["nps_noise_shift_pct"]
-    half = scans.texture(0.5, PIXEL_MM)["nps_noise_shift_pct"]
+    full = scans.texture(1.0)["nps_noise_shift_pct"]
+    half = scans.texture(0.5)["nps_noise_shift_pct"]
     assert full < -20.0
     assert full < half <= 0.0
 
