@@ -35,6 +35,11 @@ Regions, found automatically in the full-dose image so that any series works:
   itself would hide the full-dose grain from the input's reader while charging a denoiser
   for removing it.)  d' is the figure compared (AUC saturates at 1 for an easy task).
 
+Bounds, scored like methods: the full-dose image itself ("full dose (reference)"), and an
+ideal denoiser that knew the noise-free image but, like any denoiser, not the reference's own
+noise ("ideal denoiser (bound)", PSNR/SSIM/RMSE only; simulated inputs only): a target that the
+ideal denoiser misses is out of reach for every method (ideal_output).
+
 Grain size (model only, no target): the 25 % input (in pair mode the low-dose series) is
 resampled by 0.7, 1 and 1.4 before the model, and the noise removed in the uniform ROIs is
 reported for each: other pixel spacings and kernels give the same noise a finer or coarser
@@ -103,6 +108,9 @@ SOFT_TISSUE_WINDOW = (400.0, 50.0)
 EVAL_SEED = 20261125
 #: Seed of the second noise realisation of each low-dose input (the noise-alone NPS).
 REPEAT_SEED = EVAL_SEED + 2
+#: Seed and dose of the stand-in for the full-dose image's own noise (the ideal-denoiser row):
+#: the simulation adds as much noise going from full to half dose as full dose carries.
+STAND_IN_SEED, STAND_IN_DOSE = EVAL_SEED + 4, 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +386,9 @@ class Case:
     cho: dict[str, ChoSet] = field(default_factory=dict)
     #: condition -> a second noise realisation of ``inputs[condition]``, for the noise-alone NPS
     repeats: dict[str, np.ndarray] = field(default_factory=dict)
+    #: [n, H, W] noise with the full-dose image's std and texture, independent of it and of the
+    #: inputs: what the ideal-denoiser row needs in place of the reference's unknown own noise
+    full_noise: np.ndarray | None = None
 
 
 @dataclass
@@ -498,6 +509,11 @@ def series_case(name: str, slices: int, doses: tuple[float, ...], cho_rois: int,
         if dose < 1 and rois:
             repeats[label] = simulate_slices(series, indices, dose, REPEAT_SEED)
         log(f"{name}: {label} input ready{' (two noise realisations)' if label in repeats else ''}")
+    full_noise = None
+    if rois and any(dose < 1 for dose in doses):
+        stand_in = simulate_slices(series, indices, STAND_IN_DOSE, STAND_IN_SEED) - full
+        scale = measured_noise(full, keep, rois) / measured_noise(stand_in, keep, rois)
+        full_noise = stand_in * scale
     case = Case(
         name,
         full,
@@ -509,6 +525,7 @@ def series_case(name: str, slices: int, doses: tuple[float, ...], cho_rois: int,
         edge_kind,
         edges,
         repeats=repeats,
+        full_noise=full_noise,
     )
     if cho_rois:
         positions = cho_positions(
@@ -771,6 +788,31 @@ def methods_for(case: Case, condition: str, model: OnnxDenoiser | None) -> dict[
 #: No CHO figure: the observer's known background is fitted to this very image, so nothing
 #: in it varies between the classes but the disc, and the channel covariance is singular.
 REFERENCE = "full dose (reference)"
+#: The row of an ideal denoiser, one that knew the noise-free image: see :func:`ideal_output`.
+#: Only its distances to the reference are figures of that denoiser (PSNR, SSIM, RMSE).
+IDEAL = "ideal denoiser (bound)"
+IDEAL_FIGURES = ("psnr_db", "ssim", "rmse_hu")
+
+
+def ideal_output(case: Case, condition: str) -> np.ndarray | None:
+    """An image as close to the reference, in mean square, as the best possible denoiser's.
+
+    The reference is full dose F = S + Nf and the input X = F + Ne, with noise of one texture
+    (the simulation shapes it so).  Knowing S, the estimate of F closest in mean square is
+    S + w (Nf + Ne), w = var(Nf) / (var(Nf) + var(Ne)): part of the reference's own noise is
+    in the input and can be kept, the rest cannot be known.  Its error w Ne - (1 - w) Nf is
+    built here on F, with ``case.full_noise`` standing in for Nf, so PSNR and RMSE are that
+    denoiser's; SSIM is at least its (this image varies more than that output, which lowers
+    SSIM's penalty).  No denoiser, knowing less than S, is closer to the reference.
+    """
+    if case.full_noise is None or condition not in case.inputs:
+        return None
+    low = case.inputs[condition]
+    extra = low - case.full
+    var_full = measured_noise(case.full, case.keep, case.rois) ** 2
+    var_extra = measured_noise(extra, case.keep, case.rois) ** 2
+    w = var_full / (var_full + var_extra)
+    return np.where(case.keep, low, case.full + w * extra - (1.0 - w) * case.full_noise)
 
 
 def evaluate_case(case: Case, model: OnnxDenoiser | None, log: Log) -> dict[str, dict]:
@@ -812,6 +854,10 @@ def evaluate_case(case: Case, model: OnnxDenoiser | None, log: Log) -> dict[str,
             log(f"{case.name} {condition}: {method_name} done ({seconds:.2f} s/slice)")
         if condition != "full dose":
             results[condition][REFERENCE] = score(case, case.full, low)
+            ideal = ideal_output(case, condition)
+            if ideal is not None:
+                figures = score(case, ideal, low)
+                results[condition][IDEAL] = {k: figures[k] for k in IDEAL_FIGURES}
     return results
 
 
@@ -867,33 +913,46 @@ TARGETS = (
 )
 
 
-def check_targets(results: dict) -> list[tuple[str, str, str, str]]:
-    """(series, target with its figures, PASS/MISS, the full-dose reference's verdict) at 25 %
-    dose, strength 1.0."""
+def _bound_verdict(test: Callable, figures: Callable, row: dict, bm3d: dict, low: dict) -> str:
+    """PASS/MISS with the figures of a bound row (reference, ideal), n/a where it has none."""
+    try:
+        return f"{'PASS' if test(row, bm3d, low) else 'MISS'} ({figures(row, bm3d, low)})"
+    except KeyError:
+        return "n/a"
+
+
+def check_targets(results: dict) -> list[tuple[str, str, str, str, str]]:
+    """(series, target with its figures, PASS/MISS, the full-dose reference's verdict, the
+    ideal denoiser's verdict) at 25 % dose, strength 1.0."""
     lines = []
     for series, conditions in results["series"].items():
         if "25%" not in conditions:
             continue
         rows = conditions["25%"]
-        row, low, reference = rows["model s=1"], rows["input"], rows.get(REFERENCE, {})
+        row, low = rows["model s=1"], rows["input"]
+        reference, ideal = rows.get(REFERENCE, {}), rows.get(IDEAL, {})
         bm3d = next(v for k, v in rows.items() if k.startswith("BM3D"))
         for target, test, figures in TARGETS:
             try:
                 ok = bool(test(row, bm3d, low))
             except KeyError:
-                lines.append((series, target, "n/a (no ROI, edge, CHO or second scan)", "n/a"))
+                lines.append(
+                    (series, target, "n/a (no ROI, edge, CHO or second scan)", "n/a", "n/a")
+                )
                 continue
-            try:
-                ref = "PASS" if test(reference, bm3d, low) else "MISS"
-                ref = f"{ref} ({figures(reference, bm3d, low)})"
-            except KeyError:
-                ref = "n/a"
-            verdict = "PASS" if ok else "MISS"
-            lines.append((series, f"{target} ({figures(row, bm3d, low)})", verdict, ref))
+            lines.append(
+                (
+                    series,
+                    f"{target} ({figures(row, bm3d, low)})",
+                    "PASS" if ok else "MISS",
+                    _bound_verdict(test, figures, reference, bm3d, low),
+                    _bound_verdict(test, figures, ideal, bm3d, low),
+                )
+            )
         if "full dose" in conditions:
             rms = conditions["full dose"]["model s=1"]["rmse_hu"]
             target = f"full-dose input changed < 5 HU RMS ({rms:.2f} HU)"
-            lines.append((series, target, "PASS" if rms < 5.0 else "MISS", "PASS (0.00 HU)"))
+            lines.append((series, target, "PASS" if rms < 5.0 else "MISS", "PASS (0.00 HU)", "n/a"))
     return lines
 
 
@@ -963,15 +1022,18 @@ def markdown(results: dict) -> str:
         out += [
             "## Targets at 25 % dose, strength 1.0",
             "",
-            "The last column scores the full-dose image itself as if it were the output: where",
-            "it misses too, no denoiser that recovers the full-dose image can meet the target.",
-            "(No CHO figure for it: the observer's background is fitted to that very image.",
-            "No noise-alone NPS either: two realisations of it do not differ.)",
+            '"Full dose itself" scores the full-dose image as if it were the output: where it',
+            "misses too, no denoiser that recovers the full-dose image can meet the target. (No",
+            "CHO figure for it: the observer's background is fitted to that very image. No",
+            'noise-alone NPS either: two realisations of it do not differ.) "Ideal denoiser" is',
+            "the closest any denoiser of the input can come to the full-dose image, whose own",
+            "noise it cannot know (PSNR and SSIM only): where it misses, the target is out of",
+            "reach for every method.",
             "",
-            "| series | target | result | full dose itself |",
-            "|---|---|---|---|",
+            "| series | target | result | full dose itself | ideal denoiser |",
+            "|---|---|---|---|---|",
         ]
-        out += [f"| {s} | {t} | {r} | {f} |" for s, t, r, f in results["targets"]]
+        out += [f"| {' | '.join(line)} |" for line in results["targets"]]
     return "\n".join(out) + "\n"
 
 
@@ -1134,8 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(report)
     print(report)
-    for series, target, verdict, reference in results["targets"]:
-        print(f"{verdict:5s} {series}: {target}; full dose itself: {reference}")
+    for series, target, verdict, reference, ideal in results["targets"]:
+        print(f"{verdict:5s} {series}: {target}; full dose itself: {reference}; ideal: {ideal}")
     if model is not None:
         log(f"model: {results['model_seconds_per_512_slice']:.3f} s per 512x512 slice on CPU")
     log(f"results in {out}")

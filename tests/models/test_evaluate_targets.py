@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.evaluate import REFERENCE, check_targets, markdown
+from models.evaluate import IDEAL, REFERENCE, check_targets, markdown
 
 
 def _figures(
@@ -31,6 +31,7 @@ def _results() -> dict:
             for k, v in _figures(46.0, -23.0, 0.0, float("inf")).items()
             if "cho" not in k and "noise_shift" not in k
         },
+        IDEAL: {"psnr_db": 28.6, "ssim": 0.95, "rmse_hu": 2.0},
     }
     return {
         "model": "m.onnx",
@@ -42,25 +43,31 @@ def _results() -> dict:
 
 def test_the_reference_gets_its_own_verdict_per_target() -> None:
     lines = {
-        target.split(" (")[0]: (verdict, ref)
-        for _, target, verdict, ref in check_targets(_results())
+        target.split(" (")[0]: (verdict, ref, ideal)
+        for _, target, verdict, ref, ideal in check_targets(_results())
     }
-    assert lines["noise reduction >= 50 %"] == ("PASS", "MISS (46.0 %)")
+    assert lines["noise reduction >= 50 %"] == ("PASS", "MISS (46.0 %)", "n/a")
     # texture is judged on the noise alone; the reference has none of its own
-    assert lines["abs(NPS peak shift) < 20 %, noise alone"] == ("PASS", "n/a")
-    assert lines["CHO d' not below the input's"] == ("MISS", "n/a")
-    assert lines["PSNR >= BM3D + 1 dB"] == ("PASS", "PASS (inf vs 28.00 dB)")
+    assert lines["abs(NPS peak shift) < 20 %, noise alone"] == ("PASS", "n/a", "n/a")
+    assert lines["CHO d' not below the input's"] == ("MISS", "n/a", "n/a")
+    # the ideal denoiser is scored on its distances to the reference only
+    assert lines["PSNR >= BM3D + 1 dB"] == (
+        "PASS",
+        "PASS (inf vs 28.00 dB)",
+        "MISS (28.60 vs 28.00 dB)",
+    )
+    assert lines["SSIM >= BM3D + 0.01"][2] == "PASS (0.950 vs 0.900)"
 
 
 def test_the_report_shows_the_reference_column() -> None:
     results = _results()
     results["targets"] = check_targets(results)
     report = markdown(results)
-    assert "| full dose itself |" in report
-    assert "| head | noise reduction >= 50 % (52.0 %) | PASS | MISS (46.0 %) |" in report
+    assert "| full dose itself | ideal denoiser |" in report
+    assert "| head | noise reduction >= 50 % (52.0 %) | PASS | MISS (46.0 %) | n/a |" in report
     assert (
         "| head | abs(NPS peak shift) < 20 %, noise alone (-12.0 %; single image, anatomy "
-        "included: -30.0 %) | PASS | n/a |"
+        "included: -30.0 %) | PASS | n/a | n/a |"
     ) in report
     assert f"| {REFERENCE} | inf |" in report
 

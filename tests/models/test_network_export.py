@@ -103,3 +103,21 @@ def test_a_released_model_is_where_fine_tuning_starts(tmp_path: Path) -> None:
     assert base.startswith("ct-denoise-unet 9.1.0") and "an H200" in base
     for name, value in released.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_the_gpu_timing_runs_the_shipped_weights_as_the_node_does() -> None:
+    """models.gpu_timing rebuilds the network from the ONNX file alone (widths from its
+    tensors); on the CPU in fp32 it must give the node's output, or its GPU figures would be
+    for another network."""
+    pytest.importorskip("torch")
+    from models.gpu_timing import measure, synthetic_slice
+
+    rows = measure(SHIPPED, "cpu", 64)
+    assert [(precision, batch) for precision, batch, _, _ in rows] == [
+        ("fp32", 1),
+        ("fp32", 8),
+        ("fp32", 32),
+    ]
+    assert all(ms > 0 and diff < 0.01 for _, _, ms, diff in rows)
+    hu = synthetic_slice(64)
+    assert hu.min() == -2048.0 and hu.max() > 700.0
