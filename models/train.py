@@ -523,20 +523,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--init-from",
         default=None,
-        help="start from this ONNX model or run name instead of the config's init_from",
+        help="start the first stage run from this ONNX model or run name instead of its "
+        "config's init_from (later stages start from the stage before, as configured)",
     )
     args = parser.parse_args(argv)
     raw = json.loads(args.config.read_text())
     command = "python -m models.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    stages = raw.pop("stages", [{}])
-    chosen = range(len(stages)) if args.stage is None else [args.stage - 1]
-    for i in chosen:
-        config = {**raw, **stages[i], "stage": i + 1}
-        if args.init_from:
-            config["init_from"] = args.init_from
-        print(f"stage {i + 1}/{len(stages)}: {config['run_name']}", flush=True)
+    for config in stage_configs(raw, args.stage, args.init_from):
+        print(
+            f"stage {config['stage']}/{len(raw.get('stages', [{}]))}: {config['run_name']}",
+            flush=True,
+        )
         train(config, args.minutes, command)
     return 0
+
+
+def stage_configs(raw: dict, stage: int | None, init_from: str | None) -> list[dict]:
+    """The configs of the stages to run (all, or the 1-based ``stage``), each the top-level
+    keys with its stage's on top.  ``init_from`` replaces the first one's starting point only:
+    a later stage keeps its own (the stage before it), or it would throw that stage away."""
+    stages = raw.get("stages", [{}])
+    shared = {k: v for k, v in raw.items() if k != "stages"}
+    chosen = range(len(stages)) if stage is None else [stage - 1]
+    configs = [{**shared, **stages[i], "stage": i + 1} for i in chosen]
+    if init_from:
+        configs[0]["init_from"] = init_from
+    return configs
 
 
 if __name__ == "__main__":

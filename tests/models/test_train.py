@@ -158,3 +158,22 @@ def test_zoomed_patches_resample_anatomy_and_noise_alike(zoom: float) -> None:
     else:
         assert abs(_neighbour_correlation(noise)) < 0.1
         assert np.std(noise) == pytest.approx(np.std(plain_noise) / 2, rel=0.15)
+
+
+def test_init_from_replaces_only_the_first_run_stages_start() -> None:
+    from models.train import stage_configs
+
+    raw = {
+        "seed": 0,
+        "stages": [{"run_name": "s1"}, {"run_name": "s2", "init_from": "s1", "lr": 3e-4}],
+    }
+    both = stage_configs(raw, None, "models/ct_denoise.onnx")
+    assert [(c["run_name"], c.get("init_from"), c["stage"]) for c in both] == [
+        ("s1", "models/ct_denoise.onnx", 1),
+        ("s2", "s1", 2),
+    ]
+    (second,) = stage_configs(raw, 2, "models/ct_denoise.onnx")
+    assert second["init_from"] == "models/ct_denoise.onnx" and second["lr"] == 3e-4
+    assert second["seed"] == 0 and "stages" not in second
+    assert stage_configs(raw, 2, None)[0]["init_from"] == "s1"
+    assert "stages" in raw
