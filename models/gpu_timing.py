@@ -24,6 +24,7 @@ import torch
 
 from models.network import DenoiseUNet
 from models.train import load_initial_weights
+from node.phantom import OUTSIDE_FOV, phantom_hu
 
 BATCHES = (1, 8, 32)
 
@@ -38,19 +39,13 @@ def network_from_onnx(path: Path) -> DenoiseUNet:
 
 
 def synthetic_slice(size: int, seed: int = 0) -> np.ndarray:
-    """A water disc with bone and soft-tissue inserts and correlated noise, air and a -2048
-    border outside: the value ranges a real slice has, without patient data."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    radius = np.hypot(yy, xx)
-    image = np.where(radius < 0.42 * size, 0.0, -1000.0)
-    for cy, cx, hu in ((-0.15, 0.0, 800.0), (0.12, -0.15, 60.0), (0.12, 0.15, -100.0)):
-        image[np.hypot(yy - cy * size, xx - cx * size) < 0.06 * size] = hu
-    noise = rng.normal(0.0, 25.0, (size, size))
+    """The node's test phantom (water, bone and soft-tissue inserts, air, -2048 outside the
+    field of view) with correlated noise inside the field of view: the value ranges a real
+    slice has, without patient data."""
+    image = phantom_hu(size)
+    noise = np.random.default_rng(seed).normal(0.0, 25.0, image.shape)
     noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, 1, 1)) / np.sqrt(3)
-    image = image + noise
-    image[radius > 0.49 * size] = -2048.0
-    return image.astype(np.float32)
+    return np.where(image > OUTSIDE_FOV, image + noise, image).astype(np.float32)
 
 
 def seconds_per_slice(run: Callable[[], object], batch: int, sync: Callable[[], None]) -> float:
