@@ -22,9 +22,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from devtools.phantom import OUTSIDE_FOV, phantom_hu
 from models.network import DenoiseUNet
 from models.train import load_initial_weights
-from node.phantom import OUTSIDE_FOV, phantom_hu
 
 BATCHES = (1, 8, 32)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.databases import DatabaseUnavailable, temporary_database
 from node import db
 from node.jobs import JobManager
-from tests.fixtures.databases import DatabaseUnavailable, temporary_database
 
 pytest_plugins = [
     "tests.fixtures.dicom",

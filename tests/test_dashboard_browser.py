@@ -17,7 +17,7 @@ from urllib.request import urlopen
 import pytest
 from PIL import Image
 
-from node.tools import free_port
+from devtools.tools import free_port
 from node.web import serve_web
 from tests.fixtures.admin import AdminNode, receive_series, settle
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from alembic import command
 
+from devtools.databases import DatabaseUnavailable, temporary_database
 from node import db
 from node.config import Settings
 from node.context import NodeContext
 from node.db import SchemaOutOfDate
-from tests.fixtures.databases import DatabaseUnavailable, temporary_database
 
 
 def test_a_fresh_sqlite_job_table_is_created_on_first_start_and_logged(

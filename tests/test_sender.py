@@ -20,15 +20,15 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
 from node.jobs.manager import POSTPONED, InstanceRecord
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
 from node.spool import Spool
-from node.tools import free_port
 from tests.fixtures.jobs import settle_series
 
 SLICES = 5

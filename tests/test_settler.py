@@ -13,6 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from devtools.tools import free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.derive import DerivationSpec, derive_instance
@@ -20,7 +21,6 @@ from node.jobs import JobState
 from node.jobs.manager import InstanceRecord
 from node.receiver import Receiver
 from node.settler import SeriesSettler
-from node.tools import free_port
 from tests.fixtures.dicom import storescu
 
 SETTLE = 0.5

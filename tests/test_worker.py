@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from devtools.phantom import PhantomSpec, write_phantom_series
 from node import db
 from node.config import Settings
 from node.context import NodeContext
@@ -19,7 +20,6 @@ from node.db import utcnow
 from node.denoise import Denoiser
 from node.jobs import JobManager, JobState
 from node.jobs.manager import InstanceRecord, NewJob
-from node.phantom import PhantomSpec, write_phantom_series
 from node.worker import Worker
 from tests.fixtures.onnx_models import ScriptedDenoiser
 
