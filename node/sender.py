@@ -29,7 +29,6 @@ from node.config import Destination, Settings
 from node.context import NodeContext
 from node.jobs.manager import LostClaim
 from node.jobs.tables import DerivedInstance, Job
-from node.service import poll_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +76,20 @@ def is_retryable_status(code: int) -> bool:
 class Sender:
     """The ``send`` role: claims ``sending`` jobs and delivers their derived instances."""
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, stop: threading.Event | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._last_beat = 0.0
 
-    def run(self, stop: threading.Event) -> None:
-        """Send until ``stop`` is set; an idle sender polls every ``poll_seconds``.
-
-        A database outage is waited out: a job whose acknowledgement could not be
-        recorded stays claimed and is taken again once its heartbeat is stale.
-        """
-        self._stop = stop
-        poll_until_stopped(stop, self.run_once, self.settings.poll_seconds, "send")
-
     def run_once(self) -> bool:
-        """Claim one job in ``sending`` and deliver it; False when there was none."""
+        """Claim one job in ``sending`` and deliver it; False when there was none.
+
+        ``node.service`` polls this.  Once ``stop`` is set the job in hand is released
+        between instances.  A job whose acknowledgement could not be recorded (database
+        outage) stays claimed and is taken again once its heartbeat is stale.
+        """
         job = self.manager.claim_sending_job(self.ctx.name, self.settings.stale_after_seconds)
         if job is None:
             return False

@@ -337,7 +337,7 @@ def test_stop_releases_the_job_between_instances(
     ctx = make_context(scp.destination())
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
 
-    Sender(ctx).run(stop)
+    Sender(ctx, stop).run_once()
 
     job = ctx.manager.get_job(job_id)
     assert job.state == JobState.SENDING and job.claimed_by is None

@@ -20,6 +20,7 @@ from node.derive import DerivationSpec, derive_instance
 from node.jobs import JobState
 from node.jobs.manager import InstanceRecord
 from node.receiver import Receiver
+from node.service import run_settler
 from node.settler import SeriesSettler
 from tests.fixtures.dicom import storescu
 
@@ -173,7 +174,7 @@ def test_late_instance_makes_a_second_job_for_the_whole_series(ctx: NodeContext)
 def test_run_polls_until_stopped(ctx: NodeContext) -> None:
     record(ctx, "1.2.3.500", 12)
     stop = threading.Event()
-    thread = threading.Thread(target=SeriesSettler(ctx).run, args=(stop,))
+    thread = threading.Thread(target=run_settler, args=(SeriesSettler(ctx), stop))
     thread.start()
     try:
         deadline = time.monotonic() + 10 * SETTLE

@@ -7,7 +7,7 @@ body lists the configured destinations) and FastAPI must see its real annotation
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
@@ -15,10 +15,8 @@ from node import overview
 from node.config import AE_TITLE
 from node.jobs import JobState
 from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
-from node.web.app import WebState, web_state
 from node.web.auth import CSRF_HEADER, Principal, check_post
-
-MAX_JOB_ID = 2**31 - 1  # the database's INTEGER
+from node.web.state import JobId, WebState, web_state
 
 
 class Problem(BaseModel):
@@ -40,7 +38,6 @@ def admin(request: Request, principal: Annotated[Principal, Depends(reader)]) ->
     return principal
 
 
-JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID)]
 ERRORS = {401: {"model": Problem}, 403: {"model": Problem}}
 ACTION_ERRORS = {
     404: {"model": Problem, "description": "no such job"},
