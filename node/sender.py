@@ -15,7 +15,6 @@ is missing is sent.  Failures fall in two kinds:
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 
@@ -25,8 +24,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from node.config import Destination, Settings
+from node.config import Destination
 from node.context import NodeContext
+from node.dicom_tls import TLSSetupError, client_tls_args
 from node.jobs.manager import LostClaim
 from node.jobs.tables import DerivedInstance, Job
 
@@ -46,26 +46,6 @@ class DeliveryError(Exception):
 
 class Stopping(Exception):
     """The process is shutting down: give the job back between two instances."""
-
-
-def tls_client_args(
-    settings: Settings, name: str, destination: Destination
-) -> tuple[ssl.SSLContext, str] | None:
-    """pynetdicom's ``tls_args`` for ``destination``: a verifying client context with the
-    configured CA (or the system's) and the node's certificate if it has one; None without TLS.
-    """
-    if not destination.tls:
-        return None
-    try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH,
-            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-        )
-        if settings.tls_cert_file is not None:
-            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise DeliveryError(name, f"TLS setup failed: {exc}", retryable=False) from exc
-    return context, destination.host
 
 
 def is_retryable_status(code: int) -> bool:
@@ -200,12 +180,16 @@ class Sender:
         timeout = self.settings.send_timeout_seconds
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        try:
+            tls_args = client_tls_args(self.settings, destination)
+        except TLSSetupError as exc:
+            raise DeliveryError(name, str(exc), retryable=False) from exc
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
             max_pdu=self.settings.max_pdu_size,
-            tls_args=tls_client_args(self.settings, name, destination),
+            tls_args=tls_args,
         )
         if not assoc.is_established:
             # pynetdicom reports a refused connection as an abort: one message for both.
