@@ -29,6 +29,7 @@ from devtools.node_process import NodeProcess, write_config
 from devtools.onnx_models import write_mean_filter_model
 from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
+from node.config import SHIPPED_MODEL
 
 CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ct-denoise-node" / "bench"
@@ -68,8 +69,6 @@ def megabytes(paths: Sequence[Path]) -> float:
 
 def model_file(path: Path | None) -> Path:
     """``path``, else the shipped model; CannotRun when the file does not exist."""
-    from models import SHIPPED_MODEL
-
     chosen = path or SHIPPED_MODEL
     if not chosen.is_file():
         hint = "" if path else " (the shipped model is not there yet: pass --model FILE)"

@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.set_defaults(func=cmd_denoise)
 
     for plugin in entry_points(group=COMMAND_PLUGINS):
-        plugin.load()(commands)
+        try:
+            register = plugin.load()
+        except ImportError:  # the tooling is not installed here (the runtime image)
+            log.debug("sub-command %s unavailable: %s not importable", plugin.name, plugin.value)
+            continue
+        register(commands)
 
     from node.admin import add_admin_commands
 

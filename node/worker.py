@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
-from node.denoise import Denoiser, ModelError
+from node.denoise import Denoiser
 from node.jobs.manager import LostClaim
 from node.jobs.states import JobState
 from node.jobs.tables import Job
@@ -122,11 +122,9 @@ class Worker:
     def _model(self) -> Denoiser:
         """The denoiser, loaded on first use; a load failure is retried with the next job."""
         if self._denoiser is None:
-            try:
-                path = self.settings.model_file
-            except (ImportError, AttributeError) as exc:
-                raise ModelError(f"no model configured and none shipped: {exc}") from exc
-            self._denoiser = Denoiser(path, self.settings.providers, self.settings.batch_size)
+            self._denoiser = Denoiser(
+                self.settings.model_file, self.settings.providers, self.settings.batch_size
+            )
             self.manager.worker_heartbeat(self.name, self._denoiser.provider)
         return self._denoiser
 
