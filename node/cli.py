@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``denoise-node``; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except (ConfigError, SchemaOutOfDate) as exc:
         print(f"denoise-node: {exc}", file=sys.stderr)
         return 2

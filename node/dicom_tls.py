@@ -25,9 +25,7 @@ class _HandshakeInAssociation(ssl.SSLContext):
     up every other TLS caller.  OpenSSL then handshakes on the first read instead.
     """
 
-    def wrap_socket(  # type: ignore[override]
-        self, sock: Any, *args: Any, **kwargs: Any
-    ) -> ssl.SSLSocket:
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, *args, **kwargs)
 

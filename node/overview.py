@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node import __version__
 from node.config import Destination

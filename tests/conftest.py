@@ -26,6 +26,19 @@ pytest_plugins = [
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
+ORTHANC_FIXTURES = {"orthanc", "shared_orthanc"}
+RELIABILITY = Path(__file__).resolve().parent / "reliability"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what ``make test-fast`` leaves out: Orthanc users and the reliability scenarios."""
+    for item in items:
+        if ORTHANC_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.orthanc)
+        if RELIABILITY in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty job table database: SQLite file or a fresh PostgreSQL database."""

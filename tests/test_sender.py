@@ -171,6 +171,7 @@ def test_after_a_restart_only_the_missing_instances_are_sent(
     assert "(3 sent now)" in ctx.manager.job_events(job_id)[-1].message
 
 
+@pytest.mark.orthanc
 def test_pacs_down_postpones_with_backoff_then_finishes(
     make_context: Callable[..., NodeContext], tmp_path: Path
 ) -> None:

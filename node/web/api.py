@@ -5,7 +5,7 @@ body lists the configured destinations) and FastAPI must see its real annotation
 """
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,8 +38,8 @@ def admin(request: Request, principal: Annotated[Principal, Depends(reader)]) ->
     return principal
 
 
-ERRORS = {401: {"model": Problem}, 403: {"model": Problem}}
-ACTION_ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 403: {"model": Problem}}
+ACTION_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no such job"},
     409: {"model": Problem, "description": "the job is not in a state that allows this"},
 }
@@ -66,7 +66,8 @@ def jobs(
     except (ValueError, OverflowError) as exc:
         problem = {"type": "datetime_parsing", "loc": ("query", "since"), "input": since}
         raise RequestValidationError([{**problem, "msg": "not an ISO 8601 date-time"}]) from exc
-    return overview.list_jobs(web.ctx, state, created_since, ae, study, limit)
+    states = None if state is None else [s.value for s in state]
+    return overview.list_jobs(web.ctx, states, created_since, ae, study, limit)
 
 
 @_routes.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"model": Problem}})

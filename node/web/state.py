@@ -64,7 +64,8 @@ class WebState:
 
 
 def web_state(request: Request) -> WebState:
-    return request.app.state.web
+    web: WebState = request.app.state.web
+    return web
 
 
 def ensure_session(request: Request, principal: Principal | None = None) -> WebSession:
