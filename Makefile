@@ -1,7 +1,7 @@
 # The quick-start commands: `make demo` and `make test` (README); `make test-fast` while editing.
 .PHONY: demo test test-fast lint typecheck
 
-FAST = not postgres and not orthanc and not browser and not slow and not load
+FAST = not postgres and not orthanc and not browser and not slow and not load and not training
 
 demo:
 	scripts/install.sh
@@ -14,7 +14,8 @@ test:
 	.venv/bin/mypy
 	.venv/bin/python -m pytest -p no:cacheprovider
 
-# A fast subset (no Orthanc, no PostgreSQL, no browser, no reliability scenarios), < 3 min.
+# A fast subset of the node's tests (no Orthanc, no PostgreSQL, no browser, no reliability
+# scenarios, no training-code tests), under 3 minutes.
 test-fast:
 	.venv/bin/ruff check .
 	.venv/bin/mypy

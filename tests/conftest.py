@@ -27,16 +27,19 @@ SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
 ORTHANC_FIXTURES = {"orthanc", "shared_orthanc"}
-RELIABILITY = Path(__file__).resolve().parent / "reliability"
+HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark what ``make test-fast`` leaves out: Orthanc users and the reliability scenarios."""
+    """Mark what ``make test-fast`` leaves out: Orthanc users, the reliability scenarios
+    and the tests of the training code."""
     for item in items:
         if ORTHANC_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.orthanc)
-        if RELIABILITY in item.path.parents:
+        if HERE / "reliability" in item.path.parents:
             item.add_marker(pytest.mark.slow)
+        if HERE / "models" in item.path.parents:
+            item.add_marker(pytest.mark.training)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
