@@ -17,13 +17,12 @@ RUN apt-get update \
 WORKDIR /opt/ct-denoise-node
 COPY pyproject.toml README.md alembic.ini ./
 COPY node node
-COPY models models
 COPY migrations migrations
 RUN pip install --no-cache-dir . \
  && if [ "$EXTRAS" = "gpu" ]; then \
       pip uninstall -y onnxruntime && pip install --no-cache-dir ".[gpu]"; \
     fi \
- && python -c "from models import SHIPPED_MODEL; assert SHIPPED_MODEL.is_file(), SHIPPED_MODEL"
+ && python -c "from node.config import SHIPPED_MODEL; assert SHIPPED_MODEL.is_file(), SHIPPED_MODEL"
 
 USER denoise
 EXPOSE 11112 8080

@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 
 import onnxruntime as ort
 
-from node.phantom import PhantomSpec, write_phantom_series
-from node.tools import dcmtk_tool, free_port
-from tests.fixtures.databases import DatabaseUnavailable, temporary_database
-from tests.fixtures.dicom import DCMTK_ENV
-from tests.fixtures.node import NodeProcess, write_config
-from tests.fixtures.onnx_models import write_mean_filter_model
+from devtools.databases import DatabaseUnavailable, temporary_database
+from devtools.node_process import NodeProcess, write_config
+from devtools.onnx_models import write_mean_filter_model
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
+from node.config import SHIPPED_MODEL
 
 CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ct-denoise-node" / "bench"
@@ -69,8 +69,6 @@ def megabytes(paths: Sequence[Path]) -> float:
 
 def model_file(path: Path | None) -> Path:
     """``path``, else the shipped model; CannotRun when the file does not exist."""
-    from models import SHIPPED_MODEL
-
     chosen = path or SHIPPED_MODEL
     if not chosen.is_file():
         hint = "" if path else " (the shipped model is not there yet: pass --model FILE)"
@@ -118,7 +116,7 @@ def storescu(port: int, paths: Sequence[Path], called_ae: str) -> float:
 
 @contextmanager
 def database(backend: str, folder: Path, template: str | None = None) -> Iterator[str]:
-    """A throw-away migrated job table (see tests.fixtures.databases); CannotRun without one."""
+    """A throw-away migrated job table (see devtools.databases); CannotRun without one."""
     try:
         with temporary_database(backend, folder, template, prefix="bench") as url:
             yield url

@@ -20,10 +20,10 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import common
+from devtools.orthanc import OrthancServer
 from node import db
 from node.jobs import JobState
 from node.jobs.tables import JobEvent
-from node.orthanc import OrthancServer
 
 TIMEOUT = 3600.0
 

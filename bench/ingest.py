@@ -30,11 +30,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from bench import common
-from node.orthanc import OrthancServer
+from devtools.node_process import echo
+from devtools.orthanc import OrthancServer
+from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.receiver import TRANSFER_SYNTAXES
-from node.tools import dcmtk_tool, free_port
-from tests.fixtures.dicom import DCMTK_ENV
-from tests.fixtures.node import echo
 
 NO_SETTLE = 86400.0
 START_TIMEOUT = 30.0

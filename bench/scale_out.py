@@ -30,10 +30,10 @@ from pathlib import Path
 from sqlalchemy import update
 
 from bench import common
+from devtools.node_process import NodeProcess
 from node import db
 from node.jobs import JobManager, JobState
 from node.jobs.tables import Job
-from tests.fixtures.node import NodeProcess
 
 TIMEOUT = 3600.0
 #: Jobs wait (run_after) until every worker process of a run has started.

@@ -1,11 +1,12 @@
 """The denoising model: data loading, low-dose simulation, network, training and ONNX export.
 
-Only ``models.data`` and ``models.simulate`` are imported by the running node (demo and tests);
-they need numpy, scipy, scikit-image and pydicom.  Training and export need PyTorch.
+The running node never imports this package; ``models`` may import ``node``.  The demo and
+the tests (``devtools``) use ``models.data`` and ``models.simulate``, which need numpy,
+scipy, scikit-image and pydicom.  Training and export need PyTorch.
 """
 
-from pathlib import Path
+from node.config import SHIPPED_MODEL
 
-#: The ONNX model that ships with the node (package data, found after ``pip install``;
-#: node.config uses it as the default model_path).
-SHIPPED_MODEL = Path(__file__).resolve().parent / "ct_denoise.onnx"
+#: The ONNX model that ships with the node: package data of the node
+#: (``node/model/ct_denoise.onnx``), which owns the constant; export writes it there.
+__all__ = ["SHIPPED_MODEL"]

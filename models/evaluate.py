@@ -76,9 +76,10 @@ from models.data import (
     load_series,
 )
 from models.simulate import SIM_VERSION, series_calibration
+from node.config import SHIPPED_MODEL
 from node.pixels import blend, model_input
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "ct_denoise.onnx"
+DEFAULT_MODEL = SHIPPED_MODEL
 #: Gaussian baseline: std in mm, chosen by ``--tune-gaussian`` (best windowed PSNR on the
 #: training series at 25 % dose, 3 slices each) and then fixed for every evaluation.
 GAUSSIAN_SIGMA_MM = 0.6

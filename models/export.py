@@ -1,6 +1,6 @@
 """Export a trained checkpoint to the ONNX file the worker runs.
 
-``python -m models.export CHECKPOINT --out models/ct_denoise.onnx``
+``python -m models.export CHECKPOINT --out node/model/ct_denoise.onnx``
 
 The contract: opset 17, input ``hu`` and output ``denoised``, float32 [N, 1, H, W] in HU with
 N, H and W dynamic, and metadata (name, version, training doses and data, description) so the
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: checkpoint in, ONNX out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("models/ct_denoise.onnx"))
+    parser.add_argument("--out", type=Path, default=Path("node/model/ct_denoise.onnx"))
     parser.add_argument("--version", default=None, help="release version (default: config's)")
     args = parser.parse_args(argv)
     model, state = load_checkpoint(args.checkpoint)

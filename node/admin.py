@@ -76,13 +76,14 @@ def _context(args: argparse.Namespace) -> Iterator[NodeContext]:
         ctx.close()
 
 
-def _print_json(value: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
-    if isinstance(value, list):
-        data: Any = [item.model_dump(mode="json") for item in value]
-    elif isinstance(value, BaseModel):
+def _print_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+    data: Any
+    if isinstance(value, BaseModel):
         data = value.model_dump(mode="json")
-    else:
+    elif isinstance(value, dict):
         data = value
+    else:
+        data = [item.model_dump(mode="json") for item in value]
     print(json.dumps(data, indent=2))
 
 
@@ -90,7 +91,7 @@ def _cell(value: str, width: int) -> str:
     return value if len(value) <= width else value[: width - 1] + "…"
 
 
-def _table(headers: Sequence[str], widths: Sequence[int], rows: list[Sequence[str]]) -> str:
+def _table(headers: Sequence[str], widths: Sequence[int], rows: Sequence[Sequence[str]]) -> str:
     """Fixed-width columns; the last one takes what is left of ``WIDTH``."""
     widths = [*widths, WIDTH - sum(widths) - len(widths)]
     lines = [[*headers], *rows]
@@ -384,7 +385,7 @@ def _states(text: str) -> list[str]:
     return states
 
 
-def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``jobs``, ``status``, ``purge`` and ``web`` to ``denoise-node``'s sub-commands."""
     jobs = subparsers.add_parser("jobs", help="list, show, retry, cancel or resend jobs")
     verbs = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
@@ -405,11 +406,12 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
     _json_flag(show)
     show.set_defaults(func=_refusals(cmd_jobs_show))
 
-    for action, text in (
+    actions: tuple[tuple[overview.Action, str], ...] = (
         ("retry", "run a finished, failed, skipped or cancelled job again"),
         ("cancel", "stop a job that has not finished"),
         ("resend", "send a job's derived series (again) to a destination"),
-    ):
+    )
+    for action, text in actions:
         verb = verbs.add_parser(action, help=text)
         verb.add_argument("id", type=int)
         if action == "resend":

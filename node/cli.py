@@ -1,7 +1,9 @@
 """``denoise-node``: one command, one sub-command per role or admin action.
 
-Every option can also come from the TOML file (``--config`` or ``DENOISE_NODE_CONFIG``)
-or a ``DENOISE_NODE_*`` environment variable; see README's Configuration section.
+Sub-commands of the tooling (``demo``) join through the ``denoise_node.commands``
+entry-point group.  Every option can also come from the TOML file (``--config`` or
+``DENOISE_NODE_CONFIG``) or a ``DENOISE_NODE_*`` environment variable; see README's
+Configuration section.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from node import __version__
@@ -20,6 +23,11 @@ from node.db import SchemaOutOfDate
 from node.logs import configure_logging
 
 log = logging.getLogger("node.cli")
+
+#: Entry-point group of sub-commands that live outside the runtime package: each entry is
+#: ``register(subparsers)``.  ``devtools`` adds ``demo`` through it, so ``denoise-node demo``
+#: works wherever the tooling is installed while the node itself never imports it.
+COMMAND_PLUGINS = "denoise_node.commands"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -86,13 +94,6 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
-
-    configure_logging(args.log_level or "WARNING", args.log_format or "text")
-    return run_demo(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="denoise-node",
@@ -138,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
     denoise.set_defaults(func=cmd_denoise)
 
-    from node.demo import add_demo_arguments
-
-    demo = commands.add_parser("demo", help="end-to-end demo with Orthanc as the PACS")
-    add_demo_arguments(demo)
-    demo.set_defaults(func=cmd_demo)
+    for plugin in entry_points(group=COMMAND_PLUGINS):
+        try:
+            register = plugin.load()
+        except ImportError:  # the tooling is not installed here (the runtime image)
+            log.debug("sub-command %s unavailable: %s not importable", plugin.name, plugin.value)
+            continue
+        register(commands)
 
     from node.admin import add_admin_commands
 
@@ -154,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``denoise-node``; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except (ConfigError, SchemaOutOfDate) as exc:
         print(f"denoise-node: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "DENOISE_NODE_"
+#: The ONNX model that ships with the node: package data of ``node`` (found after
+#: ``pip install`` and in the image), the default ``model_path``.  ``models/`` writes it.
+SHIPPED_MODEL = Path(__file__).resolve().parent / "model" / "ct_denoise.onnx"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 
 
@@ -201,11 +204,7 @@ class Settings(BaseSettings):
 
     @property
     def model_file(self) -> Path:
-        if self.model_path is not None:
-            return self.model_path
-        from models import SHIPPED_MODEL
-
-        return SHIPPED_MODEL
+        return self.model_path or SHIPPED_MODEL
 
     def check_references(self) -> None:
         """Rules may only name destinations that exist."""

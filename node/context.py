@@ -23,11 +23,15 @@ class NodeContext:
     name: str
 
     @classmethod
-    def open(cls, settings: Settings, check_schema: bool = True) -> NodeContext:
-        """Connect to the job table (refusing an out-of-date schema) and open the spool."""
+    def open(cls, settings: Settings) -> NodeContext:
+        """Connect to the job table (SQLite: made current; others: refused when out of
+        date) and open the spool."""
         engine = db.make_engine(settings.db_url)
-        if check_schema:
-            db.check_schema(engine)
+        try:
+            db.prepare_schema(engine)
+        except Exception:
+            engine.dispose()
+            raise
         return cls(
             settings=settings,
             engine=engine,

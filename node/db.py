@@ -2,11 +2,17 @@
 
 SQLite is the embedded default (WAL, FULL sync, a busy timeout so several processes
 share it); PostgreSQL is the production database.  The schema is owned by Alembic:
-the node refuses to start against an out-of-date schema.
+an embedded SQLite job table is created or upgraded on first start, while the node
+refuses to start against an out-of-date PostgreSQL schema (an administrator migrates a
+shared production database on purpose, with ``denoise-node db upgrade``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+
+log = logging.getLogger(__name__)
 
 
 class SchemaOutOfDate(Exception):
@@ -78,15 +86,55 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def check_schema(engine: Engine) -> None:
-    """Raise SchemaOutOfDate with the command to run when the schema is not at head."""
-    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
-    head = script.get_current_head()
+def _revisions(engine: Engine) -> tuple[str | None, str | None]:
+    """(the database's revision, the newest revision this node knows)."""
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
+    return current, head
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaOutOfDate with the command to run when the schema is not at head."""
+    current, head = _revisions(engine)
     if current != head:
         raise SchemaOutOfDate(
             f"the database schema is at {current or 'nothing (empty database)'} but this node "
             f"needs {head}: run `denoise-node db upgrade` with the same --config and "
             "DENOISE_NODE_DATABASE_URL"
         )
+
+
+@contextmanager
+def _sqlite_migration_lock(database: str) -> Iterator[None]:
+    """One process at a time migrates an SQLite file (roles may start side by side)."""
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare_schema(engine: Engine) -> None:
+    """Make the job table usable at start: SQLite is created or upgraded here and logged;
+    any other database must already be at head (SchemaOutOfDate names the command)."""
+    if engine.dialect.name != "sqlite":
+        check_schema(engine)
+        return
+    _ensure_sqlite_folder(str(engine.url))
+    with _sqlite_migration_lock(engine.url.database or ""):
+        current, head = _revisions(engine)
+        if current == head:
+            return
+        upgrade(engine.url.render_as_string(hide_password=False))
+    log.info(
+        "SQLite job table %s %s: %s",
+        "created at" if current is None else f"upgraded from {current} to",
+        head,
+        engine.url.database,
+        extra={"from_revision": current, "to_revision": head},
+    )

@@ -1,6 +1,7 @@
 """The derived (denoised) CT instance, built explicitly from its source, highdicom style.
 
-What the new instance keeps is listed module by module (``_COPIED``): patient, study,
+What the new instance keeps is listed module by module
+(``node.derive_attributes.COPIED_ATTRIBUTES``): patient, study,
 frame of reference, equipment, acquisition, geometry and CT acquisition parameters
 are those of the source; everything else (private tags, icons, overlays, pixel
 statistics, the source's identity) is left behind, so nothing in the header lies about
@@ -41,6 +42,7 @@ from pydicom.uid import (
 )
 
 import node
+from node.derive_attributes import COPIED_ATTRIBUTES
 
 MANUFACTURER = "ct-denoise-node project"
 MODEL_NAME = "ct-denoise-node"
@@ -68,196 +70,6 @@ _LOSSY_METHOD = {
     "1.2.840.10008.1.2.4.81": "ISO_14495_1",
     "1.2.840.10008.1.2.4.91": "ISO_15444_1",
     "1.2.840.10008.1.2.4.203": "ISO_15444_15",
-}
-
-#: Attributes of the source that stay true for the denoised slice, by module (PS3.3).
-_COPIED: dict[str, tuple[str, ...]] = {
-    "SOP Common": ("SpecificCharacterSet", "TimezoneOffsetFromUTC"),
-    "Patient": (
-        "PatientName",
-        "PatientID",
-        "IssuerOfPatientID",
-        "IssuerOfPatientIDQualifiersSequence",
-        "TypeOfPatientID",
-        "PatientBirthDate",
-        "PatientBirthTime",
-        "PatientSex",
-        "OtherPatientIDsSequence",
-        "PatientComments",
-        "PatientSpeciesDescription",
-        "PatientSpeciesCodeSequence",
-        "PatientBreedDescription",
-        "PatientBreedCodeSequence",
-        "BreedRegistrationSequence",
-        "ResponsiblePerson",
-        "ResponsiblePersonRole",
-        "ResponsibleOrganization",
-        "PatientIdentityRemoved",
-        "DeidentificationMethod",
-        "DeidentificationMethodCodeSequence",
-        "QualityControlSubject",
-    ),
-    "Clinical Trial Subject": (
-        "ClinicalTrialSponsorName",
-        "ClinicalTrialProtocolID",
-        "ClinicalTrialProtocolName",
-        "ClinicalTrialSiteID",
-        "ClinicalTrialSiteName",
-        "ClinicalTrialSubjectID",
-        "ClinicalTrialSubjectReadingID",
-    ),
-    "General Study": (
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "ReferringPhysicianIdentificationSequence",
-        "ConsultingPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-        "IssuerOfAccessionNumberSequence",
-        "StudyDescription",
-        "PhysiciansOfRecord",
-        "NameOfPhysiciansReadingStudy",
-        "ReferencedStudySequence",
-        "ProcedureCodeSequence",
-        "ReasonForPerformedProcedureCodeSequence",
-    ),
-    "Patient Study": (
-        "AdmittingDiagnosesDescription",
-        "PatientAge",
-        "PatientSize",
-        "PatientWeight",
-        "PatientSexNeutered",
-        "MedicalAlerts",
-        "Allergies",
-        "SmokingStatus",
-        "PregnancyStatus",
-        "AdditionalPatientHistory",
-        "AdmissionID",
-    ),
-    "Clinical Trial Study": ("ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription"),
-    "General Series": (
-        "Modality",
-        "SeriesDate",
-        "SeriesTime",
-        "Laterality",
-        "BodyPartExamined",
-        "PatientPosition",
-        "ProtocolName",
-        "OperatorsName",
-        "PerformingPhysicianName",
-        "RequestAttributesSequence",
-        "AnatomicalOrientationType",
-    ),
-    "Frame of Reference": ("FrameOfReferenceUID", "PositionReferenceIndicator"),
-    "General Equipment": (
-        "Manufacturer",
-        "InstitutionName",
-        "InstitutionAddress",
-        "StationName",
-        "InstitutionalDepartmentName",
-        "ManufacturerModelName",
-        "DeviceSerialNumber",
-        "SoftwareVersions",
-        "SpatialResolution",
-        "DateOfLastCalibration",
-        "TimeOfLastCalibration",
-        "PixelPaddingValue",
-    ),
-    "General Acquisition": (
-        "AcquisitionNumber",
-        "AcquisitionDate",
-        "AcquisitionTime",
-        "AcquisitionDateTime",
-        "IrradiationEventUID",
-    ),
-    "General Image": (
-        "InstanceNumber",
-        "PatientOrientation",
-        "BurnedInAnnotation",
-        "RecognizableVisualFeatures",
-        "ReferencedImageSequence",
-        "AnatomicRegionSequence",
-    ),
-    "Image Plane": (
-        "PixelSpacing",
-        "ImageOrientationPatient",
-        "ImagePositionPatient",
-        "SliceThickness",
-        "SpacingBetweenSlices",
-        "SliceLocation",
-    ),
-    "Image Pixel": (
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
-        "Rows",
-        "Columns",
-        "BitsAllocated",
-        "BitsStored",
-        "HighBit",
-        "PixelRepresentation",
-        "PixelPaddingRangeLimit",
-    ),
-    "Contrast/Bolus": (
-        "ContrastBolusAgent",
-        "ContrastBolusAgentSequence",
-        "ContrastBolusRoute",
-        "ContrastBolusAdministrationRouteSequence",
-        "ContrastBolusVolume",
-        "ContrastBolusStartTime",
-        "ContrastBolusStopTime",
-        "ContrastBolusTotalDose",
-        "ContrastFlowRate",
-        "ContrastFlowDuration",
-        "ContrastBolusIngredient",
-        "ContrastBolusIngredientConcentration",
-    ),
-    "CT Image": (
-        "RescaleIntercept",
-        "RescaleSlope",
-        "RescaleType",
-        "KVP",
-        "DataCollectionDiameter",
-        "DataCollectionCenterPatient",
-        "ReconstructionDiameter",
-        "ReconstructionTargetCenterPatient",
-        "DistanceSourceToDetector",
-        "DistanceSourceToPatient",
-        "GantryDetectorTilt",
-        "TableHeight",
-        "RotationDirection",
-        "ExposureTime",
-        "XRayTubeCurrent",
-        "Exposure",
-        "ExposureInuAs",
-        "FilterType",
-        "GeneratorPower",
-        "FocalSpots",
-        "ConvolutionKernel",
-        "RevolutionTime",
-        "SingleCollimationWidth",
-        "TotalCollimationWidth",
-        "TableSpeed",
-        "TableFeedPerRotation",
-        "SpiralPitchFactor",
-        "ExposureModulationType",
-        "EstimatedDoseSaving",
-        "CTDIvol",
-        "CTDIPhantomTypeCodeSequence",
-        "CalciumScoringMassFactorPatient",
-        "CalciumScoringMassFactorDevice",
-        "EnergyWeightingFactor",
-        "MultienergyCTAcquisition",
-        "ScanOptions",
-    ),
-    "VOI LUT": (
-        "WindowCenter",
-        "WindowWidth",
-        "WindowCenterWidthExplanation",
-        "VOILUTFunction",
-        "VOILUTSequence",
-    ),
 }
 
 
@@ -398,7 +210,7 @@ def derive_instance(
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"CTDN_{spec.software_version}"[:16]
@@ -408,7 +220,7 @@ def derive_instance(
 
 def _copy_source_attributes(source: Dataset, target: Dataset) -> None:
     """Patient, study, series, geometry and acquisition attributes, as the source has them."""
-    for keywords in _COPIED.values():
+    for keywords in COPIED_ATTRIBUTES.values():
         for keyword in keywords:
             if keyword in source:
                 target.add(copy.copy(source[keyword]))  # setting a value never reaches back

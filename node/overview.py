@@ -17,12 +17,13 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node import __version__
 from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
+from node.dicom_tls import TLSSetupError, client_tls_args
 from node.jobs import JobState, TransitionError
 from node.jobs.tables import Job, JobEvent, Worker
 
@@ -197,8 +198,6 @@ def worker_views(ctx: NodeContext) -> list[WorkerView]:
 
 def echo_destination(ctx: NodeContext, name: str, destination: Destination) -> DestinationCheck:
     """C-ECHO one destination with the node's own AE title, as the sender would associate."""
-    from node.sender import DeliveryError, tls_client_args
-
     ae = AE(ae_title=ctx.settings.ae_title)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ECHO_TIMEOUT_SECONDS
@@ -206,11 +205,11 @@ def echo_destination(ctx: NodeContext, name: str, destination: Destination) -> D
     started = monotonic()
     try:
         # The sender's TLS setup, so the check proves what sending needs.
-        tls_args = tls_client_args(ctx.settings, name, destination)
+        tls_args = client_tls_args(ctx.settings, destination)
         assoc = ae.associate(
             destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
         )
-    except (DeliveryError, OSError) as exc:
+    except (TLSSetupError, OSError) as exc:
         return _check(name, destination, False, str(exc))
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "not reachable"

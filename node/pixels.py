@@ -59,7 +59,8 @@ class PixelCodec:
 
     def to_hu(self, stored: np.ndarray) -> np.ndarray:
         """Stored values as float32 HU."""
-        return (stored.astype(np.float32) * np.float32(self.slope)) + np.float32(self.intercept)
+        hu: np.ndarray = stored.astype(np.float32) * np.float32(self.slope)
+        return hu + np.float32(self.intercept)
 
     def untouchable(self, stored: np.ndarray) -> np.ndarray:
         """Mask of padding and outside-field-of-view pixels, which pass through unchanged."""
@@ -68,7 +69,8 @@ class PixelCodec:
                 low = min(self.padding_value, self.padding_range_limit)
                 high = max(self.padding_value, self.padding_range_limit)
                 return (stored >= low) & (stored <= high)
-            return stored == self.padding_value
+            padding: np.ndarray = stored == self.padding_value
+            return padding
         return self.to_hu(stored) <= OUTSIDE_FOV_HU
 
     def to_stored(self, hu: np.ndarray, original: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -87,16 +89,21 @@ def model_input(hu: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 def blend(original_hu: np.ndarray, denoised_hu: np.ndarray, strength: float) -> np.ndarray:
     """``original + strength * (denoised - original)``: strength 0 is the input, 1 the model."""
-    return original_hu + np.float32(strength) * (denoised_hu - original_hu)
+    blended: np.ndarray = original_hu + np.float32(strength) * (denoised_hu - original_hu)
+    return blended
 
 
 def _float_or(value: object, default: float) -> float:
     if value is None or value == "":
         return default
-    return float(value)  # type: ignore[arg-type]
+    if not isinstance(value, int | float | str):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
 
 
 def _int_or_none(value: object) -> int | None:
     if value is None or value == "":
         return None
-    return int(value)  # type: ignore[arg-type]
+    if not isinstance(value, int | float | str):
+        raise TypeError(f"not a number: {value!r}")
+    return int(value)

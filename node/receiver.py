@@ -14,7 +14,6 @@ import hashlib
 import ipaddress
 import logging
 import math
-import ssl
 import threading
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.context import NodeContext
+from node.dicom_tls import server_context
 from node.jobs.manager import InstanceRecord, RecordOutcome
 from node.rules import NODE_EQUIPMENT
 from node.spool import SpoolFull
@@ -86,21 +86,6 @@ class Refused(Exception):
         super().__init__(comment)
         self.status = status
         self.comment = comment
-
-
-class _HandshakeInAssociation(ssl.SSLContext):
-    """A server context whose TLS handshake runs in the association's thread.
-
-    pynetdicom wraps each accepted socket in its single accept loop; with Python's
-    default handshake-on-connect, one caller that connects and stays silent would hold
-    up every other TLS caller.  OpenSSL then handshakes on the first read instead.
-    """
-
-    def wrap_socket(  # type: ignore[override]
-        self, sock: Any, *args: Any, **kwargs: Any
-    ) -> ssl.SSLSocket:
-        kwargs["do_handshake_on_connect"] = False
-        return super().wrap_socket(sock, *args, **kwargs)
 
 
 class Receiver:
@@ -159,7 +144,10 @@ class Receiver:
         if settings.tls_port is not None:
             tls_address = (settings.bind_address, settings.tls_port)
             self._tls_server = self._ae.start_server(
-                tls_address, block=False, evt_handlers=handlers, ssl_context=self._tls_context()
+                tls_address,
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=server_context(settings),
             )
             log.info(
                 "receiver %s listening for DICOM over TLS on %s:%d%s",
@@ -169,18 +157,6 @@ class Receiver:
                 " (client certificate required)" if settings.tls_require_client_cert else "",
                 extra={"ae_title": settings.ae_title, "port": self.tls_port},
             )
-
-    def _tls_context(self) -> ssl.SSLContext:
-        """A server context with the node's certificate; mutual TLS checks the callers' CA."""
-        settings = self.ctx.settings
-        context = _HandshakeInAssociation(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
-        if settings.tls_ca_file is not None:
-            context.load_verify_locations(cafile=str(settings.tls_ca_file))
-        if settings.tls_require_client_cert:
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
 
     def stop(self) -> None:
         """Stop accepting, let running associations finish briefly, then abort the rest."""

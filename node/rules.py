@@ -139,14 +139,13 @@ def _mismatch(
     ):
         return f"ConvolutionKernel {series.convolution_kernel!r} does not match {key}"
     thickness = series.slice_thickness
-    if (rule.slice_thickness_min is not None or rule.slice_thickness_max is not None) and (
-        thickness is None
-    ):
-        return f"SliceThickness is missing; {key} needs it"
-    if rule.slice_thickness_min is not None and thickness < rule.slice_thickness_min:
-        return f"SliceThickness {thickness} mm is below {key}.slice_thickness_min"
-    if rule.slice_thickness_max is not None and thickness > rule.slice_thickness_max:
-        return f"SliceThickness {thickness} mm is above {key}.slice_thickness_max"
+    if rule.slice_thickness_min is not None or rule.slice_thickness_max is not None:
+        if thickness is None:
+            return f"SliceThickness is missing; {key} needs it"
+        if rule.slice_thickness_min is not None and thickness < rule.slice_thickness_min:
+            return f"SliceThickness {thickness} mm is below {key}.slice_thickness_min"
+        if rule.slice_thickness_max is not None and thickness > rule.slice_thickness_max:
+            return f"SliceThickness {thickness} mm is above {key}.slice_thickness_max"
     if rule.ctdi_vol_max is not None:
         if series.ctdi_vol is None:
             return f"CTDIvol is missing; {key}.ctdi_vol_max needs it"

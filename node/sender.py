@@ -15,7 +15,6 @@ is missing is sent.  Failures fall in two kinds:
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 
@@ -25,11 +24,11 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from node.config import Destination, Settings
+from node.config import Destination
 from node.context import NodeContext
+from node.dicom_tls import TLSSetupError, client_tls_args
 from node.jobs.manager import LostClaim
 from node.jobs.tables import DerivedInstance, Job
-from node.service import poll_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +48,6 @@ class Stopping(Exception):
     """The process is shutting down: give the job back between two instances."""
 
 
-def tls_client_args(
-    settings: Settings, name: str, destination: Destination
-) -> tuple[ssl.SSLContext, str] | None:
-    """pynetdicom's ``tls_args`` for ``destination``: a verifying client context with the
-    configured CA (or the system's) and the node's certificate if it has one; None without TLS.
-    """
-    if not destination.tls:
-        return None
-    try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH,
-            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-        )
-        if settings.tls_cert_file is not None:
-            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise DeliveryError(name, f"TLS setup failed: {exc}", retryable=False) from exc
-    return context, destination.host
-
-
 def is_retryable_status(code: int) -> bool:
     """Out of resources (0xA7xx) and resource limitation (0x0213) may pass; others do not."""
     return 0xA700 <= code <= 0xA7FF or code == 0x0213
@@ -77,24 +56,20 @@ def is_retryable_status(code: int) -> bool:
 class Sender:
     """The ``send`` role: claims ``sending`` jobs and delivers their derived instances."""
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, stop: threading.Event | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._last_beat = 0.0
 
-    def run(self, stop: threading.Event) -> None:
-        """Send until ``stop`` is set; an idle sender polls every ``poll_seconds``.
-
-        A database outage is waited out: a job whose acknowledgement could not be
-        recorded stays claimed and is taken again once its heartbeat is stale.
-        """
-        self._stop = stop
-        poll_until_stopped(stop, self.run_once, self.settings.poll_seconds, "send")
-
     def run_once(self) -> bool:
-        """Claim one job in ``sending`` and deliver it; False when there was none."""
+        """Claim one job in ``sending`` and deliver it; False when there was none.
+
+        ``node.service`` polls this.  Once ``stop`` is set the job in hand is released
+        between instances.  A job whose acknowledgement could not be recorded (database
+        outage) stays claimed and is taken again once its heartbeat is stale.
+        """
         job = self.manager.claim_sending_job(self.ctx.name, self.settings.stale_after_seconds)
         if job is None:
             return False
@@ -205,12 +180,16 @@ class Sender:
         timeout = self.settings.send_timeout_seconds
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        try:
+            tls_args = client_tls_args(self.settings, destination)
+        except TLSSetupError as exc:
+            raise DeliveryError(name, str(exc), retryable=False) from exc
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
             max_pdu=self.settings.max_pdu_size,
-            tls_args=tls_client_args(self.settings, name, destination),
+            tls_args=tls_args,
         )
         if not assoc.is_established:
             # pynetdicom reports a refused connection as an abort: one message for both.

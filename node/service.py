@@ -1,7 +1,9 @@
 """Runs a node process: any subset of the roles receive, work, send and web.
 
-Each role runs in its own thread and talks to the others only through the job table
-and the spool.  SIGTERM sets ``stop``: the receiver stops accepting, the worker
+This module alone owns the roles' threads and poll loops: each role (settler, worker,
+sender) exposes one step, ``run_once``, that it polls; the receiver's and the web's
+servers run their own.  Roles talk to each other only through the job table and the
+spool.  SIGTERM sets ``stop``: the receiver stops accepting, the worker
 releases its job back to the queue, the sender stops between instances.  A role that
 crashes stops the whole process with a non-zero exit so the supervisor restarts it.
 """
@@ -18,6 +20,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import ConfigError, Settings
 from node.context import NodeContext
+from node.receiver import Receiver
+from node.sender import Sender
+from node.settler import SeriesSettler
+from node.web import serve_web
+from node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +63,42 @@ def poll_until_stopped(
             stop.wait(poll_seconds)
 
 
-def _role_loops(ctx: NodeContext, roles: list[str]) -> dict[str, Callable[[threading.Event], None]]:
-    loops: dict[str, Callable[[threading.Event], None]] = {}
+def run_settler(settler: SeriesSettler, stop: threading.Event) -> None:
+    """The settling loop of the ``receive`` role: polls ``settler.run_once``."""
+    poll = settler.ctx.settings.poll_seconds
+    poll_until_stopped(stop, lambda: bool(settler.run_once()), poll, "settle")
+
+
+def run_worker(worker: Worker, stop: threading.Event) -> None:
+    """The ``work`` role's loop: registered while it polls ``worker.run_once``."""
+    worker.register()
+    try:
+        poll_until_stopped(stop, worker.run_once, worker.settings.poll_seconds, "work")
+    finally:
+        worker.unregister()
+
+
+def run_sender(sender: Sender, stop: threading.Event) -> None:
+    """The ``send`` role's loop: polls ``sender.run_once``."""
+    poll_until_stopped(stop, sender.run_once, sender.settings.poll_seconds, "send")
+
+
+def _role_loops(
+    ctx: NodeContext, roles: list[str], stop: threading.Event
+) -> dict[str, Callable[[], None]]:
+    """One loop per role thread (the web serves instead of polling)."""
+    loops: dict[str, Callable[[], None]] = {}
     if "receive" in roles:
-        from node.settler import SeriesSettler
-
-        loops["settle"] = SeriesSettler(ctx).run
+        settler = SeriesSettler(ctx)
+        loops["settle"] = lambda: run_settler(settler, stop)
     if "work" in roles:
-        from node.worker import Worker
-
-        loops["work"] = Worker(ctx).run
+        worker = Worker(ctx, stop=stop)
+        loops["work"] = lambda: run_worker(worker, stop)
     if "send" in roles:
-        from node.sender import Sender
-
-        loops["send"] = Sender(ctx).run
+        sender = Sender(ctx, stop)
+        loops["send"] = lambda: run_sender(sender, stop)
     if "web" in roles:
-        from node.web import serve_web
-
-        loops["web"] = lambda stop: serve_web(ctx, stop)
+        loops["web"] = lambda: serve_web(ctx, stop)
     return loops
 
 
@@ -84,10 +109,10 @@ def run_roles(settings: Settings, roles: list[str], stop: threading.Event) -> in
     receiver = None
     failed: list[str] = []
 
-    def guard(name: str, loop: Callable[[threading.Event], None]) -> Callable[[], None]:
+    def guard(name: str, loop: Callable[[], None]) -> Callable[[], None]:
         def target() -> None:
             try:
-                loop(stop)
+                loop()
             except Exception:
                 log.exception("role %s crashed; stopping the process", name, extra={"role": name})
                 failed.append(name)
@@ -97,12 +122,10 @@ def run_roles(settings: Settings, roles: list[str], stop: threading.Event) -> in
 
     threads = [
         threading.Thread(target=guard(name, loop), name=name, daemon=True)
-        for name, loop in _role_loops(ctx, roles).items()
+        for name, loop in _role_loops(ctx, roles, stop).items()
     ]
     try:
         if "receive" in roles:
-            from node.receiver import Receiver
-
             receiver = Receiver(ctx)
             receiver.start()
         for thread in threads:

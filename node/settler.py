@@ -9,20 +9,18 @@ while it was being decided, so it is simply decided again at the next poll.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from node.context import NodeContext
 from node.db import utcnow
 from node.jobs.manager import NewJob
 from node.rules import select_series
-from node.service import poll_until_stopped
 
 log = logging.getLogger(__name__)
 
 
 class SeriesSettler:
-    """Turns quiet series into queued or skipped jobs, polling the job table."""
+    """Turns quiet series into queued or skipped jobs; ``node.service`` polls ``run_once``."""
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
@@ -78,9 +76,3 @@ class SeriesSettler:
                 )
             created.append(job_id)
         return created
-
-    def run(self, stop: threading.Event) -> None:
-        """Settle every ``poll_seconds`` until ``stop``; a database outage is waited out."""
-        poll_until_stopped(
-            stop, lambda: bool(self.run_once()), self.ctx.settings.poll_seconds, "settle"
-        )

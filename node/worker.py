@@ -22,12 +22,11 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
-from node.denoise import Denoiser, ModelError
+from node.denoise import Denoiser
 from node.jobs.manager import LostClaim
 from node.jobs.states import JobState
 from node.jobs.tables import Job
 from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
-from node.service import poll_until_stopped
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -41,43 +40,47 @@ class _Interrupted(Exception):
 class Worker:
     """Claims and denoises jobs until told to stop; the model is loaded on first use."""
 
-    def __init__(self, ctx: NodeContext, denoiser: Denoiser | None = None) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        denoiser: Denoiser | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
         self.name = f"{ctx.name}/work"
         self._denoiser = denoiser
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
+        self._last_beat = 0.0
 
     @property
     def provider(self) -> str | None:
         return self._denoiser.provider if self._denoiser is not None else None
 
-    def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set; a job in hand is released at the next slice boundary."""
-        self.stop = stop
+    def register(self) -> None:
+        """Enter the worker registry (the dashboard's and ``status``'s list of workers)."""
         self.manager.register_worker(
             self.name, "work", socket.gethostname(), os.getpid(), self.provider
         )
+        self._last_beat = time.monotonic()
         log.info("worker %s started", self.name, extra={"worker": self.name})
-        last_beat = time.monotonic()
 
-        def step() -> bool:
-            nonlocal last_beat
-            self.manager.requeue_stalled(self.settings.stale_after_seconds)
-            if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
-                self.manager.worker_heartbeat(self.name, self.provider)
-                last_beat = time.monotonic()
-            return self.run_once()
-
-        try:
-            poll_until_stopped(stop, step, self.settings.poll_seconds, "work")
-        finally:
-            self.manager.worker_stopped(self.name)
-            log.info("worker %s stopped", self.name, extra={"worker": self.name})
+    def unregister(self) -> None:
+        """Leave the registry: the worker stopped on purpose."""
+        self.manager.worker_stopped(self.name)
+        log.info("worker %s stopped", self.name, extra={"worker": self.name})
 
     def run_once(self) -> bool:
-        """Claim one queued job and process it; False when there was nothing to do."""
+        """One step, which ``node.service`` polls: requeue jobs of silent workers, beat
+        when due, then claim one queued job and process it; False when there was none.
+
+        Once ``stop`` is set, a job in hand is released at the next slice boundary.
+        """
+        self.manager.requeue_stalled(self.settings.stale_after_seconds)
+        if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
+            self.manager.worker_heartbeat(self.name, self.provider)
+            self._last_beat = time.monotonic()
         job = self.manager.claim_next_job(self.name)
         if job is None:
             return False
@@ -119,11 +122,9 @@ class Worker:
     def _model(self) -> Denoiser:
         """The denoiser, loaded on first use; a load failure is retried with the next job."""
         if self._denoiser is None:
-            try:
-                path = self.settings.model_file
-            except (ImportError, AttributeError) as exc:
-                raise ModelError(f"no model configured and none shipped: {exc}") from exc
-            self._denoiser = Denoiser(path, self.settings.providers, self.settings.batch_size)
+            self._denoiser = Denoiser(
+                self.settings.model_file, self.settings.providers, self.settings.batch_size
+            )
             self.manager.worker_heartbeat(self.name, self._denoiser.provider)
         return self._denoiser
 

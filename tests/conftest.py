@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.databases import DatabaseUnavailable, temporary_database
 from node import db
 from node.jobs import JobManager
-from tests.fixtures.databases import DatabaseUnavailable, temporary_database
 
 pytest_plugins = [
     "tests.fixtures.dicom",
@@ -24,6 +24,22 @@ pytest_plugins = [
 ]
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+
+
+ORTHANC_FIXTURES = {"orthanc", "shared_orthanc"}
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what ``make test-fast`` leaves out: Orthanc users, the reliability scenarios
+    and the tests of the training code."""
+    for item in items:
+        if ORTHANC_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.orthanc)
+        if HERE / "reliability" in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+        if HERE / "models" in item.path.parents:
+            item.add_marker(pytest.mark.training)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -11,15 +11,15 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from devtools.node_process import write_config
+from devtools.tools import free_port
 from node.admin import parse_since
 from node.cli import main
 from node.db import utcnow
 from node.jobs.manager import InstanceRecord
-from node.tools import free_port
 from node.web.auth import verify_password
 from node.web.preview import preview_png
 from tests.fixtures.admin import CT_IMAGE_STORAGE, AdminNode
-from tests.fixtures.node import write_config
 
 
 def run(node: AdminNode, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

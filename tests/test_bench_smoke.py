@@ -14,6 +14,8 @@ import pytest
 
 from bench import common, end_to_end, inference, ingest, scale_out
 
+pytestmark = pytest.mark.slow  # each case runs a benchmark's quick mode: 10-20 s
+
 TABLE_RULE = re.compile(r"^\|(-+\|)+$", re.MULTILINE)
 NUMBER_ROW = re.compile(r"^\| .*\b\d+(\.\d+)? .*\|$", re.MULTILINE)
 

@@ -59,5 +59,5 @@ def test_roles_follow_the_decisions() -> None:
 
 def test_dockerfile_installs_the_package_with_its_model() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "COPY models models" in dockerfile and "SHIPPED_MODEL.is_file()" in dockerfile
+    assert "COPY node node" in dockerfile and "SHIPPED_MODEL.is_file()" in dockerfile
     assert 'ENTRYPOINT ["denoise-node"]' in dockerfile

@@ -17,10 +17,11 @@ from urllib.request import urlopen
 import pytest
 from PIL import Image
 
-from node.tools import free_port
+from devtools.tools import free_port
 from node.web import serve_web
 from tests.fixtures.admin import AdminNode, receive_series, settle
 
+pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from devtools.onnx_models import TINY_NAME, TINY_VERSION, write_mean_filter_model
 from node.denoise import Denoiser, ModelError
-from tests.fixtures.onnx_models import TINY_NAME, TINY_VERSION, write_mean_filter_model
 
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

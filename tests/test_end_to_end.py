@@ -14,11 +14,11 @@ import numpy as np
 import pydicom
 import pytest
 
+from devtools.node_process import NodeProcess
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom_series
 from node.jobs import JobState
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom_series
 from tests.fixtures.dicom import storescu
-from tests.fixtures.node import NodeProcess
 
 
 def pacs(orthanc: OrthancServer) -> dict:

@@ -12,10 +12,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, generate_uid
 
+from devtools.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom_series
 from node.config import Settings
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derived_series_uid
-from node.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom_series
 from node.pipeline import BadInput, SeriesResult, denoise_folder, denoise_series
 from tests.fixtures.dicom import CompressedCopy
 from tests.fixtures.onnx_models import ScriptedDenoiser

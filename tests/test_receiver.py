@@ -17,10 +17,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedCTImageStorage, MRImageStorage, generate_uid
 from sqlalchemy import create_engine, text
 
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs.manager import NewJob
-from node.phantom import PhantomSpec, write_phantom_series
 from node.receiver import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
@@ -30,8 +31,7 @@ from node.receiver import (
     selection_header,
 )
 from node.spool import TMP_SUFFIX
-from node.tools import free_port
-from tests.fixtures.dicom import COMPRESSORS, DCMTK_ENV, CompressedCopy, dcmtk_tool, storescu
+from tests.fixtures.dicom import COMPRESSORS, CompressedCopy, storescu
 
 PATIENT_KEYS = {"PatientName", "PatientID", "PatientBirthDate"}
 

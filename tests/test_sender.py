@@ -20,15 +20,15 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
 from node.jobs.manager import POSTPONED, InstanceRecord
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
 from node.spool import Spool
-from node.tools import free_port
 from tests.fixtures.jobs import settle_series
 
 SLICES = 5
@@ -171,6 +171,7 @@ def test_after_a_restart_only_the_missing_instances_are_sent(
     assert "(3 sent now)" in ctx.manager.job_events(job_id)[-1].message
 
 
+@pytest.mark.orthanc
 def test_pacs_down_postpones_with_backoff_then_finishes(
     make_context: Callable[..., NodeContext], tmp_path: Path
 ) -> None:
@@ -337,7 +338,7 @@ def test_stop_releases_the_job_between_instances(
     ctx = make_context(scp.destination())
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
 
-    Sender(ctx).run(stop)
+    Sender(ctx, stop).run_once()
 
     job = ctx.manager.get_job(job_id)
     assert job.state == JobState.SENDING and job.claimed_by is None

@@ -13,14 +13,15 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from devtools.tools import free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.derive import DerivationSpec, derive_instance
 from node.jobs import JobState
 from node.jobs.manager import InstanceRecord
 from node.receiver import Receiver
+from node.service import run_settler
 from node.settler import SeriesSettler
-from node.tools import free_port
 from tests.fixtures.dicom import storescu
 
 SETTLE = 0.5
@@ -173,7 +174,7 @@ def test_late_instance_makes_a_second_job_for_the_whole_series(ctx: NodeContext)
 def test_run_polls_until_stopped(ctx: NodeContext) -> None:
     record(ctx, "1.2.3.500", 12)
     stop = threading.Event()
-    thread = threading.Thread(target=SeriesSettler(ctx).run, args=(stop,))
+    thread = threading.Thread(target=run_settler, args=(SeriesSettler(ctx), stop))
     thread.start()
     try:
         deadline = time.monotonic() + 10 * SETTLE

@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from devtools.tools import free_port
 from node.config import WebUser
-from node.tools import free_port
 from node.web import create_app, serve_web
 from node.web.auth import hash_password, verify_password
 from tests.fixtures.admin import SLICES, AdminNode

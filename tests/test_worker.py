@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from devtools.phantom import PhantomSpec, write_phantom_series
 from node import db
 from node.config import Settings
 from node.context import NodeContext
@@ -19,7 +20,7 @@ from node.db import utcnow
 from node.denoise import Denoiser
 from node.jobs import JobManager, JobState
 from node.jobs.manager import InstanceRecord, NewJob
-from node.phantom import PhantomSpec, write_phantom_series
+from node.service import run_worker
 from node.worker import Worker
 from tests.fixtures.onnx_models import ScriptedDenoiser
 
@@ -219,8 +220,8 @@ def test_worker_loop_requeues_a_stalled_job_and_finishes_it(
     job_id = queue_series(context, series)
     assert context.manager.claim_next_job("ghost:1/work").id == job_id  # then never heartbeats
     stop = threading.Event()
-    worker = Worker(context)
-    thread = threading.Thread(target=worker.run, args=(stop,))
+    worker = Worker(context, stop=stop)
+    thread = threading.Thread(target=run_worker, args=(worker, stop))
     thread.start()
     try:
         for _ in range(200):

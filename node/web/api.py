@@ -5,9 +5,9 @@ body lists the configured destinations) and FastAPI must see its real annotation
 """
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
@@ -15,10 +15,8 @@ from node import overview
 from node.config import AE_TITLE
 from node.jobs import JobState
 from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
-from node.web.app import WebState, web_state
 from node.web.auth import CSRF_HEADER, Principal, check_post
-
-MAX_JOB_ID = 2**31 - 1  # the database's INTEGER
+from node.web.state import JobId, WebState, web_state
 
 
 class Problem(BaseModel):
@@ -40,9 +38,8 @@ def admin(request: Request, principal: Annotated[Principal, Depends(reader)]) ->
     return principal
 
 
-JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID)]
-ERRORS = {401: {"model": Problem}, 403: {"model": Problem}}
-ACTION_ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 403: {"model": Problem}}
+ACTION_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no such job"},
     409: {"model": Problem, "description": "the job is not in a state that allows this"},
 }
@@ -69,7 +66,8 @@ def jobs(
     except (ValueError, OverflowError) as exc:
         problem = {"type": "datetime_parsing", "loc": ("query", "since"), "input": since}
         raise RequestValidationError([{**problem, "msg": "not an ISO 8601 date-time"}]) from exc
-    return overview.list_jobs(web.ctx, state, created_since, ae, study, limit)
+    states = None if state is None else [s.value for s in state]
+    return overview.list_jobs(web.ctx, states, created_since, ae, study, limit)
 
 
 @_routes.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"model": Problem}})

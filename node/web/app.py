@@ -1,7 +1,8 @@
 """The web application: dashboard pages, REST API, metrics and health checks in one app.
 
 Everything reads and steers through ``node.overview`` and the jobs manager; this
-module only wires requests to them: who is asking, sessions, security headers.
+module only wires requests to them: who is asking, sessions, security headers.  What the
+routers share (the per-process state, sessions, the job-id type) is in ``node.web.state``.
 """
 
 from __future__ import annotations
@@ -10,29 +11,24 @@ import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from node import __version__, overview
+from node import __version__
 from node.context import NodeContext
-from node.overview import DestinationCheck
-from node.web.auth import SESSION_COOKIE, Accounts, Principal, Sessions, WebSession, login_required
+from node.web import api, metrics, pages
+from node.web.auth import SESSION_COOKIE, WebSession
+from node.web.state import HERE, LoginRequired, WebState, web_state
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
-LOCAL_ADMIN = Principal("local", "admin", "local")
-ECHO_CACHE_SECONDS = 10.0
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -42,55 +38,6 @@ SECURITY_HEADERS = {
         "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
     ),
 }
-
-
-class LoginRequired(Exception):
-    """Raised by page dependencies; answered with a redirect to the login page."""
-
-
-class WebState:
-    """What the requests of one web process share."""
-
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
-        self.login_required = login_required(ctx.settings)
-        self.accounts = Accounts(ctx.settings.web_users)
-        self.sessions = Sessions()
-        self.templates = Jinja2Templates(directory=HERE / "templates")
-        self._echo: tuple[float, list[DestinationCheck]] | None = None
-        self._echo_lock = threading.Lock()
-
-    def destination_checks(self) -> list[DestinationCheck]:
-        """C-ECHO results at most ``ECHO_CACHE_SECONDS`` old: polling pages stay cheap."""
-        with self._echo_lock:
-            if self._echo is None or time.monotonic() - self._echo[0] > ECHO_CACHE_SECONDS:
-                self._echo = (time.monotonic(), overview.check_destinations(self.ctx))
-            return self._echo[1]
-
-    def principal(self, request: Request) -> Principal | None:
-        """The local admin on 127.0.0.1; else the session's user or HTTP Basic credentials."""
-        if not self.login_required:
-            return LOCAL_ADMIN
-        session: WebSession | None = request.state.session
-        if session is not None and session.principal is not None:
-            return session.principal
-        header = request.headers.get("authorization")
-        return self.accounts.basic(header) if header else None
-
-
-def web_state(request: Request) -> WebState:
-    return request.app.state.web
-
-
-def ensure_session(request: Request, principal: Principal | None = None) -> WebSession:
-    """The browser's session, made (and its cookie set) on first need."""
-    session: WebSession | None = request.state.session
-    if session is None or principal is not None:
-        if session is not None:
-            web_state(request).sessions.drop(session.token)  # a login gets a fresh token
-        session = web_state(request).sessions.new(principal)
-        request.state.session = request.state.new_session = session
-    return session
 
 
 async def _sessions_and_headers(
@@ -162,8 +109,6 @@ def readiness(ctx: NodeContext) -> dict[str, str]:
 
 def create_app(ctx: NodeContext) -> FastAPI:
     """The whole web application for one node context."""
-    from node.web import api, metrics, pages
-
     app = FastAPI(
         title="ct-denoise-node",
         version=__version__,

@@ -29,7 +29,7 @@ def _gauge(name: str, text: str, labels: list[str] | None = None) -> GaugeMetric
 def slice_seconds_histogram(timings: list[tuple[float, int]]) -> HistogramMetricFamily:
     """Each denoised slice counts once, with its job's mean seconds per slice."""
     counts = [0] * len(SLICE_SECONDS_BUCKETS)
-    total = slices_seen = 0
+    total, slices_seen = 0.0, 0
     for seconds, slices in timings:
         per_slice = seconds / slices
         total += seconds

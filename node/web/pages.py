@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from node import overview
 from node.jobs import FINAL_STATES, JobState
-from node.web.api import MAX_JOB_ID
-from node.web.app import LoginRequired, WebState, ensure_session, web_state
 from node.web.auth import SESSION_COOKIE, Principal, check_post
 from node.web.preview import WINDOWS, PreviewUnavailable, preview_png
+from node.web.state import JobId, LoginRequired, WebState, ensure_session, web_state
 
 router = APIRouter(include_in_schema=False)
-JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID)]
 StateFilter = Annotated[JobState | None, Query()]
 PAGE_SIZE = 200
 

@@ -12,12 +12,12 @@ import io
 import os
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
-from pydicom.pixels import apply_rescale
+from pydicom.pixels.processing import apply_rescale
 
 from node.config import Settings
 from node.context import NodeContext
@@ -57,7 +57,7 @@ def middle_pair(ctx: NodeContext, job_id: int) -> tuple[Path, Path]:
     if not pairs:
         raise PreviewUnavailable(f"job {job_id} has no derived slice to preview")
 
-    def position(pair: tuple) -> tuple[float, int, int]:
+    def position(pair: tuple[Any, Any]) -> tuple[float, int, int]:
         header = pair[0].header or {}
         return (
             float(header.get("ImagePositionPatientZ") or 0.0),

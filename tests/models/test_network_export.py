@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-SHIPPED = Path(__file__).resolve().parents[2] / "models" / "ct_denoise.onnx"
+SHIPPED = Path(__file__).resolve().parents[2] / "node" / "model" / "ct_denoise.onnx"
 METADATA_KEYS = {"name", "version", "training_doses", "training_data", "description"}
 
 

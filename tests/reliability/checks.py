@@ -17,14 +17,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE, _config
 from sqlalchemy import func, select
 
+from devtools.node_process import NodeProcess
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import DCMTK_ENV, dcmtk_tool
 from node.jobs import JobState
 from node.jobs.tables import DerivedInstance, Instance, Job, JobEvent
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
 from node.spool import TMP_SUFFIX
-from node.tools import dcmtk_tool
-from tests.fixtures.dicom import DCMTK_ENV, STORE_STATUS, storescu, storescu_profile
-from tests.fixtures.node import NodeProcess
+from tests.fixtures.dicom import STORE_STATUS, storescu, storescu_profile
 
 
 def pacs(orthanc: OrthancServer) -> dict:

@@ -24,8 +24,8 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from devtools.phantom import PhantomSpec, write_phantom_series
 from node.jobs import JobState
-from node.phantom import PhantomSpec, write_phantom_series
 from node.receiver import CANNOT_UNDERSTAND, DATASET_MISMATCH, DECODE_FAILED
 from tests.fixtures.dicom import storescu
 from tests.reliability.checks import (

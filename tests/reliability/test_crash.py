@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from devtools.onnx_models import write_mean_filter_model
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
 from node.jobs import JobState
 from node.jobs.tables import Delivery
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
 from tests.fixtures.dicom import storescu
-from tests.fixtures.onnx_models import write_mean_filter_model
 from tests.reliability.checks import (
     StorescuRun,
     assert_in_spool,

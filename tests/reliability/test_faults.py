@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from devtools.node_process import echo
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import free_port
 from node import db
 from node.jobs import JobState
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
 from node.spool import TMP_SUFFIX
-from node.tools import free_port
 from tests.fixtures.dicom import storescu
-from tests.fixtures.node import echo
 from tests.reliability.checks import (
     assert_in_spool,
     assert_series_delivered_once,

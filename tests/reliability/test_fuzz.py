@@ -26,10 +26,10 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from devtools.node_process import echo
+from devtools.phantom import PhantomSpec, write_phantom_series
 from node.jobs.tables import Instance
-from node.phantom import PhantomSpec, write_phantom_series
 from node.receiver import HANDLER_FAILED
-from tests.fixtures.node import echo
 from tests.reliability.checks import assert_in_spool, count_instances, send_raw
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

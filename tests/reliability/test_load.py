@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
 from node.jobs import JobState
 from node.jobs.tables import Instance
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
 from tests.reliability.checks import StorescuRun, pacs, series_uid
 
 SCANNERS = 8

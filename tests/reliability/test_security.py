@@ -19,12 +19,12 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from devtools.orthanc import OrthancServer
+from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import ConfigError, load_settings
 from node.jobs import JobState
-from node.orthanc import OrthancServer
-from node.phantom import PhantomSpec, write_phantom_series
-from node.tools import dcmtk_tool, free_port
-from tests.fixtures.dicom import DCMTK_ENV, STORE_STATUS, storescu, storescu_profile
+from tests.fixtures.dicom import STORE_STATUS, storescu, storescu_profile
 from tests.reliability.checks import (
     count_instances,
     pacs,

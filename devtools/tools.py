@@ -1,4 +1,4 @@
-"""External programs and ports the node, its demo and its tests rely on."""
+"""External programs and ports the demo, the tests and the benchmarks rely on."""
 
 from __future__ import annotations
 
@@ -28,3 +28,7 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: DCMTK waits for delayed ACKs (about 40 ms per instance) unless told not to.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

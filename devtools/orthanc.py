@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from node.tools import free_port
+from devtools.tools import free_port
 
 ORTHANC_AE = "ORTHANC"
 START_TIMEOUT = 30.0

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +28,14 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from devtools.node_process import NodeExited, NodeProcess, write_config
+from devtools.orthanc import OrthancServer
+from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node import db
 from node.jobs import FINAL_STATES, JobManager, JobState
 from node.jobs.tables import Job
-from node.orthanc import OrthancServer
+from node.logs import configure_logging
 from node.pixels import PixelCodec
-from node.tools import dcmtk_tool, free_port
 
 NODE_AE = "DENOISE"
 DEMO_AE = "DEMO-SCANNER"
@@ -44,6 +44,18 @@ ROI = 16
 
 class DemoError(Exception):
     """The demo cannot go on; the message says what to do."""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Entry point of the ``denoise_node.commands`` group: adds ``denoise-node demo``."""
+    demo = commands.add_parser("demo", help="end-to-end demo with Orthanc as the PACS")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level or "WARNING", args.log_format or "text")
+    return run_demo(args)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return Demo(args).run()
-    except (DemoError, FileNotFoundError) as exc:
+    except (DemoError, NodeExited, TimeoutError, FileNotFoundError) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -127,12 +139,9 @@ class Demo:
             orthanc = stack.enter_context(
                 OrthancServer(work / "orthanc", node=(NODE_AE, "127.0.0.1", node_port))
             )
-            config = self._write_config(work, node_port, orthanc)
             self.say(f"starting the node on port {node_port} (SQLite, CPU)")
-            node = stack.enter_context(NodeProcess(config, work / "node.log", node_port))
-            engine = db.make_engine(f"sqlite:///{work / 'state' / 'node.db'}")
-            stack.callback(engine.dispose)
-            manager = JobManager(db.session_factory(engine))
+            node = stack.enter_context(self._node(work, node_port, orthanc))
+            manager = node.manager
 
             inputs, reference, label = self._make_input(work / "input")
             job = self._send_and_wait(inputs, manager, node)
@@ -154,30 +163,31 @@ class Demo:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _write_config(self, work: Path, port: int, orthanc: OrthancServer) -> Path:
-        (work / "state").mkdir()  # `db upgrade` does not make the SQLite file's folder
-        lines = [
-            f'ae_title = "{NODE_AE}"',
-            'bind_address = "127.0.0.1"',
-            f"port = {port}",
-            f"state_dir = {_toml_string(work / 'state')}",
-            f"settle_seconds = {self.args.settle_seconds}",
-            'providers = ["CPUExecutionProvider"]',
-            "poll_seconds = 0.5",
-            "spool_min_free_mb = 0",
-        ]
+    def _node(self, work: Path, port: int, orthanc: OrthancServer) -> NodeProcess:
+        """The node (receive, work, send) on SQLite in ``work``, Orthanc its destination."""
+        state = work / "state"
+        values: dict[str, Any] = {
+            "ae_title": NODE_AE,
+            "bind_address": "127.0.0.1",
+            "port": port,
+            "state_dir": str(state),
+            "settle_seconds": self.args.settle_seconds,
+            "providers": ["CPUExecutionProvider"],
+            "poll_seconds": 0.5,
+            "spool_min_free_mb": 0,
+            "destinations": {
+                "pacs": {
+                    "ae_title": orthanc.ae_title,
+                    "host": orthanc.host,
+                    "port": orthanc.dicom_port,
+                }
+            },
+        }
         if self.args.model is not None:
-            lines.append(f"model_path = {_toml_string(self.args.model.resolve())}")
-        lines += [
-            "",
-            "[destinations.pacs]",
-            f'ae_title = "{orthanc.ae_title}"',
-            f'host = "{orthanc.host}"',
-            f"port = {orthanc.dicom_port}",
-        ]
-        config = work / "node.toml"
-        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return config
+            values["model_path"] = str(self.args.model.resolve())
+        config = write_config(work / "node.toml", values)
+        db_url = f"sqlite:///{state / 'node.db'}"
+        return NodeProcess(config, state, port, db_url, "receive,work,send", work / "node.log")
 
     def _make_input(self, folder: Path) -> tuple[list[Path], Path | None, str]:
         """The series to send, the full-dose series it came from (None: phantom), a label."""
@@ -196,7 +206,7 @@ class Demo:
             reference: Path | None = source
             label = f"{source.name}, simulated {dose * 100:g} % dose"
         else:
-            from node.phantom import PhantomSpec, write_phantom_series
+            from devtools.phantom import PhantomSpec, write_phantom_series
 
             self.say(f"{source} not found: using a generated phantom series")
             paths = write_phantom_series(folder, PhantomSpec(slices=24, size=256, noise_hu=40.0))
@@ -221,7 +231,7 @@ class Demo:
                 str(node.port),
                 *map(str, inputs),
             ],
-            env={**os.environ, "TCP_NODELAY": "1"},
+            env=DCMTK_ENV,
             capture_output=True,
             text=True,
             check=False,
@@ -301,70 +311,6 @@ class Demo:
         )
 
 
-class NodeProcess:
-    """``denoise-node serve --roles receive,work,send`` as a child process."""
-
-    def __init__(self, config: Path, log_path: Path, port: int) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def _command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "node.cli", "--config", str(self.config), *args]
-
-    def __enter__(self) -> NodeProcess:
-        with open(self.log_path, "ab") as log:
-            upgrade = subprocess.run(
-                self._command("db", "upgrade"), stdout=log, stderr=subprocess.STDOUT, check=False
-            )
-            if upgrade.returncode != 0:
-                raise DemoError(f"denoise-node db upgrade failed:\n{self.log_tail()}")
-            self.process = subprocess.Popen(
-                self._command("serve", "--roles", "receive,work,send"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,  # Ctrl-C reaches the demo, which stops the node in order
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 1),
-            ):
-                return self
-            time.sleep(0.2)
-        self.close()
-        raise DemoError(f"the node did not listen on port {self.port}:\n{self.log_tail()}")
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise DemoError(f"the node exited ({self.process.returncode}):\n{self.log_tail()}")
-
-    def close(self) -> None:
-        """SIGTERM (the node finishes or releases its job), then SIGKILL after 30 s."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-
 @dataclass
 class Noise:
     """Noise (std HU) in one region of the mid slice: input, output and full dose."""
@@ -404,7 +350,7 @@ def measure_noise(
         full, _ = _read_hu_keep(nearest)
         chooser = full
     else:
-        from node.phantom import phantom_hu
+        from devtools.phantom import phantom_hu
 
         chooser = phantom_hu(low.shape[0])
     row, col = flattest_patch(chooser, keep)
@@ -463,7 +409,3 @@ def _read_hu_keep(source: Path | io.BytesIO) -> tuple[np.ndarray, np.ndarray]:
 def _last(events: list[Any], wanted: Callable[[Any], bool]) -> datetime | None:
     found = [event.at for event in events if wanted(event)]
     return found[-1] if found else None
-
-
-def _toml_string(value: object) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

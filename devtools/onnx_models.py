@@ -1,0 +1,57 @@
+"""Tiny ONNX models that honour the node's model contract, so nothing needs the trained CNN.
+
+A k x k mean filter (a Conv with 'same' padding) from input ``hu`` [N,1,H,W] to output
+``denoised``, with dynamic N, H and W and name/version metadata: it lowers noise in
+uniform regions and keeps an edge where it is, like a denoiser.  Needs ``onnx`` (the
+test extra).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+TINY_NAME = "tiny-mean"
+TINY_VERSION = "0.0.1"
+
+
+def write_mean_filter_model(
+    path: Path,
+    kernel: int = 5,
+    layers: int = 1,
+    name: str = TINY_NAME,
+    version: str = TINY_VERSION,
+) -> Path:
+    """Write a ``layers``-deep stack of ``kernel`` x ``kernel`` mean filters to ``path``."""
+    weight = numpy_helper.from_array(
+        np.full((1, 1, kernel, kernel), 1.0 / kernel**2, np.float32), "weight"
+    )
+    pad = kernel // 2
+    nodes = []
+    current = "hu"
+    for layer in range(layers):
+        output = "denoised" if layer == layers - 1 else f"layer{layer}"
+        nodes.append(
+            helper.make_node(
+                "Conv", [current, "weight"], [output], pads=[pad, pad, pad, pad], name=output
+            )
+        )
+        current = output
+    shape = ["N", 1, "H", "W"]
+    graph = helper.make_graph(
+        nodes,
+        "mean_filter",
+        [helper.make_tensor_value_info("hu", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, shape)],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"name": name, "version": version})
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
