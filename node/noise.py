@@ -64,7 +64,8 @@ def soft_tissue_mask(hu: np.ndarray, keep: np.ndarray, side: int) -> np.ndarray:
     smooth = gaussian_filter(hu.astype(np.float32), sigma=1.0)
     low, high = SOFT_TISSUE_HU
     tissue = (smooth >= low) & (smooth <= high) & ~keep
-    return binary_erosion(tissue, structure=np.ones((side, side), dtype=bool))
+    eroded: np.ndarray = binary_erosion(tissue, structure=np.ones((side, side), dtype=bool))
+    return eroded
 
 
 def local_sd(hu: np.ndarray, side: int) -> np.ndarray:
@@ -73,7 +74,8 @@ def local_sd(hu: np.ndarray, side: int) -> np.ndarray:
     mean = uniform_filter(x, side, mode="nearest")
     mean_sq = uniform_filter(x * x, side, mode="nearest")
     n = side * side
-    return np.sqrt(np.clip(mean_sq - mean * mean, 0.0, None) * n / (n - 1))
+    sd: np.ndarray = np.sqrt(np.clip(mean_sq - mean * mean, 0.0, None) * n / (n - 1))
+    return sd
 
 
 def histogram_mode(values: np.ndarray) -> float:
