@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -24,7 +25,9 @@ from node.receiver import Receiver
 from node.sender import Sender
 from node.settler import SeriesSettler
 from node.web import serve_web
-from node.worker import Worker
+
+if TYPE_CHECKING:
+    from node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,11 @@ def _role_loops(
         settler = SeriesSettler(ctx)
         loops["settle"] = lambda: run_settler(settler, stop)
     if "work" in roles:
-        worker = Worker(ctx, stop=stop)
+        # Imported here: onnxruntime (which also leaves $TMPDIR/.ses behind) loads only in
+        # processes that denoise.
+        from node import worker as work_role
+
+        worker = work_role.Worker(ctx, stop=stop)
         loops["work"] = lambda: run_worker(worker, stop)
     if "send" in roles:
         sender = Sender(ctx, stop)
