@@ -61,7 +61,7 @@ def benchmark(args: argparse.Namespace) -> None:
         in_orthanc = len(orthanc.series_instances(job.output_series_uid))
         if in_orthanc != count:
             raise common.CannotRun(f"Orthanc holds {in_orthanc} of {count} derived instances")
-        at = first_events(node.manager.job_events(job.id))
+        at = first_events(node.queries.job_events(job.id))
         node.stop()
 
     queued, running = at[JobState.QUEUED], at[JobState.RUNNING]

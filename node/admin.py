@@ -275,14 +275,14 @@ def purge_spool(
     """
     from node.web.preview import drop_previews
 
-    manager = ctx.manager
+    queries = ctx.queries
     cutoff = utcnow() - timedelta(days=older_than_days)
     report = PurgeReport()
-    for job in manager.purgeable_jobs(cutoff):
-        derived = [d.spool_path for d in manager.derived_instances(job.id)]
+    for job in queries.purgeable_jobs(cutoff):
+        derived = [d.spool_path for d in queries.derived_instances(job.id)]
         received = []
-        if manager.series_finished_before(job.series_instance_uid, cutoff):
-            received = [i.spool_path for i in manager.series_instances(job.series_instance_uid)]
+        if queries.series_finished_before(job.series_instance_uid, cutoff):
+            received = [i.spool_path for i in queries.series_instances(job.series_instance_uid)]
         derived_files, derived_bytes = _remove(ctx, derived, dry_run)
         received_files, received_bytes = _remove(ctx, received, dry_run)
         report.jobs.append(job.id)
@@ -298,7 +298,7 @@ def purge_spool(
             f"{derived_files} derived and {received_files} received files, "
             f"{format_bytes(derived_bytes + received_bytes)} (retention {older_than_days:g} days)"
         )
-        manager.record_purge(job.id, actor, detail)
+        ctx.manager.record_purge(job.id, actor, detail)
         log.info(
             "purged spool of job %s: %s",
             job.id,

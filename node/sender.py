@@ -28,7 +28,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from node.config import Destination, Settings
 from node.context import NodeContext
 from node.jobs.manager import LostClaim
-from node.jobs.tables import DerivedInstance, Job
+from node.jobs.records import DerivedView, JobView
 from node.service import poll_until_stopped
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Sender:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
+        self.queries = ctx.queries
         self._stop = threading.Event()
         self._last_beat = 0.0
 
@@ -103,9 +104,9 @@ class Sender:
 
     # -- one job -------------------------------------------------------------------------
 
-    def _send_job(self, job: Job) -> None:
+    def _send_job(self, job: JobView) -> None:
         started = time.monotonic()
-        total = len(self.manager.derived_instances(job.id))
+        total = len(self.queries.derived_instances(job.id))
         fields = {
             "job_id": job.id,
             "series_uid": job.series_instance_uid,
@@ -135,7 +136,7 @@ class Sender:
 
     def _conclude(
         self,
-        job: Job,
+        job: JobView,
         errors: list[DeliveryError],
         total: int,
         sent: int,
@@ -149,7 +150,7 @@ class Sender:
             log.error("job %s failed: %s", job.id, error, extra={**fields, "outcome": "failed"})
         elif errors:
             error = "; ".join(str(exc) for exc in errors)
-            previous = self.manager.consecutive_postponements(job.id)
+            previous = self.queries.consecutive_postponements(job.id)
             delay = min(
                 self.settings.send_retry_seconds * 2 ** min(previous, 30),
                 self.settings.send_retry_max_seconds,
@@ -174,7 +175,7 @@ class Sender:
 
     # -- one destination -----------------------------------------------------------------
 
-    def _deliver(self, job: Job, name: str) -> int:
+    def _deliver(self, job: JobView, name: str) -> int:
         """Send what ``name`` has not acknowledged over one association; returns the count."""
         destination = self.settings.destinations.get(name)
         if destination is None:
@@ -182,7 +183,7 @@ class Sender:
             raise DeliveryError(
                 name, f"unknown destination {name!r} (configured: {known})", retryable=False
             )
-        missing = self.manager.missing_deliveries(job.id, name)
+        missing = self.queries.missing_deliveries(job.id, name)
         if not missing:
             return 0
         self._heartbeat_if_due(job)
@@ -193,7 +194,7 @@ class Sender:
             if assoc.is_established:
                 assoc.release()
 
-    def _heartbeat_if_due(self, job: Job) -> None:
+    def _heartbeat_if_due(self, job: JobView) -> None:
         """Between network steps, prove the claim is alive (raises LostClaim if it is not)."""
         if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
             self.manager.heartbeat(job.id, self.ctx.name)
@@ -229,11 +230,11 @@ class Sender:
 
     def _store_all(
         self,
-        job: Job,
+        job: JobView,
         name: str,
         destination: Destination,
         assoc: Association,
-        missing: list[DerivedInstance],
+        missing: list[DerivedView],
     ) -> int:
         sent = 0
         for item in missing:

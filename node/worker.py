@@ -24,8 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.context import NodeContext
 from node.denoise import Denoiser, ModelError
 from node.jobs.manager import LostClaim
+from node.jobs.records import JobView
 from node.jobs.states import JobState
-from node.jobs.tables import Job
 from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
 from node.service import poll_until_stopped
 from node.spool import Spool
@@ -45,6 +45,8 @@ class Worker:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
+        self.queries = ctx.queries
+        self.registry = ctx.registry
         self.name = f"{ctx.name}/work"
         self._denoiser = denoiser
         self.stop = threading.Event()
@@ -56,9 +58,7 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a job in hand is released at the next slice boundary."""
         self.stop = stop
-        self.manager.register_worker(
-            self.name, "work", socket.gethostname(), os.getpid(), self.provider
-        )
+        self.registry.register(self.name, "work", socket.gethostname(), os.getpid(), self.provider)
         log.info("worker %s started", self.name, extra={"worker": self.name})
         last_beat = time.monotonic()
 
@@ -66,14 +66,14 @@ class Worker:
             nonlocal last_beat
             self.manager.requeue_stalled(self.settings.stale_after_seconds)
             if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
-                self.manager.worker_heartbeat(self.name, self.provider)
+                self.registry.heartbeat(self.name, self.provider)
                 last_beat = time.monotonic()
             return self.run_once()
 
         try:
             poll_until_stopped(stop, step, self.settings.poll_seconds, "work")
         finally:
-            self.manager.worker_stopped(self.name)
+            self.registry.stopped(self.name)
             log.info("worker %s stopped", self.name, extra={"worker": self.name})
 
     def run_once(self) -> bool:
@@ -124,11 +124,11 @@ class Worker:
             except (ImportError, AttributeError) as exc:
                 raise ModelError(f"no model configured and none shipped: {exc}") from exc
             self._denoiser = Denoiser(path, self.settings.providers, self.settings.batch_size)
-            self.manager.worker_heartbeat(self.name, self._denoiser.provider)
+            self.registry.heartbeat(self.name, self._denoiser.provider)
         return self._denoiser
 
-    def _denoise(self, job: Job, lost: threading.Event) -> SeriesResult:
-        instances = self.manager.series_instances(job.series_instance_uid)
+    def _denoise(self, job: JobView, lost: threading.Event) -> SeriesResult:
+        instances = self.queries.series_instances(job.series_instance_uid)
         sources = [self.ctx.spool.path(instance.spool_path) for instance in instances]
         model = self._model
         spec = derivation_spec(self.settings, model, job.strength)
@@ -165,7 +165,7 @@ class Worker:
             while not done.wait(self.settings.heartbeat_seconds):
                 try:
                     self.manager.heartbeat(job_id, self.name)
-                    self.manager.worker_heartbeat(self.name)
+                    self.registry.heartbeat(self.name)
                 except LostClaim:
                     lost.set()
                     return
@@ -190,7 +190,7 @@ class Worker:
 
     def _outcome(
         self,
-        job: Job,
+        job: JobView,
         started: float,
         level: int,
         outcome: str,

@@ -23,7 +23,8 @@ from pynetdicom import AE, evt
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
-from node.jobs.manager import POSTPONED, InstanceRecord
+from node.jobs.delivery import POSTPONED
+from node.jobs.manager import InstanceRecord
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
@@ -96,8 +97,8 @@ def make_sending_job(
             )
         )
     series_uid = dcmread(sources[0], stop_before_pixels=True).SeriesInstanceUID
-    job_id = settle_series(manager, series_uid, destinations=tuple(destinations))
-    study_uid = manager.get_job(job_id).study_instance_uid
+    job_id = settle_series(manager, ctx.queries, series_uid, destinations=tuple(destinations))
+    study_uid = ctx.queries.get_job(job_id).study_instance_uid
     job = manager.claim_next_job(HOLDER)
     assert job is not None and job.id == job_id
     derived = write_phantom_series(
@@ -137,12 +138,12 @@ def test_job_is_done_and_orthanc_holds_exactly_the_derived_instances(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.DONE, job.last_error
     assert orthanc_uids(orthanc, output_uid) == set(uids)
     assert orthanc.count_instances() - before == SLICES
-    assert ctx.manager.delivery_counts(job_id) == {"pacs": SLICES}
-    assert f"{SLICES} instances acknowledged by pacs" in ctx.manager.job_events(job_id)[-1].message
+    assert ctx.queries.delivery_counts(job_id) == {"pacs": SLICES}
+    assert f"{SLICES} instances acknowledged by pacs" in ctx.queries.job_events(job_id)[-1].message
     assert not Sender(ctx).run_once()  # nothing left to send
 
 
@@ -164,11 +165,11 @@ def test_after_a_restart_only_the_missing_instances_are_sent(
     time.sleep(0.6)
     assert sender.run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.DONE, job.last_error
     assert orthanc_uids(orthanc, output_uid) == set(uids[2:])
     assert orthanc.count_instances() - before == SLICES - 2
-    assert "(3 sent now)" in ctx.manager.job_events(job_id)[-1].message
+    assert "(3 sent now)" in ctx.queries.job_events(job_id)[-1].message
 
 
 def test_pacs_down_postpones_with_backoff_then_finishes(
@@ -182,20 +183,20 @@ def test_pacs_down_postpones_with_backoff_then_finishes(
     delays = []
     for _ in range(2):
         assert sender.run_once()
-        job = ctx.manager.get_job(job_id)
+        job = ctx.queries.get_job(job_id)
         assert job.state == JobState.SENDING
         assert "could not be reached" in job.last_error
-        event = ctx.manager.job_events(job_id)[-1]
+        event = ctx.queries.job_events(job_id)[-1]
         assert event.message.startswith(POSTPONED)
         delays.append((job.run_after - event.at).total_seconds())
         assert not sender.run_once()  # not before run_after
         time.sleep(delays[-1] + 0.05)
     assert delays == pytest.approx([0.3, 0.5])  # doubled, then capped
-    assert ctx.manager.consecutive_postponements(job_id) == 2
+    assert ctx.queries.consecutive_postponements(job_id) == 2
 
     with orthanc:
         assert sender.run_once()
-        job = ctx.manager.get_job(job_id)
+        job = ctx.queries.get_job(job_id)
         assert job.state == JobState.DONE, job.last_error
         assert orthanc_uids(orthanc, output_uid) == set(uids)
 
@@ -210,7 +211,7 @@ def test_unknown_destination_fails_the_job_with_a_clear_error(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.FAILED
     assert "unknown destination 'nowhere' (configured: pacs)" in job.last_error
     assert orthanc.count_instances() - before == SLICES  # the known destination still got its copy
@@ -303,7 +304,7 @@ def test_store_status_decides_retry_or_failure(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == state
     if in_error:
         assert in_error in job.last_error and "STATUSSCP answered" in job.last_error
@@ -323,7 +324,7 @@ def test_implicit_only_peer_gets_the_explicit_files_converted(
 
     assert Sender(ctx).run_once()
 
-    assert ctx.manager.get_job(job_id).state == JobState.DONE
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
     assert scp.received == uids
 
 
@@ -339,10 +340,10 @@ def test_stop_releases_the_job_between_instances(
 
     Sender(ctx).run(stop)
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.SENDING and job.claimed_by is None
-    assert "released" in ctx.manager.job_events(job_id)[-1].message
-    assert ctx.manager.delivery_counts(job_id) == {"scp": 1}
+    assert "released" in ctx.queries.job_events(job_id)[-1].message
+    assert ctx.queries.delivery_counts(job_id) == {"scp": 1}
     assert scp.received == uids[:1]
 
 
@@ -380,7 +381,7 @@ def test_tls_destination_verifies_the_peer(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     if trusted:
         assert job.state == JobState.DONE, job.last_error
         assert scp.received == uids
@@ -407,5 +408,5 @@ def test_a_job_cancelled_while_sending_stops_at_the_next_heartbeat(
 
     assert Sender(ctx).run_once()
 
-    assert ctx.manager.get_job(job_id).state == JobState.CANCELLED
+    assert ctx.queries.get_job(job_id).state == JobState.CANCELLED
     assert scp.received == uids[:1]

@@ -59,14 +59,14 @@ class NodeCollector(Collector):
         return []  # collected live; registering must not query the database
 
     def collect(self) -> Iterable[Metric]:
-        manager = self.ctx.manager
+        queries = self.ctx.queries
         jobs = _gauge("jobs", "Jobs in the job table by state", ["state"])
-        counts = manager.state_counts()
+        counts = queries.state_counts()
         for state in JobState:
             jobs.add_metric([state], counts.get(state, 0))
         yield jobs
 
-        received, derived, sent = manager.instance_totals()
+        received, derived, sent = queries.instance_totals()
         yield GaugeMetricFamily(
             f"{PREFIX}_instances_received", "Received instances recorded", value=received
         )
@@ -78,7 +78,7 @@ class NodeCollector(Collector):
             delivered.add_metric([name], sent.get(name, 0))
         yield delivered
 
-        yield slice_seconds_histogram(manager.denoise_timings())
+        yield slice_seconds_histogram(queries.denoise_timings())
         age = overview.queue_age_seconds(self.ctx)
         yield GaugeMetricFamily(
             f"{PREFIX}_oldest_queued_job_age_seconds",

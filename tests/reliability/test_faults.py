@@ -51,7 +51,7 @@ def postponements(node, job_id: int) -> list[float]:
     """The delays (s) of the job's send postponements, from its timeline."""
     return [
         float(match.group(1))
-        for event in node.manager.job_events(job_id)
+        for event in node.queries.job_events(job_id)
         if (match := re.match(r"send postponed (\d+) s", event.message))
     ]
 
