@@ -157,7 +157,8 @@ def _show(job: overview.JobDetail) -> str:
     for event in job.events:
         change = f"→ {event.to_state}" if event.to_state else ""
         lines.append(
-            f"  {format_time(event.at)}  {_cell(event.actor, 22):22} {change:11} {event.message}"
+            f"  {format_time(event.at)}  {event.kind:14} {_cell(event.actor, 22):22} {change:11}"
+            f" {event.message}"
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
 from node.jobs import JobState, TransitionError, records
+from node.jobs.states import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class JobSummary(_View):
 
 class JobEventView(_View):
     at: UtcDatetime
+    kind: EventKind
     from_state: JobState | None
     to_state: JobState | None
     actor: str

@@ -12,6 +12,7 @@ from node import db
 from node.db import SchemaOutOfDate, utcnow
 from node.jobs import JobManager, JobQueries, JobState, TransitionError
 from node.jobs.manager import InstanceRecord, LostClaim, NewJob, RecordOutcome
+from node.jobs.states import EventKind
 from tests.fixtures.jobs import instance_record, settle_series
 
 
@@ -65,6 +66,13 @@ def test_full_lifecycle_writes_a_timeline(manager: JobManager, queries: JobQueri
         ("running", "sending"),
         ("sending", "sending"),
         ("sending", "done"),
+    ]
+    assert [e.kind for e in queries.job_events(job_id)] == [
+        EventKind.SETTLED,
+        EventKind.CLAIMED,
+        EventKind.DENOISED,
+        EventKind.CLAIMED,
+        EventKind.DELIVERED,
     ]
 
 

@@ -23,8 +23,8 @@ from pynetdicom import AE, evt
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
-from node.jobs.delivery import POSTPONED
 from node.jobs.manager import InstanceRecord
+from node.jobs.states import EventKind
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
@@ -187,7 +187,7 @@ def test_pacs_down_postpones_with_backoff_then_finishes(
         assert job.state == JobState.SENDING
         assert "could not be reached" in job.last_error
         event = ctx.queries.job_events(job_id)[-1]
-        assert event.message.startswith(POSTPONED)
+        assert event.kind == EventKind.POSTPONED
         delays.append((job.run_after - event.at).total_seconds())
         assert not sender.run_once()  # not before run_after
         time.sleep(delays[-1] + 0.05)

@@ -8,12 +8,9 @@ from sqlalchemy import or_, select, update
 
 from node.db import utcnow
 from node.jobs.records import JobView
-from node.jobs.states import JobState
+from node.jobs.states import EventKind, JobState
 from node.jobs.tables import Delivery, Job, JobEvent
 from node.jobs.writer import JobWriter
-
-#: How a postponement starts in the timeline; ``consecutive_postponements`` counts them.
-POSTPONED = "send postponed"
 
 
 class Deliveries(JobWriter):
@@ -73,8 +70,9 @@ class Deliveries(JobWriter):
                 JobEvent(
                     job_id=job_id,
                     at=now,
+                    kind=EventKind.POSTPONED,
                     actor=holder,
-                    message=f"{POSTPONED} {delay:.0f} s: {error}",
+                    message=f"send postponed {delay:.0f} s: {error}",
                 )
             )
 
@@ -86,13 +84,18 @@ class Deliveries(JobWriter):
             session.execute(
                 update(Job).where(Job.id == job_id).values(claimed_by=None, updated_at=now)
             )
-            session.add(JobEvent(job_id=job_id, at=now, actor=holder, message=message))
+            session.add(
+                JobEvent(
+                    job_id=job_id, at=now, kind=EventKind.RELEASED, actor=holder, message=message
+                )
+            )
 
     def finish_sending(self, job_id: int, holder: str, message: str) -> None:
         self._transition(
             job_id,
             JobState.SENDING,
             JobState.DONE,
+            EventKind.DELIVERED,
             holder,
             message,
             holder=holder,
@@ -106,6 +109,7 @@ class Deliveries(JobWriter):
             job_id,
             JobState.SENDING,
             JobState.FAILED,
+            EventKind.FAILED,
             holder,
             f"failed: {error}",
             holder=holder,

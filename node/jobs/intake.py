@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
-from node.jobs.states import JobState
+from node.jobs.states import EventKind, JobState
 from node.jobs.tables import Instance, Job, JobEvent, Series
 from node.jobs.writer import JobWriter, dialect_of
 
@@ -97,6 +97,7 @@ class Intake(JobWriter):
                 JobEvent(
                     job_id=job_id,
                     at=now,
+                    kind=EventKind.WARNING,
                     actor="receiver",
                     message=(
                         f"instance {record.sop_instance_uid} received again from "
@@ -168,6 +169,13 @@ class Intake(JobWriter):
                 else f"{new.instance_count} instances settled; rule {new.rule!r}"
             )
             session.add(
-                JobEvent(job_id=job.id, at=now, to_state=state, actor="settler", message=message)
+                JobEvent(
+                    job_id=job.id,
+                    at=now,
+                    kind=EventKind.SKIPPED if new.skip_reason else EventKind.SETTLED,
+                    to_state=state,
+                    actor="settler",
+                    message=message,
+                )
             )
             return job.id

@@ -15,9 +15,8 @@ from sqlalchemy import delete, or_, select, update
 from node.db import utcnow
 from node.jobs.delivery import Deliveries
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
-from node.jobs.queries import PURGED
 from node.jobs.records import JobView
-from node.jobs.states import JobState, TransitionError
+from node.jobs.states import EventKind, JobState, TransitionError
 from node.jobs.tables import Delivery, DerivedInstance, Job
 from node.jobs.writer import LostClaim
 
@@ -96,6 +95,7 @@ class JobManager(Intake, Deliveries):
             job_id,
             JobState.RUNNING,
             JobState.SENDING,
+            EventKind.DENOISED,
             holder,
             message,
             holder=holder,
@@ -112,6 +112,7 @@ class JobManager(Intake, Deliveries):
             job_id,
             JobState.RUNNING,
             JobState.QUEUED,
+            EventKind.RELEASED,
             holder,
             message,
             holder=holder,
@@ -137,6 +138,7 @@ class JobManager(Intake, Deliveries):
                 job_id,
                 JobState.RUNNING,
                 JobState.QUEUED,
+                EventKind.ATTEMPT_FAILED,
                 holder,
                 f"attempt {attempts} failed, retry in {retry_in:.0f} s: {error}",
                 holder=holder,
@@ -149,6 +151,7 @@ class JobManager(Intake, Deliveries):
             job_id,
             JobState.RUNNING,
             JobState.FAILED,
+            EventKind.FAILED,
             holder,
             f"failed: {error}",
             holder=holder,
@@ -181,6 +184,7 @@ class JobManager(Intake, Deliveries):
                     job_id,
                     JobState.RUNNING,
                     new_state,
+                    EventKind.STALLED,
                     "stall-detector",
                     error,
                     holder=holder,
@@ -197,6 +201,7 @@ class JobManager(Intake, Deliveries):
             job_id,
             self._current_state(job_id),
             JobState.QUEUED,
+            EventKind.ADMIN_ACTION,
             actor,
             f"retry requested by {actor}",
             attempts=0,
@@ -216,6 +221,7 @@ class JobManager(Intake, Deliveries):
             job_id,
             self._current_state(job_id),
             JobState.CANCELLED,
+            EventKind.ADMIN_ACTION,
             actor,
             f"cancelled by {actor}",
             claimed_by=None,
@@ -231,6 +237,7 @@ class JobManager(Intake, Deliveries):
             job_id,
             self._current_state(job_id),
             JobState.SENDING,
+            EventKind.ADMIN_ACTION,
             actor,
             f"resend to {destination} requested by {actor}",
             destinations=destinations,
@@ -246,4 +253,4 @@ class JobManager(Intake, Deliveries):
 
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
         """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""
-        self.add_event(job_id, actor, f"{PURGED}: {detail}")
+        self.add_event(job_id, actor, EventKind.PURGED, f"spool purged: {detail}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.jobs.delivery import POSTPONED
 from node.jobs.records import (
     DerivedView,
     EventView,
@@ -22,11 +21,8 @@ from node.jobs.records import (
     SeriesView,
     from_row,
 )
-from node.jobs.states import FINAL_STATES, JobState, TransitionError
+from node.jobs.states import FINAL_STATES, EventKind, JobState, TransitionError
 from node.jobs.tables import Delivery, DerivedInstance, Instance, Job, JobEvent, Series
-
-#: How a spool purge starts in the timeline; ``purgeable_jobs`` skips purged jobs.
-PURGED = "spool purged"
 
 
 class JobQueries:
@@ -93,8 +89,8 @@ class JobQueries:
             entered = session.scalar(
                 select(func.max(JobEvent.at)).where(
                     JobEvent.job_id == job_id,
+                    JobEvent.kind.in_([EventKind.DENOISED, EventKind.ADMIN_ACTION]),
                     JobEvent.to_state == JobState.SENDING,
-                    or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.SENDING),
                 )
             )
             delivered = session.scalar(
@@ -102,7 +98,7 @@ class JobQueries:
             )
             since = max((t for t in (entered, delivered) if t is not None), default=None)
             query = select(func.count()).where(
-                JobEvent.job_id == job_id, JobEvent.message.startswith(POSTPONED)
+                JobEvent.job_id == job_id, JobEvent.kind == EventKind.POSTPONED
             )
             if since is not None:
                 query = query.where(JobEvent.at >= since)
@@ -176,6 +172,7 @@ class JobQueries:
 
         Read from the timeline: the claim (→ running) to the hand-over (running → sending).
         """
+        claimed = and_(JobEvent.kind == EventKind.CLAIMED, JobEvent.to_state == JobState.RUNNING)
         recent = select(Job.id).where(Job.denoised_count > 0).order_by(Job.id.desc()).limit(limit)
         with self._sessions() as session:
             slices: dict[int, int] = {
@@ -185,17 +182,17 @@ class JobQueries:
                 )
             }
             events = session.execute(
-                select(JobEvent.job_id, JobEvent.from_state, JobEvent.to_state, JobEvent.at)
+                select(JobEvent.job_id, JobEvent.kind, JobEvent.at)
                 .where(JobEvent.job_id.in_(list(slices)))
-                .where(JobEvent.to_state.in_([JobState.RUNNING, JobState.SENDING]))
+                .where(or_(claimed, JobEvent.kind == EventKind.DENOISED))
                 .order_by(JobEvent.id)
             ).all()
         started: dict[int, datetime] = {}
         seconds: dict[int, float] = {}
-        for job_id, from_state, to_state, at in events:
-            if to_state == JobState.RUNNING:
+        for job_id, kind, at in events:
+            if kind == EventKind.CLAIMED:
                 started[job_id] = at
-            elif from_state == JobState.RUNNING and job_id in started:
+            elif job_id in started:
                 seconds[job_id] = (at - started[job_id]).total_seconds()
         return [(seconds[job_id], slices[job_id]) for job_id in sorted(seconds)]
 
@@ -203,7 +200,7 @@ class JobQueries:
         """Final jobs finished before ``finished_before`` whose spool was not purged since."""
         purged = select(JobEvent.id).where(
             JobEvent.job_id == Job.id,
-            JobEvent.message.startswith(PURGED),
+            JobEvent.kind == EventKind.PURGED,
             JobEvent.at >= Job.finished_at,
         )
         return self._all(

@@ -80,6 +80,7 @@ class EventView:
     id: int
     job_id: int
     at: datetime
+    kind: str
     from_state: str | None
     to_state: str | None
     actor: str

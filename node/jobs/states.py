@@ -15,6 +15,24 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class EventKind(StrEnum):
+    """What a row of a job's timeline records; queries select events by it, never by text."""
+
+    SETTLED = "settled"  # the series settled and became a queued job
+    SKIPPED = "skipped"  # the series settled but no rule selects it
+    CLAIMED = "claimed"  # a worker (→ running) or a sender (in sending) took the job
+    DENOISED = "denoised"  # the derived series is complete (running → sending)
+    RELEASED = "released"  # the holder gave the job back on shutdown
+    ATTEMPT_FAILED = "attempt_failed"  # a denoising attempt failed; the job runs again later
+    STALLED = "stalled"  # the holder stopped heartbeating
+    POSTPONED = "postponed"  # a destination is unreachable; sending waits
+    DELIVERED = "delivered"  # every destination acknowledged (→ done)
+    FAILED = "failed"  # the job failed for good
+    ADMIN_ACTION = "admin_action"  # retry, cancel or resend by an administrator
+    PURGED = "purged"  # the job's spool files were removed by retention
+    WARNING = "warning"  # something an operator should see, e.g. a conflicting resend
+
+
 FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED})
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {

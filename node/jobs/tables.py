@@ -8,6 +8,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -17,6 +18,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from node.jobs.states import EventKind
 
 UID = String(64)
 
@@ -101,6 +104,16 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(DateTime)
+    kind: Mapped[EventKind] = mapped_column(
+        Enum(
+            EventKind,
+            name="job_event_kind",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda kinds: [kind.value for kind in kinds],
+        )
+    )
     from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     actor: Mapped[str] = mapped_column(String(128))

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import utcnow
 from node.jobs.records import JobView, from_row
-from node.jobs.states import JobState, TransitionError, check_transition
+from node.jobs.states import EventKind, JobState, TransitionError, check_transition
 from node.jobs.tables import Job, JobEvent
 
 
@@ -32,9 +32,12 @@ class JobWriter:
         self._sessions = sessions
         self.max_attempts = max_attempts
 
-    def add_event(self, job_id: int, actor: str, message: str) -> None:
+    def add_event(self, job_id: int, actor: str, kind: EventKind, message: str) -> None:
+        """A timeline row that changes no state."""
         with self._sessions.begin() as session:
-            session.add(JobEvent(job_id=job_id, at=utcnow(), actor=actor, message=message))
+            session.add(
+                JobEvent(job_id=job_id, at=utcnow(), kind=kind, actor=actor, message=message)
+            )
 
     def _claim(
         self,
@@ -75,6 +78,7 @@ class JobWriter:
                 JobEvent(
                     job_id=job_id,
                     at=now,
+                    kind=EventKind.CLAIMED,
                     from_state=expected,
                     to_state=new_state,
                     actor=holder,
@@ -103,6 +107,7 @@ class JobWriter:
         job_id: int,
         current: JobState,
         new: JobState,
+        kind: EventKind,
         actor: str,
         message: str,
         holder: str | None = None,
@@ -129,6 +134,7 @@ class JobWriter:
                 JobEvent(
                     job_id=job_id,
                     at=now,
+                    kind=kind,
                     from_state=current,
                     to_state=new,
                     actor=actor,
