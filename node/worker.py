@@ -23,8 +23,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.denoise import Denoiser, ModelError
-from node.jobs.manager import LostClaim
-from node.jobs.records import JobView
+from node.derive import DerivationSpec, derived_series_uid, derived_sop_uid
+from node.jobs.manager import DerivedFile, LostClaim
+from node.jobs.records import JobInputView, JobView
 from node.jobs.states import JobState
 from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
 from node.service import poll_until_stopped
@@ -85,7 +86,7 @@ class Worker:
         try:
             with self._heartbeat(job.id) as lost:
                 result = self._denoise(job, lost)
-            self.manager.finish_denoising(
+            state = self.manager.finish_denoising(
                 job.id,
                 self.name,
                 result.series_uid,
@@ -112,7 +113,8 @@ class Worker:
                 outcome = "abandoned" if state is None else f"will retry in {retry_in:.0f} s"
                 self._outcome(job, started, logging.WARNING, outcome, error)
         else:
-            self._outcome(job, started, logging.INFO, "denoised", result.summary(), result)
+            outcome = "denoised" if state is JobState.SENDING else "denoised, superseded"
+            self._outcome(job, started, logging.INFO, outcome, result.summary(), result)
         return True
 
     @property
@@ -128,11 +130,17 @@ class Worker:
         return self._denoiser
 
     def _denoise(self, job: JobView, lost: threading.Event) -> SeriesResult:
-        instances = self.queries.series_instances(job.series_instance_uid)
-        sources = [self.ctx.spool.path(instance.spool_path) for instance in instances]
+        """Denoise the job's input set; what an earlier job made from the same input is reused."""
+        inputs = self.queries.job_inputs(job.id)
+        if not inputs:
+            raise BadInput("the job has no input instances")
         model = self._model
         spec = derivation_spec(self.settings, model, job.strength)
-        written: list[tuple[str, str, str]] = []
+        reused = self._reuse(job.id, inputs, spec)
+        taken = {file.source_sop_instance_uid for file in reused}
+        fresh = [i for i in inputs if i.sop_instance_uid not in taken]
+        content = {i.sop_instance_uid: i.sha256 for i in inputs}
+        written: list[DerivedFile] = []
 
         def write(index: int, ds: Dataset) -> None:
             relative = Spool.derived(job.id, index)
@@ -140,7 +148,9 @@ class Worker:
                 relative, lambda handle: ds.save_as(handle, enforce_file_format=True)
             )
             source_uid = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
-            written.append((ds.SOPInstanceUID, source_uid, relative))
+            written.append(
+                DerivedFile(ds.SOPInstanceUID, source_uid, content.get(source_uid), relative)
+            )
 
         def progress(done: int, total: int) -> None:
             if lost.is_set():
@@ -148,9 +158,38 @@ class Worker:
             if self.stop.is_set() and done < total:
                 raise _Interrupted(f"worker stopping after {done} of {total} slices")
 
-        result = denoise_series(sources, write, model, spec, progress)
-        self.manager.record_derived(job.id, self.name, written)
+        if fresh:
+            sources = [self.ctx.spool.path(i.spool_path) for i in fresh]
+            result = denoise_series(sources, write, model, spec, progress)
+        else:
+            series_uid = derived_series_uid(job.series_instance_uid, spec)
+            result = SeriesResult(job.series_instance_uid, series_uid, provider=model.provider)
+        result.reused = len(reused)
+        self.manager.record_derived(job.id, self.name, reused + written)
         return result
+
+    def _reuse(
+        self, job_id: int, inputs: list[JobInputView], spec: DerivationSpec
+    ) -> list[DerivedFile]:
+        """Take over derived instances earlier jobs made from the same input, model and strength.
+
+        Each gets a name of this job's own in the spool (a hard link), so purging the
+        earlier job leaves it in place.
+        """
+        wanted = {derived_sop_uid(i.sop_instance_uid, spec): i for i in inputs}
+        found = self.queries.reusable_derived(job_id, {uid: i.sha256 for uid, i in wanted.items()})
+        position = {i.sop_instance_uid: n for n, i in enumerate(inputs)}
+        files = []
+        for uid, derived in found.items():
+            if not self.ctx.spool.path(derived.spool_path).is_file():
+                continue
+            source = wanted[uid]
+            relative = Spool.reused(job_id, position[source.sop_instance_uid])
+            self.ctx.spool.link(derived.spool_path, relative)
+            files.append(
+                DerivedFile(uid, source.sop_instance_uid, source.sha256, relative, derived.job_id)
+            )
+        return files
 
     @contextmanager
     def _heartbeat(self, job_id: int) -> Iterator[threading.Event]:

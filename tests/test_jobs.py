@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 from node import db
 from node.db import SchemaOutOfDate, utcnow
 from node.jobs import JobManager, JobQueries, JobState, TransitionError
-from node.jobs.manager import InstanceRecord, LostClaim, NewJob, RecordOutcome
+from node.jobs.manager import DerivedFile, InstanceRecord, LostClaim, NewJob, RecordOutcome
 from node.jobs.states import EventKind
 from tests.fixtures.jobs import instance_record, settle_series
 
@@ -50,7 +50,9 @@ def test_full_lifecycle_writes_a_timeline(manager: JobManager, queries: JobQueri
     assert job is not None and job.id == job_id and job.state == JobState.RUNNING
     assert job.attempts == 1 and job.claimed_by == "w1"
     manager.heartbeat(job_id, "w1")
-    manager.record_derived(job_id, "w1", [("9.1", "1.0", "derived/1/00000.dcm")])
+    manager.record_derived(
+        job_id, "w1", [DerivedFile("9.1", "1.0", "a" * 64, "derived/1/00000.dcm")]
+    )
     manager.finish_denoising(job_id, "w1", "9.9", "m", "1.0", "denoised 3 slices")
     assert manager.claim_next_job("w2") is None
     sending = manager.claim_sending_job("s1", stale_after=60)
@@ -86,6 +88,16 @@ def test_a_settled_series_becomes_one_job_and_a_late_instance_another(
     second = settle(manager, queries)
     assert second != first
     assert queries.get_job(second).instance_count == 2
+    assert [i.sop_instance_uid for i in queries.job_inputs(first)] == ["1.1"]
+    assert [i.sop_instance_uid for i in queries.job_inputs(second)] == ["1.1", "1.2"]
+    superseded = queries.get_job(first)
+    assert superseded.state == JobState.CANCELLED and f"job {second}" in superseded.reason
+    event = queries.job_events(first)[-1]
+    assert (event.kind, event.from_state, event.to_state) == (
+        EventKind.SUPERSEDED,
+        "queued",
+        "cancelled",
+    )
 
 
 def test_create_job_loses_the_race_against_a_new_instance(
@@ -197,7 +209,9 @@ def test_resend_adds_the_destination_and_sends_only_to_it_again(
     manager.record_instance(record("1.1"))
     job_id = settle(manager, queries)
     manager.claim_next_job("w1")
-    manager.record_derived(job_id, "w1", [("9.1", "1.1", "derived/1/00000.dcm")])
+    manager.record_derived(
+        job_id, "w1", [DerivedFile("9.1", "1.1", "a" * 64, "derived/1/00000.dcm")]
+    )
     manager.finish_denoising(job_id, "w1", "9", "m", "1", "done")
     manager.claim_sending_job("s1", 60)
     manager.record_delivery(job_id, "pacs", "9.1", 0)

@@ -23,7 +23,7 @@ from pynetdicom import AE, evt
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
-from node.jobs.manager import InstanceRecord
+from node.jobs.manager import DerivedFile, InstanceRecord
 from node.jobs.states import EventKind
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
@@ -117,11 +117,11 @@ def make_sending_job(
         relative = Spool.derived(job_id, index)
         ctx.spool.write_atomic(relative, lambda handle, p=path: handle.write(p.read_bytes()))
         ds = dcmread(path, stop_before_pixels=True)
-        items.append((ds.SOPInstanceUID, "1.2.3.source", relative))
+        items.append(DerivedFile(ds.SOPInstanceUID, "1.2.3.source", None, relative))
     manager.record_derived(job_id, HOLDER, items)
     output_uid = dcmread(derived[0], stop_before_pixels=True).SeriesInstanceUID
     manager.finish_denoising(job_id, HOLDER, output_uid, "test-model", "0", "derived")
-    return job_id, [uid for uid, _, _ in items], output_uid
+    return job_id, [item.sop_instance_uid for item in items], output_uid
 
 
 def orthanc_uids(server: OrthancServer, series_uid: str) -> set[str]:

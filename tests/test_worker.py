@@ -19,6 +19,7 @@ from node.db import utcnow
 from node.denoise import Denoiser
 from node.jobs import JobManager, JobQueries, JobState
 from node.jobs.manager import InstanceRecord, NewJob
+from node.jobs.states import EventKind
 from node.phantom import PhantomSpec, write_phantom_series
 from node.worker import Worker
 from tests.fixtures.onnx_models import ScriptedDenoiser
@@ -289,3 +290,49 @@ def test_two_workers_never_take_the_same_job(
         job = queries.get_job(job_id)
         assert job.state == JobState.RUNNING and job.attempts == 1
         assert job.claimed_by == ("a" if job_id in claimed["a"] else "b")
+
+
+def test_a_late_instance_costs_its_own_denoising_and_the_rest_is_reused(
+    context: NodeContext, series: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    first = queue_series(context, series[:6])
+    worker = Worker(context)
+    assert worker.run_once() is True
+    assert context.queries.get_job(first).state == JobState.SENDING
+    acknowledged = context.queries.derived_instances(first)[0].sop_instance_uid
+    context.manager.record_delivery(first, "pacs", acknowledged, 0)
+    second = queue_series(context, series[6:])  # the series settles again: all 8 slices
+    assert [i.sop_instance_uid for i in context.queries.job_inputs(second)] == [
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series
+    ]
+    with caplog.at_level(logging.INFO, logger="node.worker"):
+        assert worker.run_once() is True
+    job = context.queries.get_job(second)
+    assert job.state == JobState.SENDING and job.denoised_count == 8
+    (outcome,) = [r for r in caplog.records if getattr(r, "job_id", None) == second]
+    assert outcome.slices == 2, "only the two late slices are denoised"
+    earlier = {d.sop_instance_uid: d for d in context.queries.derived_instances(first)}
+    for item in context.queries.derived_instances(second):
+        assert item.spool_path.startswith(f"derived/{second}/")
+        ds = pydicom.dcmread(context.spool.path(item.spool_path))
+        assert ds.SOPInstanceUID == item.sop_instance_uid
+        if item.sop_instance_uid in earlier:
+            same = context.spool.path(earlier[item.sop_instance_uid].spool_path).read_bytes()
+            assert context.spool.path(item.spool_path).read_bytes() == same
+    assert context.queries.delivery_counts(second) == {"pacs": 1}, "acknowledgement inherited"
+
+
+def test_a_running_job_with_a_newer_one_denoises_but_does_not_send(
+    context: NodeContext, series: list[Path]
+) -> None:
+    first = queue_series(context, series[:6])
+    assert context.manager.claim_next_job("w1") is not None
+    second = queue_series(context, series[6:])
+    context.manager.record_derived(first, "w1", [])
+    assert context.manager.finish_denoising(first, "w1", "9.9", "m", "1", "6 slices") is (
+        JobState.CANCELLED
+    )
+    job = context.queries.get_job(first)
+    assert job.state == JobState.CANCELLED and job.reason.startswith(f"superseded by job {second}")
+    assert context.queries.job_events(first)[-1].kind == EventKind.SUPERSEDED
+    assert context.queries.get_job(second).state == JobState.QUEUED

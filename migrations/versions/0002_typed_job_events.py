@@ -27,6 +27,7 @@ KINDS = (
     "admin_action",
     "purged",
     "warning",
+    "superseded",
 )
 
 #: How 0001's writers worded each kind of event; the first match decides, in this order.

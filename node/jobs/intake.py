@@ -7,12 +7,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.states import EventKind, JobState
-from node.jobs.tables import Instance, Job, JobEvent, Series
+from node.jobs.tables import Instance, Job, JobEvent, JobInstance, Series
 from node.jobs.writer import JobWriter, dialect_of
 
 
@@ -133,7 +133,10 @@ class Intake(JobWriter):
     def create_job(self, new: NewJob) -> int | None:
         """Turn a settled series into a queued (or skipped) job, once.
 
-        Returns None when an instance arrived meanwhile: the series settles again later.
+        The job's input is the series' instances now, in the same transaction that
+        checks no instance arrived meanwhile (else returns None: the series settles
+        again later).  A queued job becomes the series' only queued one: older
+        queued jobs of the series are superseded.
         """
         now = utcnow()
         state = JobState.SKIPPED if new.skip_reason else JobState.QUEUED
@@ -178,4 +181,51 @@ class Intake(JobWriter):
                     message=message,
                 )
             )
+            if state is JobState.QUEUED:
+                _snapshot_inputs(session, job.id, new.series_instance_uid)
+                _supersede_queued(session, job.id, new.series_instance_uid, now)
             return job.id
+
+
+def _snapshot_inputs(session: Session, job_id: int, series_instance_uid: str) -> None:
+    """Copy the series' instances into ``job_instances``: what the worker will denoise."""
+    session.execute(
+        insert(JobInstance).from_select(
+            ["job_id", "sop_instance_uid", "sha256", "spool_path"],
+            select(
+                literal(job_id), Instance.sop_instance_uid, Instance.sha256, Instance.spool_path
+            ).where(Instance.series_instance_uid == series_instance_uid),
+        )
+    )
+
+
+def _supersede_queued(
+    session: Session, job_id: int, series_instance_uid: str, now: datetime
+) -> None:
+    """Cancel the series' older queued jobs: the new one covers their instances and more."""
+    older = session.scalars(
+        select(Job.id).where(
+            Job.series_instance_uid == series_instance_uid,
+            Job.state == JobState.QUEUED,
+            Job.id != job_id,
+        )
+    ).all()
+    reason = f"superseded by job {job_id}: the series received more instances"
+    for old_id in older:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == old_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.CANCELLED, reason=reason, finished_at=now, updated_at=now)
+        )
+        if done.rowcount == 1:
+            session.add(
+                JobEvent(
+                    job_id=old_id,
+                    at=now,
+                    kind=EventKind.SUPERSEDED,
+                    from_state=JobState.QUEUED,
+                    to_state=JobState.CANCELLED,
+                    actor="settler",
+                    message=reason,
+                )
+            )

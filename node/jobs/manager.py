@@ -7,10 +7,12 @@ Reads live in ``node.jobs.queries``, the process registry in ``node.jobs.registr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.delivery import Deliveries
@@ -20,7 +22,21 @@ from node.jobs.states import EventKind, JobState, TransitionError
 from node.jobs.tables import Delivery, DerivedInstance, Job
 from node.jobs.writer import LostClaim
 
-__all__ = ["InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
+__all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
+
+#: States of a newer job that make an older running job of the series not send.
+SUPERSEDING = (JobState.QUEUED, JobState.RUNNING, JobState.SENDING, JobState.DONE)
+
+
+@dataclass(frozen=True)
+class DerivedFile:
+    """A derived instance in the spool; ``reused_from`` names the job that computed it."""
+
+    sop_instance_uid: str
+    source_sop_instance_uid: str
+    source_sha256: str | None
+    spool_path: str
+    reused_from: int | None = None
 
 
 class JobManager(Intake, Deliveries):
@@ -56,29 +72,38 @@ class JobManager(Intake, Deliveries):
             if done.rowcount != 1:
                 raise LostClaim(f"job {job_id} is no longer held by {holder}")
 
-    def record_derived(self, job_id: int, holder: str, items: list[tuple[str, str, str]]) -> None:
-        """Record derived instances (sop uid, source sop uid, spool path) of a running job."""
+    def record_derived(self, job_id: int, holder: str, files: list[DerivedFile]) -> None:
+        """Record the derived instances of a running job.
+
+        A reused instance brings the acknowledgements the job that made it received:
+        a destination that holds it already is not sent it again.
+        """
         with self._sessions.begin() as session:
             self._require_holder(session, job_id, holder, JobState.RUNNING)
-            known = set(
-                session.scalars(
-                    select(DerivedInstance.sop_instance_uid).where(DerivedInstance.job_id == job_id)
+            known = {
+                row.sop_instance_uid: row
+                for row in session.scalars(
+                    select(DerivedInstance).where(DerivedInstance.job_id == job_id)
                 )
-            )
-            for sop_uid, source_uid, path in items:
-                if sop_uid not in known:
+            }
+            for file in files:
+                if file.sop_instance_uid in known:  # an earlier attempt: this one's file counts
+                    known[file.sop_instance_uid].spool_path = file.spool_path
+                else:
                     session.add(
                         DerivedInstance(
                             job_id=job_id,
-                            sop_instance_uid=sop_uid,
-                            source_sop_instance_uid=source_uid,
-                            spool_path=path,
+                            sop_instance_uid=file.sop_instance_uid,
+                            source_sop_instance_uid=file.source_sop_instance_uid,
+                            source_sha256=file.source_sha256,
+                            spool_path=file.spool_path,
                         )
                     )
+            _inherit_deliveries(session, job_id, [f for f in files if f.reused_from is not None])
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .values(denoised_count=len(known | {item[0] for item in items}))
+                .values(denoised_count=len(set(known) | {f.sop_instance_uid for f in files}))
             )
 
     def finish_denoising(
@@ -89,22 +114,58 @@ class JobManager(Intake, Deliveries):
         model_name: str,
         model_version: str,
         message: str,
-    ) -> None:
-        """running → sending: the derived series is complete in the spool."""
+    ) -> JobState:
+        """running → sending: the derived series is complete in the spool.
+
+        When a newer job of the series exists (a late instance), running → cancelled
+        instead: the newer job reuses what this one made and sends the whole series.
+        """
+        values: dict[str, Any] = {
+            "claimed_by": None,
+            "output_series_uid": output_series_uid,
+            "model_name": model_name,
+            "model_version": model_version,
+            "last_error": None,
+        }
+        newer = self._newer_job(job_id)
+        if newer is None:
+            self._transition(
+                job_id,
+                JobState.RUNNING,
+                JobState.SENDING,
+                EventKind.DENOISED,
+                holder,
+                message,
+                holder=holder,
+                **values,
+            )
+            return JobState.SENDING
+        reason = f"superseded by job {newer}: denoised, not sent"
         self._transition(
             job_id,
             JobState.RUNNING,
-            JobState.SENDING,
-            EventKind.DENOISED,
+            JobState.CANCELLED,
+            EventKind.SUPERSEDED,
             holder,
-            message,
+            f"{message}; {reason}",
             holder=holder,
-            claimed_by=None,
-            output_series_uid=output_series_uid,
-            model_name=model_name,
-            model_version=model_version,
-            last_error=None,
+            reason=reason,
+            finished_at=utcnow(),
+            **values,
         )
+        return JobState.CANCELLED
+
+    def _newer_job(self, job_id: int) -> int | None:
+        """A newer job of the same series that will send the series, if there is one."""
+        series = select(Job.series_instance_uid).where(Job.id == job_id).scalar_subquery()
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.max(Job.id)).where(
+                    Job.series_instance_uid == series,
+                    Job.id > job_id,
+                    Job.state.in_(SUPERSEDING),
+                )
+            )
 
     def release_job(self, job_id: int, holder: str, message: str) -> None:
         """running → queued without counting an attempt (graceful shutdown)."""
@@ -254,3 +315,27 @@ class JobManager(Intake, Deliveries):
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
         """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""
         self.add_event(job_id, actor, EventKind.PURGED, f"spool purged: {detail}")
+
+
+def _inherit_deliveries(session: Session, job_id: int, reused: list[DerivedFile]) -> None:
+    """Copy the acknowledgements of reused instances from the jobs that made them."""
+    mine = select(Delivery.destination, Delivery.sop_instance_uid).where(Delivery.job_id == job_id)
+    have = {(destination, uid) for destination, uid in session.execute(mine)}
+    for file in reused:
+        earlier = session.scalars(
+            select(Delivery).where(
+                Delivery.job_id == file.reused_from,
+                Delivery.sop_instance_uid == file.sop_instance_uid,
+            )
+        )
+        for delivery in earlier:
+            if (delivery.destination, file.sop_instance_uid) not in have:
+                session.add(
+                    Delivery(
+                        job_id=job_id,
+                        destination=delivery.destination,
+                        sop_instance_uid=file.sop_instance_uid,
+                        status=delivery.status,
+                        sent_at=delivery.sent_at,
+                    )
+                )

@@ -16,13 +16,22 @@ from node.jobs.records import (
     DerivedView,
     EventView,
     InstanceView,
+    JobInputView,
     JobView,
     Record,
     SeriesView,
     from_row,
 )
 from node.jobs.states import FINAL_STATES, EventKind, JobState, TransitionError
-from node.jobs.tables import Delivery, DerivedInstance, Instance, Job, JobEvent, Series
+from node.jobs.tables import (
+    Delivery,
+    DerivedInstance,
+    Instance,
+    Job,
+    JobEvent,
+    JobInstance,
+    Series,
+)
 
 
 class JobQueries:
@@ -57,6 +66,31 @@ class JobQueries:
             .where(Instance.series_instance_uid == series_instance_uid)
             .order_by(Instance.id),
         )
+
+    def job_inputs(self, job_id: int) -> list[JobInputView]:
+        """The instances the job denoises: its series as it settled."""
+        return self._all(
+            JobInputView,
+            select(JobInstance).where(JobInstance.job_id == job_id).order_by(JobInstance.id),
+        )
+
+    def reusable_derived(self, job_id: int, wanted: dict[str, str]) -> dict[str, DerivedView]:
+        """Derived instances other jobs made, by SOP UID, for ``wanted`` (UID → source sha256).
+
+        Derived UIDs are deterministic in source, model, version and strength; the
+        source's content must match too.  The newest job's copy wins.
+        """
+        query = (
+            select(DerivedInstance)
+            .where(DerivedInstance.sop_instance_uid.in_(list(wanted)))
+            .where(DerivedInstance.job_id != job_id)
+            .order_by(DerivedInstance.job_id)
+        )
+        return {
+            derived.sop_instance_uid: derived
+            for derived in self._all(DerivedView, query)
+            if derived.source_sha256 == wanted[derived.sop_instance_uid]
+        }
 
     def derived_instances(self, job_id: int) -> list[DerivedView]:
         return self._all(

@@ -88,11 +88,21 @@ class EventView:
 
 
 @dataclass(frozen=True)
+class JobInputView:
+    """One instance of a job's input set, as it settled."""
+
+    sop_instance_uid: str
+    sha256: str
+    spool_path: str
+
+
+@dataclass(frozen=True)
 class DerivedView:
     id: int
     job_id: int
     sop_instance_uid: str
     source_sop_instance_uid: str
+    source_sha256: str | None
     spool_path: str
 
 

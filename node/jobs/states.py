@@ -31,6 +31,7 @@ class EventKind(StrEnum):
     ADMIN_ACTION = "admin_action"  # retry, cancel or resend by an administrator
     PURGED = "purged"  # the job's spool files were removed by retention
     WARNING = "warning"  # something an operator should see, e.g. a conflicting resend
+    SUPERSEDED = "superseded"  # a newer job of the same series replaces this one
 
 
 FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED})

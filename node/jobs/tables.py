@@ -120,6 +120,19 @@ class JobEvent(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class JobInstance(Base):
+    """A job's input: the instances of its series as they were when the series settled."""
+
+    __tablename__ = "job_instances"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(String(255))
+
+
 class DerivedInstance(Base):
     """A denoised instance written by a worker, waiting in the spool to be sent."""
 
@@ -130,6 +143,8 @@ class DerivedInstance(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     source_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    #: the source's content when it was denoised: a later job reuses the file only for this
+    source_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spool_path: Mapped[str] = mapped_column(String(255))
 
 
