@@ -145,6 +145,9 @@ def _show(job: overview.JobDetail) -> str:
         f"Instances  received {job.received_count} (settled {job.instance_count}), "
         f"denoised {job.denoised_count}, sent {sent or '-'}",
     ]
+    for delivery in job.delivery:
+        why = f": {delivery.reason}" if delivery.reason else ""
+        lines.append(f"Delivery   {delivery.destination} {delivery.state}{why}")
     if job.model_name:
         lines.append(f"Model      {job.model_name} {job.model_version}")
     if job.output_series_uid:

@@ -24,7 +24,7 @@ from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
 from node.jobs import JobState, TransitionError, records
-from node.jobs.states import EventKind
+from node.jobs.states import DeliveryState, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,21 @@ class JobEventView(_View):
     message: str
 
 
+class DeliveryView(_View):
+    """Where the job stands with one destination, and why when it failed."""
+
+    destination: str
+    state: DeliveryState
+    attempts: int
+    reason: str | None
+
+
 class JobDetail(JobSummary):
     """A job with its timeline and what each destination acknowledged."""
 
     received_count: int
     sent: dict[str, int]
+    delivery: list[DeliveryView]
     events: list[JobEventView]
 
 
@@ -176,6 +186,7 @@ def job_detail(ctx: NodeContext, job_id: int) -> JobDetail:
             **JobSummary.model_validate(job).model_dump(),
             "received_count": len(ctx.queries.series_instances(job.series_instance_uid)),
             "sent": sent,
+            "delivery": [DeliveryView.model_validate(d) for d in ctx.queries.destinations(job_id)],
             "events": [JobEventView.model_validate(event) for event in events],
         }
     )

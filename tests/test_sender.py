@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -24,12 +25,14 @@ from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
 from node.jobs.manager import DerivedFile, InstanceRecord
-from node.jobs.states import EventKind
+from node.jobs.states import DeliveryState, EventKind
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.sender import Sender
 from node.spool import Spool
-from node.tools import free_port
+from node.tools import dcmtk_tool, free_port
+from node.web.metrics import NodeCollector
+from tests.fixtures.dicom import DCMTK_ENV
 from tests.fixtures.jobs import settle_series
 
 SLICES = 5
@@ -299,18 +302,25 @@ def test_store_status_decides_retry_or_failure(
     in_error: str | None,
 ) -> None:
     scp = status_scp(status)
-    ctx = make_context(scp.destination())
+    ctx = make_context(scp.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01)
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+    sender = Sender(ctx)
+    attempts = ctx.settings.send_max_attempts if state == JobState.FAILED else 1
 
-    assert Sender(ctx).run_once()
+    for _ in range(attempts):  # a refusal fails the destination after send_max_attempts
+        time.sleep(0.05)  # past the backoff
+        assert sender.run_once()
 
     job = ctx.queries.get_job(job_id)
     assert job.state == state
     if in_error:
         assert in_error in job.last_error and "STATUSSCP answered" in job.last_error
-        assert len(scp.received) == 1  # stops at the first refusal
+        assert len(scp.received) == attempts  # each attempt stops at the first refusal
     else:
         assert scp.received == uids
+    if state == JobState.FAILED:
+        assert f"refused {attempts} time(s)" in job.last_error
+        assert [d.state for d in ctx.queries.destinations(job_id)] == [DeliveryState.FAILED]
 
 
 def test_implicit_only_peer_gets_the_explicit_files_converted(
@@ -410,3 +420,87 @@ def test_a_job_cancelled_while_sending_stops_at_the_next_heartbeat(
 
     assert ctx.queries.get_job(job_id).state == JobState.CANCELLED
     assert scp.received == uids[:1]
+
+
+@pytest.fixture
+def refusing_storescp() -> Iterator[dict[str, dict[str, Any]]]:
+    """DCMTK storescp that answers every association with A-ASSOCIATE-RJ (rejected-permanent)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [dcmtk_tool("storescp"), "--refuse", "-aet", "REFUSER", str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield {"refuser": {"ae_title": "REFUSER", "host": "127.0.0.1", "port": port}}
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def metric_value(ctx: NodeContext, name: str, labels: dict[str, str]) -> float:
+    (family,) = [f for f in NodeCollector(ctx, list).collect() if f.name == name]
+    (sample,) = [s for s in family.samples if s.labels == labels]
+    return sample.value
+
+
+def test_a_permanently_rejected_association_fails_the_destination_after_max_attempts(
+    refusing_storescp: dict[str, dict[str, Any]],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    ctx = make_context(refusing_storescp, send_retry_seconds=0.01, send_retry_max_seconds=0.01)
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["refuser"])
+    sender = Sender(ctx)
+    for attempt in range(1, ctx.settings.send_max_attempts + 1):
+        time.sleep(0.05)  # past the backoff
+        assert sender.run_once()
+        (delivery,) = ctx.queries.destinations(job_id)
+        assert delivery.attempts == attempt
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert "REFUSER@127.0.0.1" in job.last_error and "rejected the association" in job.last_error
+    assert "Rejected Permanent" in job.last_error and "refused 3 time(s)" in job.last_error
+    assert delivery.state == DeliveryState.FAILED
+    assert any(e.kind == EventKind.GAVE_UP for e in ctx.queries.job_events(job_id))
+    labels = {"destination": "refuser", "state": "failed"}
+    assert metric_value(ctx, "denoise_node_job_destinations", labels) == 1
+
+    ctx.manager.resend_job(job_id, "refuser", "admin")  # `jobs resend ID --to refuser`
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 0)
+    assert ctx.queries.get_job(job_id).state == JobState.SENDING
+
+
+def test_an_unreachable_destination_is_given_up_after_send_give_up_hours(
+    make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    nobody = {"nobody": {"ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()}}
+    ctx = make_context(
+        nobody,
+        send_retry_seconds=0.05,
+        send_retry_max_seconds=0.05,
+        send_give_up_hours=0.5 / 3600,
+    )
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["nobody"])
+    sender = Sender(ctx)
+    tries = 0
+    deadline = time.monotonic() + 30
+    while ctx.queries.get_job(job_id).state == JobState.SENDING and time.monotonic() < deadline:
+        tries += sender.run_once()
+        time.sleep(0.06)
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert tries > 1, "transient failures are retried before giving up"
+    assert "could not be reached" in job.last_error and "gave up" in job.last_error
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert delivery.state == DeliveryState.FAILED and delivery.attempts == 0

@@ -28,6 +28,7 @@ KINDS = (
     "purged",
     "warning",
     "superseded",
+    "gave_up",
 )
 
 #: How 0001's writers worded each kind of event; the first match decides, in this order.

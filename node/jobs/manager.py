@@ -18,8 +18,8 @@ from node.db import utcnow
 from node.jobs.delivery import Deliveries
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
 from node.jobs.records import JobView
-from node.jobs.states import EventKind, JobState, TransitionError
-from node.jobs.tables import Delivery, DerivedInstance, Job
+from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
+from node.jobs.tables import Delivery, DerivedInstance, Job, JobDestination
 from node.jobs.writer import LostClaim
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
@@ -271,9 +271,7 @@ class JobManager(Intake, Deliveries):
             run_after=None,
             finished_at=None,
             denoised_count=0,
-            _also=lambda session: session.execute(
-                delete(Delivery).where(Delivery.job_id == job_id)
-            ),
+            _also=lambda session: _forget_deliveries(session, job_id),
         )
 
     def cancel_job(self, job_id: int, actor: str) -> None:
@@ -305,11 +303,7 @@ class JobManager(Intake, Deliveries):
             claimed_by=None,
             run_after=None,
             finished_at=None,
-            _also=lambda session: session.execute(
-                delete(Delivery).where(
-                    Delivery.job_id == job_id, Delivery.destination == destination
-                )
-            ),
+            _also=lambda session: _forget_deliveries(session, job_id, destination),
         )
 
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
@@ -339,3 +333,25 @@ def _inherit_deliveries(session: Session, job_id: int, reused: list[DerivedFile]
                         sent_at=delivery.sent_at,
                     )
                 )
+
+
+def _forget_deliveries(session: Session, job_id: int, destination: str | None = None) -> None:
+    """Send again: to ``destination`` (set back to ``pending``), or from scratch (None)."""
+    if destination is None:
+        session.execute(delete(Delivery).where(Delivery.job_id == job_id))
+        session.execute(delete(JobDestination).where(JobDestination.job_id == job_id))
+        return
+    session.execute(
+        delete(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
+    )
+    session.execute(
+        update(JobDestination)
+        .where(JobDestination.job_id == job_id, JobDestination.destination == destination)
+        .values(
+            state=DeliveryState.PENDING,
+            attempts=0,
+            failing_since=None,
+            reason=None,
+            updated_at=utcnow(),
+        )
+    )

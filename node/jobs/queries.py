@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.jobs.records import (
     DerivedView,
+    DestinationView,
     EventView,
     InstanceView,
     JobInputView,
@@ -28,6 +29,7 @@ from node.jobs.tables import (
     DerivedInstance,
     Instance,
     Job,
+    JobDestination,
     JobEvent,
     JobInstance,
     Series,
@@ -169,6 +171,25 @@ class JobQueries:
             EventView,
             select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id),
         )
+
+    def destinations(self, job_id: int) -> list[DestinationView]:
+        """The job's delivery state per destination (none before the sender first took it)."""
+        return self._all(
+            DestinationView,
+            select(JobDestination)
+            .where(JobDestination.job_id == job_id)
+            .order_by(JobDestination.destination),
+        )
+
+    def destination_state_counts(self) -> dict[tuple[str, str], int]:
+        """Job destinations by (destination, delivery state), over all jobs."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(JobDestination.destination, JobDestination.state, func.count()).group_by(
+                    JobDestination.destination, JobDestination.state
+                )
+            ).all()
+        return {(destination, state): count for destination, state, count in rows}
 
     def delivery_counts(self, job_id: int) -> dict[str, int]:
         with self._sessions() as session:

@@ -107,6 +107,17 @@ class DerivedView:
 
 
 @dataclass(frozen=True)
+class DestinationView:
+    job_id: int
+    destination: str
+    state: str
+    attempts: int
+    failing_since: datetime | None
+    reason: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
 class WorkerView:
     name: str
     roles: str

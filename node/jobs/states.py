@@ -32,6 +32,20 @@ class EventKind(StrEnum):
     PURGED = "purged"  # the job's spool files were removed by retention
     WARNING = "warning"  # something an operator should see, e.g. a conflicting resend
     SUPERSEDED = "superseded"  # a newer job of the same series replaces this one
+    GAVE_UP = "gave_up"  # a destination failed for good: refused, or unreachable too long
+
+
+class DeliveryState(StrEnum):
+    """Where a job's derived series stands with one destination."""
+
+    PENDING = "pending"  # instances to send, or a failure that may pass
+    ACKNOWLEDGED = "acknowledged"  # every instance acknowledged
+    COMMITTED = "committed"  # storage commitment confirmed (where a destination asks for it)
+    FAILED = "failed"  # refused for good, or the give-up time passed; ``reason`` says why
+
+
+#: Delivery states after which nothing more is sent to the destination.
+DELIVERED_STATES = frozenset({DeliveryState.ACKNOWLEDGED, DeliveryState.COMMITTED})
 
 
 FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED})

@@ -162,6 +162,24 @@ class Delivery(Base):
     sent_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class JobDestination(Base):
+    """Where a job stands with one destination: pending, acknowledged, committed or failed."""
+
+    __tablename__ = "job_destinations"
+    __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    #: refusals (permanent failures) since the destination was last set pending
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: start of the current run of transient failures; the give-up time counts from here
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Worker(Base):
     """A running process of the node, with its role and last sign of life."""
 

@@ -21,6 +21,7 @@ import pytest
 
 from node import db
 from node.jobs import JobState
+from node.jobs.states import EventKind
 from node.orthanc import OrthancServer
 from node.phantom import PhantomSpec, write_phantom_series
 from node.spool import TMP_SUFFIX
@@ -52,7 +53,8 @@ def postponements(node, job_id: int) -> list[float]:
     return [
         float(match.group(1))
         for event in node.queries.job_events(job_id)
-        if (match := re.match(r"send postponed (\d+) s", event.message))
+        if event.kind == EventKind.POSTPONED
+        and (match := re.match(r"send postponed (\d+) s", event.message))
     ]
 
 
