@@ -453,12 +453,38 @@ def metric_value(ctx: NodeContext, name: str, labels: dict[str, str]) -> float:
     return sample.value
 
 
+class AeCheckingOrthanc(OrthancServer):
+    """Orthanc that rejects an association addressed to another called AE title."""
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {"DicomCheckCalledAet": True}
+
+
+@pytest.fixture
+def wrong_called_ae(tmp_path: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    """A destination whose AE title the Orthanc at its address does not answer to."""
+    with AeCheckingOrthanc(tmp_path / "orthanc") as orthanc:
+        yield {
+            "refuser": {"ae_title": "NOT-ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+        }
+
+
+@pytest.mark.parametrize(
+    ("peer", "reason"),
+    [
+        ("refusing_storescp", "Rejected Permanent"),
+        ("wrong_called_ae", "Called AE title not recognised"),
+    ],
+)
 def test_a_permanently_rejected_association_fails_the_destination_after_max_attempts(
-    refusing_storescp: dict[str, dict[str, Any]],
+    peer: str,
+    reason: str,
+    request: pytest.FixtureRequest,
     make_context: Callable[..., NodeContext],
     tmp_path: Path,
 ) -> None:
-    ctx = make_context(refusing_storescp, send_retry_seconds=0.01, send_retry_max_seconds=0.01)
+    destinations = request.getfixturevalue(peer)
+    ctx = make_context(destinations, send_retry_seconds=0.01, send_retry_max_seconds=0.01)
     job_id, _, _ = make_sending_job(ctx, tmp_path, ["refuser"])
     sender = Sender(ctx)
     for attempt in range(1, ctx.settings.send_max_attempts + 1):
@@ -468,8 +494,8 @@ def test_a_permanently_rejected_association_fails_the_destination_after_max_atte
         assert delivery.attempts == attempt
     job = ctx.queries.get_job(job_id)
     assert job.state == JobState.FAILED
-    assert "REFUSER@127.0.0.1" in job.last_error and "rejected the association" in job.last_error
-    assert "Rejected Permanent" in job.last_error and "refused 3 time(s)" in job.last_error
+    assert "rejected the association" in job.last_error and reason in job.last_error
+    assert "refused 3 time(s)" in job.last_error
     assert delivery.state == DeliveryState.FAILED
     assert any(e.kind == EventKind.GAVE_UP for e in ctx.queries.job_events(job_id))
     labels = {"destination": "refuser", "state": "failed"}
