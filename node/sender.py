@@ -123,7 +123,6 @@ class Sender:
     def _send_job(self, job: JobView) -> None:
         started = time.monotonic()
         total = len(self.queries.derived_instances(job.id))
-        states = self.manager.open_destinations(job.id, self.ctx.name, job.destinations)
         fields = {
             "job_id": job.id,
             "series_uid": job.series_instance_uid,
@@ -135,6 +134,7 @@ class Sender:
         errors: list[DeliveryError] = []
         sent = 0
         try:
+            states = self.manager.open_destinations(job.id, self.ctx.name, job.destinations)
             for state in states:
                 if state.state != DeliveryState.PENDING:
                     continue

@@ -56,8 +56,13 @@ class Spool:
         temporary.unlink(missing_ok=True)
         try:
             os.link(source, temporary)
-        except OSError:
-            return self.write_atomic(relative, lambda handle: handle.write(source.read_bytes()))
+        except OSError:  # a filesystem without hard links: a copy of its own
+
+            def copy(handle: BinaryIO) -> None:
+                with open(source, "rb") as original:
+                    shutil.copyfileobj(original, handle)
+
+            return self.write_atomic(relative, copy)
         os.replace(temporary, final)
         _fsync_dir(final.parent)
         return final

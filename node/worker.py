@@ -86,7 +86,7 @@ class Worker:
         try:
             with self._heartbeat(job.id) as lost:
                 result = self._denoise(job, lost)
-            state = self.manager.finish_denoising(
+            handed_over = self.manager.finish_denoising(
                 job.id,
                 self.name,
                 result.series_uid,
@@ -113,7 +113,7 @@ class Worker:
                 outcome = "abandoned" if state is None else f"will retry in {retry_in:.0f} s"
                 self._outcome(job, started, logging.WARNING, outcome, error)
         else:
-            outcome = "denoised" if state is JobState.SENDING else "denoised, superseded"
+            outcome = "denoised" if handed_over is JobState.SENDING else "denoised, superseded"
             self._outcome(job, started, logging.INFO, outcome, result.summary(), result)
         return True
 

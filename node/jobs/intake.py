@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from node.db import utcnow
 from node.jobs.states import EventKind, JobState
 from node.jobs.tables import Instance, Job, JobEvent, JobInstance, Series
-from node.jobs.writer import JobWriter, dialect_of
+from node.jobs.writer import JobWriter, dialect_of, rows_changed
 
 
 class RecordOutcome(StrEnum):
@@ -147,7 +147,7 @@ class Intake(JobWriter):
                 .where(Series.last_received_at == new.settled_through)
                 .values(settled_through=new.settled_through)
             )
-            if marked.rowcount != 1:
+            if rows_changed(marked) != 1:
                 return None
             job = Job(
                 series_instance_uid=new.series_instance_uid,
@@ -217,7 +217,7 @@ def _supersede_queued(
             .where(Job.id == old_id, Job.state == JobState.QUEUED)
             .values(state=JobState.CANCELLED, reason=reason, finished_at=now, updated_at=now)
         )
-        if done.rowcount == 1:
+        if rows_changed(done) == 1:
             session.add(
                 JobEvent(
                     job_id=old_id,

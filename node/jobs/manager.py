@@ -20,7 +20,7 @@ from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
 from node.jobs.records import JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
 from node.jobs.tables import Delivery, DerivedInstance, Job, JobDestination
-from node.jobs.writer import LostClaim
+from node.jobs.writer import LostClaim, rows_changed
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
 
@@ -69,7 +69,7 @@ class JobManager(Intake, Deliveries):
                 .where(Job.state.in_([JobState.RUNNING, JobState.SENDING]))
                 .values(heartbeat_at=utcnow())
             )
-            if done.rowcount != 1:
+            if rows_changed(done) != 1:
                 raise LostClaim(f"job {job_id} is no longer held by {holder}")
 
     def record_derived(self, job_id: int, holder: str, files: list[DerivedFile]) -> None:

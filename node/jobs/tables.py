@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -56,7 +57,7 @@ class Instance(Base):
     spool_path: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    header: Mapped[dict] = mapped_column(JSON)
+    header: Mapped[dict[str, Any]] = mapped_column(JSON)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     peer_address: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime)
@@ -74,7 +75,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     rule: Mapped[str] = mapped_column(String(64))
     strength: Mapped[float] = mapped_column(Float)
-    destinations: Mapped[list] = mapped_column(JSON)
+    destinations: Mapped[list[str]] = mapped_column(JSON)
     instance_count: Mapped[int] = mapped_column(Integer)
     denoised_count: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, select, update
+from sqlalchemy import CursorResult, Result, Select, and_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,7 +64,7 @@ class JobWriter:
             done = session.execute(
                 update(Job).where(Job.id == job_id, Job.state == expected).values(**values)
             )
-            if done.rowcount != 1:
+            if rows_changed(done) != 1:
                 return None
             job = session.get(Job, job_id)
             assert job is not None
@@ -124,7 +124,7 @@ class JobWriter:
             done = session.execute(
                 update(Job).where(and_(*conditions)).values(state=new, updated_at=now, **values)
             )
-            if done.rowcount != 1:
+            if rows_changed(done) != 1:
                 if holder is not None:
                     raise LostClaim(f"job {job_id} is no longer {current} by {holder}")
                 raise TransitionError(f"job {job_id} is no longer {current}")
@@ -141,6 +141,11 @@ class JobWriter:
                     message=message,
                 )
             )
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """The row count of an UPDATE or DELETE (a CursorResult at run time)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def dialect_of(session: Session) -> Any:
