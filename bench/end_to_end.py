@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import common
 from node import db
 from node.jobs import JobState
-from node.jobs.tables import JobEvent
+from node.jobs.records import EventView
 from node.orthanc import OrthancServer
 
 TIMEOUT = 3600.0
@@ -96,7 +96,7 @@ def pacs(orthanc: OrthancServer) -> dict[str, object]:
     return {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
 
 
-def first_events(events: Sequence[JobEvent]) -> dict[str, datetime]:
+def first_events(events: Sequence[EventView]) -> dict[str, datetime]:
     """When the job first entered each state, from its events."""
     entered: dict[str, datetime] = {}
     for event in events:
