@@ -8,8 +8,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 from node import db
+from node.jobs import JobManager, JobQueries
 from node.jobs.states import EventKind
 from node.jobs.tables import Base
+from tests.fixtures.jobs import instance_record, settle_series
 
 
 def test_the_migrated_schema_matches_the_models(db_url: str) -> None:
@@ -70,3 +72,13 @@ def test_upgrade_types_the_events_of_earlier_versions(db_url: str) -> None:
         kinds = connection.execute(text("SELECT kind FROM job_events ORDER BY id")).scalars()
         assert list(kinds) == [kind.value for *_, kind in OLD_EVENTS]
     engine.dispose()
+
+
+def test_every_event_kind_fits_the_migrated_column(
+    manager: JobManager, queries: JobQueries
+) -> None:
+    manager.record_instance(instance_record("1.1"))
+    job_id = settle_series(manager, queries, "1.2.3.4")
+    for kind in EventKind:
+        manager.add_event(job_id, "test", kind, f"a {kind} event")
+    assert [e.kind for e in queries.job_events(job_id)][1:] == list(EventKind)
