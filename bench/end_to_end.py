@@ -23,7 +23,7 @@ from bench import common
 from devtools.orthanc import OrthancServer
 from node import db
 from node.jobs import JobState
-from node.jobs.tables import JobEvent
+from node.jobs.records import EventView
 
 TIMEOUT = 3600.0
 
@@ -61,7 +61,7 @@ def benchmark(args: argparse.Namespace) -> None:
         in_orthanc = len(orthanc.series_instances(job.output_series_uid))
         if in_orthanc != count:
             raise common.CannotRun(f"Orthanc holds {in_orthanc} of {count} derived instances")
-        at = first_events(node.manager.job_events(job.id))
+        at = first_events(node.queries.job_events(job.id))
         node.stop()
 
     queued, running = at[JobState.QUEUED], at[JobState.RUNNING]
@@ -96,7 +96,7 @@ def pacs(orthanc: OrthancServer) -> dict[str, object]:
     return {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
 
 
-def first_events(events: Sequence[JobEvent]) -> dict[str, datetime]:
+def first_events(events: Sequence[EventView]) -> dict[str, datetime]:
     """When the job first entered each state, from its events."""
     entered: dict[str, datetime] = {}
     for event in events:

@@ -163,7 +163,7 @@ def node(backend: str) -> Starter:
             yield Peer(
                 process.port,
                 "DENOISE",
-                lambda: process.manager.instance_totals()[0],
+                lambda: process.queries.instance_totals()[0],
                 process.process.pid,
             )
             process.stop()

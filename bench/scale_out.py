@@ -32,7 +32,7 @@ from sqlalchemy import update
 from bench import common
 from devtools.node_process import NodeProcess
 from node import db
-from node.jobs import JobManager, JobState
+from node.jobs import JobQueries, JobState, WorkerRegistry
 from node.jobs.tables import Job
 
 TIMEOUT = 3600.0
@@ -55,7 +55,7 @@ def receive(folder: Path, url: str, paths: list[Path], jobs: int) -> None:
         common.progress(f"receiving {len(paths)} instances of {jobs} series")
         common.storescu(node.port, paths, "DENOISE")
         node.wait_for(
-            lambda: node.manager.state_counts().get(JobState.QUEUED, 0) == jobs,
+            lambda: node.queries.state_counts().get(JobState.QUEUED, 0) == jobs,
             TIMEOUT,
             f"{jobs} queued jobs",
         )
@@ -86,40 +86,42 @@ def run_workers(
             )
             for i in range(count)
         ]
-        manager = workers[0].manager
-        workers[0].wait_for(lambda: ready(manager) == count, TIMEOUT, f"{count} workers to start")
+        queries = workers[0].queries
+        workers[0].wait_for(
+            lambda: ready(workers[0].registry) == count, TIMEOUT, f"{count} workers to start"
+        )
         hold_jobs(url, None)
         workers[0].wait_for(
-            lambda: processed(manager, jobs), TIMEOUT, f"{jobs} jobs denoised by {count} workers"
+            lambda: processed(queries, jobs), TIMEOUT, f"{jobs} jobs denoised by {count} workers"
         )
         rss = [common.peak_rss_mib(w.process.pid) for w in workers if w.process is not None]
         for worker in workers:
             worker.stop()
-        return analyse(manager), rss
+        return analyse(queries), rss
 
 
-def ready(manager: JobManager) -> int:
+def ready(registry: WorkerRegistry) -> int:
     """Worker loops running on this job table."""
-    return sum(1 for w in manager.workers() if w.name.endswith("/work") and not w.stopped_at)
+    return sum(1 for w in registry.workers() if w.name.endswith("/work") and not w.stopped_at)
 
 
-def processed(manager: JobManager, jobs: int) -> bool:
+def processed(queries: JobQueries, jobs: int) -> bool:
     """True when every job was denoised; CannotRun when one failed."""
-    counts = manager.state_counts()
+    counts = queries.state_counts()
     if counts.get(JobState.FAILED):
-        failed = manager.list_jobs(states=[JobState.FAILED], limit=1)[0]
+        failed = queries.list_jobs(states=[JobState.FAILED], limit=1)[0]
         raise common.CannotRun(f"job {failed.id} failed: {failed.last_error}")
     return counts.get(JobState.SENDING, 0) == jobs
 
 
-def analyse(manager: JobManager) -> Outcome:
+def analyse(queries: JobQueries) -> Outcome:
     """Span, jobs per worker, and jobs not claimed and handed over exactly once by one worker."""
     first: datetime | None = None
     last: datetime | None = None
     per_worker: Counter[str] = Counter()
     not_once = 0
-    for job in manager.list_jobs(limit=100_000):
-        events = manager.job_events(job.id)
+    for job in queries.list_jobs(limit=100_000):
+        events = queries.job_events(job.id)
         claims = [e for e in events if (e.from_state, e.to_state) == ("queued", "running")]
         handovers = [e for e in events if (e.from_state, e.to_state) == ("running", "sending")]
         if len(claims) != 1 or len(handovers) != 1 or claims[0].actor != handovers[0].actor:

@@ -32,8 +32,8 @@ from devtools.node_process import NodeExited, NodeProcess, write_config
 from devtools.orthanc import OrthancServer
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node import db
-from node.jobs import FINAL_STATES, JobManager, JobState
-from node.jobs.tables import Job
+from node.jobs import FINAL_STATES, JobQueries, JobState
+from node.jobs.records import JobView
 from node.logs import configure_logging
 from node.pixels import PixelCodec
 
@@ -141,16 +141,16 @@ class Demo:
             )
             self.say(f"starting the node on port {node_port} (SQLite, CPU)")
             node = stack.enter_context(self._node(work, node_port, orthanc))
-            manager = node.manager
+            queries = node.queries
 
             inputs, reference, label = self._make_input(work / "input")
-            job = self._send_and_wait(inputs, manager, node)
+            job = self._send_and_wait(inputs, queries, node)
             derived = orthanc.series_instances(job.output_series_uid or "")
             if len(derived) != job.denoised_count:
                 raise DemoError(
                     f"Orthanc holds {len(derived)} of {job.denoised_count} derived instances"
                 )
-            self._read_stages(manager, job)
+            self._read_stages(queries, job)
             noise = measure_noise(inputs, reference, orthanc, derived)
             self._summary(label, len(inputs), job, noise, derived, orthanc)
             if self.args.keep:
@@ -216,7 +216,7 @@ class Demo:
         self.say(f"input ready: {len(paths)} slices")
         return paths, reference, label
 
-    def _send_and_wait(self, inputs: list[Path], manager: JobManager, node: NodeProcess) -> Job:
+    def _send_and_wait(self, inputs: list[Path], queries: JobQueries, node: NodeProcess) -> JobView:
         series_uid = pydicom.dcmread(inputs[0], stop_before_pixels=True).SeriesInstanceUID
         self.say(f"sending {len(inputs)} slices to the node with DCMTK storescu")
         begin = time.monotonic()
@@ -246,10 +246,10 @@ class Demo:
         shown = ""
         while time.monotonic() < deadline:
             node.check_alive()
-            jobs = [j for j in manager.list_jobs(limit=20) if j.series_instance_uid == series_uid]
+            jobs = [j for j in queries.list_jobs(limit=20) if j.series_instance_uid == series_uid]
             if jobs:
                 job = jobs[0]
-                delivered = sum(manager.delivery_counts(job.id).values())
+                delivered = sum(queries.delivery_counts(job.id).values())
                 status = f"job {job.id}: {job.state}"
                 if job.state == JobState.RUNNING:
                     status += f" (denoised {job.denoised_count} of {job.instance_count})"
@@ -268,9 +268,9 @@ class Demo:
             time.sleep(0.5)
         raise DemoError(f"no derived series after {self.args.timeout:.0f} s:\n{node.log_tail()}")
 
-    def _read_stages(self, manager: JobManager, job: Job) -> None:
+    def _read_stages(self, queries: JobQueries, job: JobView) -> None:
         """Seconds per stage from the job's timeline (the node's own clock, UTC)."""
-        events = manager.job_events(job.id)
+        events = queries.job_events(job.id)
         created = events[0].at
         claimed = _last(events, lambda e: e.to_state == JobState.RUNNING)
         denoised = _last(
@@ -287,7 +287,7 @@ class Demo:
         self,
         label: str,
         slices: int,
-        job: Job,
+        job: JobView,
         noise: Noise,
         derived: list[dict[str, Any]],
         orthanc: OrthancServer,

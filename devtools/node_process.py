@@ -20,8 +20,8 @@ from typing import Any
 
 from devtools.tools import DCMTK_ENV, dcmtk_tool
 from node import db
-from node.jobs import FINAL_STATES, JobManager
-from node.jobs.tables import Job
+from node.jobs import FINAL_STATES, JobManager, JobQueries, WorkerRegistry
+from node.jobs.records import JobView
 
 
 class NodeExited(RuntimeError):
@@ -83,10 +83,15 @@ class NodeProcess:
     grace_seconds: float = 30.0
     process: subprocess.Popen[bytes] | None = None
     manager: JobManager = field(init=False)
+    queries: JobQueries = field(init=False)
+    registry: WorkerRegistry = field(init=False)
 
     def __post_init__(self) -> None:
         self._engine = db.make_engine(self.db_url)
-        self.manager = JobManager(db.session_factory(self._engine))
+        sessions = db.session_factory(self._engine)
+        self.manager = JobManager(sessions)
+        self.queries = JobQueries(sessions)
+        self.registry = WorkerRegistry(sessions)
 
     def start(self, own_session: bool = False) -> NodeProcess:
         """Start the process; with ``receive``, return once it answers C-ECHO.
@@ -154,13 +159,13 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"timed out waiting for {what}:\n{self.log_tail()}")
 
-    def wait_jobs_final(self, count: int, timeout: float = 180.0) -> list[Job]:
+    def wait_jobs_final(self, count: int, timeout: float = 180.0) -> list[JobView]:
         def finished() -> bool:
-            jobs = self.manager.list_jobs(limit=1000)
+            jobs = self.queries.list_jobs(limit=1000)
             return len(jobs) >= count and all(j.state in FINAL_STATES for j in jobs)
 
         self.wait_for(finished, timeout, f"{count} finished jobs")
-        return self.manager.list_jobs(limit=1000)
+        return self.queries.list_jobs(limit=1000)
 
     def close(self, grace_seconds: float = 0.0) -> None:
         """End the process if it still runs (SIGTERM first when ``grace_seconds`` > 0)."""

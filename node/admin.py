@@ -146,6 +146,9 @@ def _show(job: overview.JobDetail) -> str:
         f"Instances  received {job.received_count} (settled {job.instance_count}), "
         f"denoised {job.denoised_count}, sent {sent or '-'}",
     ]
+    for delivery in job.delivery:
+        why = f": {delivery.reason}" if delivery.reason else ""
+        lines.append(f"Delivery   {delivery.destination} {delivery.state}{why}")
     if job.model_name:
         lines.append(f"Model      {job.model_name} {job.model_version}")
     if job.output_series_uid:
@@ -158,7 +161,8 @@ def _show(job: overview.JobDetail) -> str:
     for event in job.events:
         change = f"→ {event.to_state}" if event.to_state else ""
         lines.append(
-            f"  {format_time(event.at)}  {_cell(event.actor, 22):22} {change:11} {event.message}"
+            f"  {format_time(event.at)}  {event.kind:14} {_cell(event.actor, 22):22} {change:11}"
+            f" {event.message}"
         )
     return "\n".join(lines)
 
@@ -276,14 +280,14 @@ def purge_spool(
     """
     from node.web.preview import drop_previews
 
-    manager = ctx.manager
+    queries = ctx.queries
     cutoff = utcnow() - timedelta(days=older_than_days)
     report = PurgeReport()
-    for job in manager.purgeable_jobs(cutoff):
-        derived = [d.spool_path for d in manager.derived_instances(job.id)]
+    for job in queries.purgeable_jobs(cutoff):
+        derived = [d.spool_path for d in queries.derived_instances(job.id)]
         received = []
-        if manager.series_finished_before(job.series_instance_uid, cutoff):
-            received = [i.spool_path for i in manager.series_instances(job.series_instance_uid)]
+        if queries.series_finished_before(job.series_instance_uid, cutoff):
+            received = [i.spool_path for i in queries.series_instances(job.series_instance_uid)]
         derived_files, derived_bytes = _remove(ctx, derived, dry_run)
         received_files, received_bytes = _remove(ctx, received, dry_run)
         report.jobs.append(job.id)
@@ -299,7 +303,7 @@ def purge_spool(
             f"{derived_files} derived and {received_files} received files, "
             f"{format_bytes(derived_bytes + received_bytes)} (retention {older_than_days:g} days)"
         )
-        manager.record_purge(job.id, actor, detail)
+        ctx.manager.record_purge(job.id, actor, detail)
         log.info(
             "purged spool of job %s: %s",
             job.id,

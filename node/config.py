@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     send_retry_seconds: float = Field(5.0, gt=0.0)
     send_retry_max_seconds: float = Field(300.0, gt=0.0)
     send_timeout_seconds: float = Field(20.0, gt=0.0)  # per network step; < stale_after / 2
+    send_max_attempts: int = Field(
+        3, ge=1
+    )  # refusals (A-ASSOCIATE-RJ permanent, 0xCxxx) per destination
+    send_give_up_hours: float = Field(72.0, gt=0.0)  # unreachable this long: the destination fails
     tls_ca_file: Path | None = None  # trusted CAs for TLS destinations (default: system)
     tls_cert_file: Path | None = None  # the node's client certificate, if peers ask for one
     tls_key_file: Path | None = None

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from node import db
 from node.config import Settings
-from node.jobs import JobManager
+from node.jobs import JobManager, JobQueries, WorkerRegistry
 from node.spool import Spool
 
 
@@ -19,6 +19,8 @@ class NodeContext:
     settings: Settings
     engine: Engine
     manager: JobManager
+    queries: JobQueries
+    registry: WorkerRegistry
     spool: Spool
     name: str
 
@@ -32,10 +34,13 @@ class NodeContext:
         except Exception:
             engine.dispose()
             raise
+        sessions = db.session_factory(engine)
         return cls(
             settings=settings,
             engine=engine,
-            manager=JobManager(db.session_factory(engine), settings.max_attempts),
+            manager=JobManager(sessions, settings.max_attempts),
+            queries=JobQueries(sessions),
+            registry=WorkerRegistry(sessions),
             spool=Spool(settings.spool, settings.spool_min_free_mb),
             name=f"{socket.gethostname()}:{os.getpid()}",
         )

@@ -24,8 +24,8 @@ from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
 from node.dicom_tls import TLSSetupError, client_tls_args
-from node.jobs import JobState, TransitionError
-from node.jobs.tables import Job, JobEvent, Worker
+from node.jobs import JobState, TransitionError, records
+from node.jobs.states import DeliveryState, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,20 @@ class JobSummary(_View):
 
 class JobEventView(_View):
     at: UtcDatetime
+    kind: EventKind
     from_state: JobState | None
     to_state: JobState | None
     actor: str
     message: str
+
+
+class DeliveryView(_View):
+    """Where the job stands with one destination, and why when it failed."""
+
+    destination: str
+    state: DeliveryState
+    attempts: int
+    reason: str | None
 
 
 class JobDetail(JobSummary):
@@ -102,6 +112,7 @@ class JobDetail(JobSummary):
 
     received_count: int
     sent: dict[str, int]
+    delivery: list[DeliveryView]
     events: list[JobEventView]
 
 
@@ -156,26 +167,27 @@ def list_jobs(
     study_instance_uid: str | None = None,
     limit: int = 100,
 ) -> list[JobSummary]:
-    jobs = ctx.manager.list_jobs(states, since, calling_ae_title, study_instance_uid, limit)
+    jobs = ctx.queries.list_jobs(states, since, calling_ae_title, study_instance_uid, limit)
     return [JobSummary.model_validate(job) for job in jobs]
 
 
-def _job(ctx: NodeContext, job_id: int) -> Job:
+def _job(ctx: NodeContext, job_id: int) -> records.JobView:
     try:
-        return ctx.manager.get_job(job_id)
+        return ctx.queries.get_job(job_id)
     except TransitionError as exc:
         raise JobNotFound(f"job {job_id} does not exist") from exc
 
 
 def job_detail(ctx: NodeContext, job_id: int) -> JobDetail:
     job = _job(ctx, job_id)
-    sent = {name: 0 for name in job.destinations} | ctx.manager.delivery_counts(job_id)
-    events: list[JobEvent] = ctx.manager.job_events(job_id)
+    sent = {name: 0 for name in job.destinations} | ctx.queries.delivery_counts(job_id)
+    events: list[records.EventView] = ctx.queries.job_events(job_id)
     return JobDetail.model_validate(
         {
             **JobSummary.model_validate(job).model_dump(),
-            "received_count": len(ctx.manager.series_instances(job.series_instance_uid)),
+            "received_count": len(ctx.queries.series_instances(job.series_instance_uid)),
             "sent": sent,
+            "delivery": [DeliveryView.model_validate(d) for d in ctx.queries.destinations(job_id)],
             "events": [JobEventView.model_validate(event) for event in events],
         }
     )
@@ -184,7 +196,7 @@ def job_detail(ctx: NodeContext, job_id: int) -> JobDetail:
 def worker_views(ctx: NodeContext) -> list[WorkerView]:
     """Known node processes; ``alive`` when running and heard from within the stale limit."""
     cutoff = utcnow() - timedelta(seconds=ctx.settings.stale_after_seconds)
-    workers: list[Worker] = ctx.manager.workers()
+    workers: list[records.WorkerView] = ctx.registry.workers()
     return [
         WorkerView.model_validate(
             {
@@ -260,13 +272,13 @@ def spool_view(ctx: NodeContext) -> SpoolView:
 
 
 def queue_age_seconds(ctx: NodeContext) -> float | None:
-    oldest = ctx.manager.oldest_queued_at()
+    oldest = ctx.queries.oldest_queued_at()
     return None if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
 
 
 def node_status(ctx: NodeContext, destinations: list[DestinationCheck] | None = None) -> NodeStatus:
     """The node at a glance; ``destinations`` lets a caller reuse recent C-ECHO results."""
-    counts = ctx.manager.state_counts()
+    counts = ctx.queries.state_counts()
     return NodeStatus(
         version=__version__,
         database=ctx.engine.url.get_backend_name(),
@@ -301,7 +313,7 @@ def act(
     manager = ctx.manager
     try:
         if action == "retry":
-            sources = [i.spool_path for i in manager.series_instances(job.series_instance_uid)]
+            sources = [i.spool_path for i in ctx.queries.series_instances(job.series_instance_uid)]
             _require_files(ctx, sources, "received", job_id)
             manager.retry_job(job_id, actor)
         elif action == "cancel":
@@ -314,7 +326,7 @@ def act(
                 )
             if job.output_series_uid is None:
                 raise ActionRefused(f"job {job_id} has no derived series to send; retry it instead")
-            derived = [d.spool_path for d in manager.derived_instances(job_id)]
+            derived = [d.spool_path for d in ctx.queries.derived_instances(job_id)]
             _require_files(ctx, derived, "derived", job_id)
             manager.resend_job(job_id, destination, actor)
     except TransitionError as exc:
@@ -327,7 +339,7 @@ def act(
         extra={"audit": True, "actor": actor, "action": action, "job_id": job_id}
         | ({"destination": destination} if destination else {}),
     )
-    return JobSummary.model_validate(manager.get_job(job_id))
+    return JobSummary.model_validate(ctx.queries.get_job(job_id))
 
 
 # -- presenting --------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class SeriesResult:
     write_seconds: float = 0.0
     wall_seconds: float = 0.0
     provider: str = ""
+    #: derived instances taken over from an earlier job instead of denoised again
+    reused: int = 0
 
     @property
     def slices_per_second(self) -> float:
@@ -66,6 +68,7 @@ class SeriesResult:
             f"{self.slices} slices in {self.wall_seconds:.1f} s "
             f"(read {self.read_seconds:.1f} s, infer {self.infer_seconds:.1f} s, "
             f"write {self.write_seconds:.1f} s) on {self.provider}"
+            + (f"; {self.reused} reused from earlier jobs" if self.reused else "")
         )
 
 
@@ -144,53 +147,15 @@ def denoise_series(
     if not sources:
         raise BadInput("the series has no instances")
     started = time.perf_counter()
-    now = datetime.now()
-    result = SeriesResult(provider=denoiser.provider)
-    stages = _Stages(depth=2 * denoiser.batch_size)
-
-    expected = [len(sources)]  # grows as multi-frame instances turn out to hold more slices
-
-    def read() -> None:
-        shape: tuple[int, ...] | None = None
-        index = 0
-        for number, path in enumerate(sources, start=1):
-            t0 = time.perf_counter()
-            items = _read_instance(number, path, index)
-            expected[0] += len(items) - 1
-            for item in items:
-                if shape is None:
-                    shape = item.stored.shape
-                    result.source_series_uid = item.source.SeriesInstanceUID
-                    result.series_uid = derived_series_uid(result.source_series_uid, spec)
-                _check_same_series(item, shape, result.source_series_uid)
-            result.read_seconds += time.perf_counter() - t0
-            for item in items:
-                stages.put(stages.read, item)
-            index += len(items)
-        stages.put(stages.read, _DONE)
-
-    def write_all() -> None:
-        while (batch := stages.get(stages.write)) is not _DONE:
-            items, denoised = batch
-            for item, out in zip(items, denoised, strict=True):
-                t0 = time.perf_counter()
-                mixed = blend(item.hu, out, spec.strength)
-                stored = item.codec.to_stored(mixed, item.stored, item.keep)
-                derived = derive_instance(item.source, stored, spec, now, item.frame)
-                write(item.index, derived)
-                result.instances.append((derived.SOPInstanceUID, item.source.SOPInstanceUID))
-                result.slices += 1
-                result.write_seconds += time.perf_counter() - t0
-                if progress is not None:
-                    progress(result.slices, expected[0])
-
-    reader = stages.thread(read, "pipeline-read")
-    writer = stages.thread(write_all, "pipeline-write")
+    run = _SeriesRun(sources, write, spec, progress, SeriesResult(provider=denoiser.provider))
+    stages = run.stages = _Stages(depth=2 * denoiser.batch_size)
+    reader = stages.thread(run.read, "pipeline-read")
+    writer = stages.thread(run.write_all, "pipeline-write")
     try:
         for items in _batches(stages, denoiser.batch_size):
             t0 = time.perf_counter()
             denoised = denoiser.denoise(np.stack([model_input(i.hu, i.keep) for i in items]))
-            result.infer_seconds += time.perf_counter() - t0
+            run.result.infer_seconds += time.perf_counter() - t0
             stages.put(stages.write, (items, denoised))
         stages.put(stages.write, _DONE)
     except _Stopped:
@@ -202,8 +167,63 @@ def denoise_series(
         reader.join()
     if stages.errors:
         raise stages.errors[0]
-    result.wall_seconds = time.perf_counter() - started
-    return result
+    run.result.wall_seconds = time.perf_counter() - started
+    return run.result
+
+
+@dataclass
+class _SeriesRun:
+    """The reading and the writing stage of one ``denoise_series`` call, and its result."""
+
+    sources: list[Path]
+    write: Callable[[int, Dataset], None]
+    spec: DerivationSpec
+    progress: Callable[[int, int], None] | None
+    result: SeriesResult
+    stages: _Stages = field(init=False)
+    now: datetime = field(default_factory=datetime.now)
+    #: slices expected; grows as multi-frame instances turn out to hold more than one
+    expected: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.expected = len(self.sources)
+
+    def read(self) -> None:
+        shape: tuple[int, ...] | None = None
+        index = 0
+        for number, path in enumerate(self.sources, start=1):
+            t0 = time.perf_counter()
+            items = _read_instance(number, path, index)
+            self.expected += len(items) - 1
+            for item in items:
+                if shape is None:
+                    shape = item.stored.shape
+                    self.result.source_series_uid = item.source.SeriesInstanceUID
+                    self.result.series_uid = derived_series_uid(
+                        self.result.source_series_uid, self.spec
+                    )
+                _check_same_series(item, shape, self.result.source_series_uid)
+            self.result.read_seconds += time.perf_counter() - t0
+            for item in items:
+                self.stages.put(self.stages.read, item)
+            index += len(items)
+        self.stages.put(self.stages.read, _DONE)
+
+    def write_all(self) -> None:
+        result, spec = self.result, self.spec
+        while (batch := self.stages.get(self.stages.write)) is not _DONE:
+            items, denoised = batch
+            for item, out in zip(items, denoised, strict=True):
+                t0 = time.perf_counter()
+                mixed = blend(item.hu, out, spec.strength)
+                stored = item.codec.to_stored(mixed, item.stored, item.keep)
+                derived = derive_instance(item.source, stored, spec, self.now, item.frame)
+                self.write(item.index, derived)
+                result.instances.append((derived.SOPInstanceUID, item.source.SOPInstanceUID))
+                result.slices += 1
+                result.write_seconds += time.perf_counter() - t0
+                if self.progress is not None:
+                    self.progress(result.slices, self.expected)
 
 
 def _batches(stages: _Stages, size: int) -> Iterator[list[_Slice]]:

@@ -1,15 +1,21 @@
 """The sender: C-STORE of a job's derived series to each of its destinations.
 
-A job is ``done`` only when every destination acknowledged every derived instance.
 Acknowledgements are recorded one by one, so after a restart (or an outage) only what
-is missing is sent.  Failures fall in two kinds:
+is missing is sent.  Each destination has a delivery state (``pending``,
+``acknowledged``, ``failed``); a failure to send falls in one of three kinds:
 
-* retryable — the association could not be opened, was aborted or timed out, or the
-  peer is out of resources (0xA7xx, 0x0213): the job stays ``sending`` and is tried
-  again after an exponential backoff counted from the job's timeline;
-* permanent — the peer cannot understand or refuses the object (0xCxxx, 0xA9xx,
-  refused SOP class), the destination is unknown, or the derived file is unusable:
-  the job fails with the destination's answer in its error.
+* transient — the association could not be opened, was aborted or timed out, was
+  rejected transiently, or the peer is out of resources (0xA7xx, 0x0213): tried again
+  after an exponential backoff, until the destination has failed for
+  ``send_give_up_hours``;
+* refused — the peer rejected the association permanently (A-ASSOCIATE-RJ, e.g. an
+  unknown called AE title), or refuses the object (0xCxxx, 0xA9xx, the SOP class):
+  the destination fails after ``send_max_attempts`` refusals, with the peer's reason;
+* broken — this node cannot send it (unknown destination, TLS setup, an unusable
+  derived file): the destination fails at once.
+
+A job is ``done`` when every destination acknowledged; ``failed`` when one failed and
+none is still pending; else it stays ``sending`` and is tried again after the backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from enum import StrEnum
 
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -28,20 +35,29 @@ from node.config import Destination
 from node.context import NodeContext
 from node.dicom_tls import TLSSetupError, client_tls_args
 from node.jobs.manager import LostClaim
-from node.jobs.tables import DerivedInstance, Job
+from node.jobs.records import DerivedView, JobView
+from node.jobs.states import DeliveryState
 
 log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
-class DeliveryError(Exception):
-    """Sending to one destination stopped; ``retryable`` says whether trying later can help."""
+class Failure(StrEnum):
+    """What a failure to send says about trying again (see the module's docstring)."""
 
-    def __init__(self, destination: str, message: str, retryable: bool) -> None:
+    TRANSIENT = "transient"
+    REFUSED = "refused"
+    BROKEN = "broken"
+
+
+class DeliveryError(Exception):
+    """Sending to one destination stopped; ``failure`` says whether trying later can help."""
+
+    def __init__(self, destination: str, message: str, failure: Failure) -> None:
         super().__init__(f"{destination}: {message}")
         self.destination = destination
-        self.retryable = retryable
+        self.failure = failure
 
 
 class Stopping(Exception):
@@ -60,6 +76,7 @@ class Sender:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
+        self.queries = ctx.queries
         self._stop = stop or threading.Event()
         self._last_beat = 0.0
 
@@ -78,9 +95,9 @@ class Sender:
 
     # -- one job -------------------------------------------------------------------------
 
-    def _send_job(self, job: Job) -> None:
+    def _send_job(self, job: JobView) -> None:
         started = time.monotonic()
-        total = len(self.manager.derived_instances(job.id))
+        total = len(self.queries.derived_instances(job.id))
         fields = {
             "job_id": job.id,
             "series_uid": job.series_instance_uid,
@@ -92,10 +109,15 @@ class Sender:
         errors: list[DeliveryError] = []
         sent = 0
         try:
-            for name in job.destinations:
+            states = self.manager.open_destinations(job.id, self.ctx.name, job.destinations)
+            for state in states:
+                if state.state != DeliveryState.PENDING:
+                    continue
                 try:
-                    sent += self._deliver(job, name)
+                    sent += self._deliver(job, state.destination)
+                    self.manager.acknowledge_destination(job.id, self.ctx.name, state.destination)
                 except DeliveryError as exc:
+                    self._record_failure(job, exc)
                     errors.append(exc)
             seconds = time.monotonic() - started
             fields.update(sent=sent, seconds=round(seconds, 3))
@@ -108,23 +130,49 @@ class Sender:
         except LostClaim as exc:
             log.warning("job %s taken away while sending: %s", job.id, exc, extra=fields)
 
+    def _record_failure(self, job: JobView, exc: DeliveryError) -> None:
+        """Count the failure against the destination; log it when the destination fails."""
+        refusals = {
+            Failure.TRANSIENT: None,
+            Failure.REFUSED: self.settings.send_max_attempts,
+            Failure.BROKEN: 1,
+        }[exc.failure]
+        state = self.manager.record_destination_failure(
+            job.id,
+            self.ctx.name,
+            exc.destination,
+            str(exc),
+            refusals,
+            self.settings.send_give_up_hours * 3600,
+        )
+        if state is DeliveryState.FAILED:
+            log.error(
+                "job %s: destination %s failed: %s",
+                job.id,
+                exc.destination,
+                exc,
+                extra={"job_id": job.id, "destination": exc.destination, "outcome": "gave up"},
+            )
+
     def _conclude(
         self,
-        job: Job,
+        job: JobView,
         errors: list[DeliveryError],
         total: int,
         sent: int,
         seconds: float,
         fields: dict[str, object],
     ) -> None:
-        permanent = [exc for exc in errors if not exc.retryable]
-        if permanent:
-            error = "; ".join(str(exc) for exc in permanent)
+        states = self.queries.destinations(job.id)
+        pending = [s for s in states if s.state == DeliveryState.PENDING]
+        failed = [s for s in states if s.state == DeliveryState.FAILED]
+        if failed and not pending:
+            error = "; ".join(f"{s.reason}" for s in failed)
             self.manager.fail_sending(job.id, self.ctx.name, error)
             log.error("job %s failed: %s", job.id, error, extra={**fields, "outcome": "failed"})
-        elif errors:
+        elif pending:
             error = "; ".join(str(exc) for exc in errors)
-            previous = self.manager.consecutive_postponements(job.id)
+            previous = self.queries.consecutive_postponements(job.id)
             delay = min(
                 self.settings.send_retry_seconds * 2 ** min(previous, 30),
                 self.settings.send_retry_max_seconds,
@@ -149,15 +197,15 @@ class Sender:
 
     # -- one destination -----------------------------------------------------------------
 
-    def _deliver(self, job: Job, name: str) -> int:
+    def _deliver(self, job: JobView, name: str) -> int:
         """Send what ``name`` has not acknowledged over one association; returns the count."""
         destination = self.settings.destinations.get(name)
         if destination is None:
             known = ", ".join(sorted(self.settings.destinations)) or "none"
             raise DeliveryError(
-                name, f"unknown destination {name!r} (configured: {known})", retryable=False
+                name, f"unknown destination {name!r} (configured: {known})", Failure.BROKEN
             )
-        missing = self.manager.missing_deliveries(job.id, name)
+        missing = self.queries.missing_deliveries(job.id, name)
         if not missing:
             return 0
         self._heartbeat_if_due(job)
@@ -168,7 +216,7 @@ class Sender:
             if assoc.is_established:
                 assoc.release()
 
-    def _heartbeat_if_due(self, job: Job) -> None:
+    def _heartbeat_if_due(self, job: JobView) -> None:
         """Between network steps, prove the claim is alive (raises LostClaim if it is not)."""
         if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
             self.manager.heartbeat(job.id, self.ctx.name)
@@ -183,7 +231,7 @@ class Sender:
         try:
             tls_args = client_tls_args(self.settings, destination)
         except TLSSetupError as exc:
-            raise DeliveryError(name, str(exc), retryable=False) from exc
+            raise DeliveryError(name, str(exc), Failure.BROKEN) from exc
         assoc = ae.associate(
             destination.host,
             destination.port,
@@ -191,28 +239,26 @@ class Sender:
             max_pdu=self.settings.max_pdu_size,
             tls_args=tls_args,
         )
+        if assoc.is_rejected:
+            raise _rejection(name, peer, assoc)
         if not assoc.is_established:
             # pynetdicom reports a refused connection as an abort: one message for both.
-            reason = (
-                "rejected the association"
-                if assoc.is_rejected
-                else "could not be reached (connection refused, aborted or timed out)"
-            )
-            raise DeliveryError(name, f"{peer} {reason}", retryable=True)
+            reason = "could not be reached (connection refused, aborted or timed out)"
+            raise DeliveryError(name, f"{peer} {reason}", Failure.TRANSIENT)
         if not any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts):
             assoc.release()
             raise DeliveryError(
-                name, f"{peer} refused the CT Image Storage SOP class", retryable=False
+                name, f"{peer} refused the CT Image Storage SOP class", Failure.REFUSED
             )
         return assoc
 
     def _store_all(
         self,
-        job: Job,
+        job: JobView,
         name: str,
         destination: Destination,
         assoc: Association,
-        missing: list[DerivedInstance],
+        missing: list[DerivedView],
     ) -> int:
         sent = 0
         for item in missing:
@@ -223,19 +269,19 @@ class Sender:
             path = self.ctx.spool.path(item.spool_path)
             if not path.is_file():
                 raise DeliveryError(
-                    name, f"derived instance {uid} is missing from the spool", retryable=False
+                    name, f"derived instance {uid} is missing from the spool", Failure.BROKEN
                 )
             try:
                 status = assoc.send_c_store(path)
             except (ValueError, AttributeError, InvalidDicomError) as exc:
                 raise DeliveryError(
-                    name, f"cannot send derived instance {uid}: {exc}", retryable=False
+                    name, f"cannot send derived instance {uid}: {exc}", Failure.BROKEN
                 ) from exc
             if "Status" not in status:
                 raise DeliveryError(
                     name,
                     f"no answer to the C-STORE of {uid} (association aborted or timed out)",
-                    retryable=True,
+                    Failure.TRANSIENT,
                 )
             code = int(status.Status)
             if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
@@ -247,6 +293,18 @@ class Sender:
             raise DeliveryError(
                 name,
                 f"{destination.ae_title} answered {answer} to the C-STORE of {uid}",
-                retryable=is_retryable_status(code),
+                Failure.TRANSIENT if is_retryable_status(code) else Failure.REFUSED,
             )
         return sent
+
+
+def _rejection(name: str, peer: str, assoc: Association) -> DeliveryError:
+    """The peer's A-ASSOCIATE-RJ in words; rejected-permanent counts as a refusal."""
+    answer = assoc.acceptor.primitive
+    result = getattr(answer, "result", None)
+    try:
+        reason = f"{answer.result_str}, {answer.source_str}: {answer.reason_str}"  # type: ignore[union-attr]
+    except (AttributeError, KeyError, ValueError):
+        reason = "no reason given"
+    failure = Failure.REFUSED if result == 0x01 else Failure.TRANSIENT
+    return DeliveryError(name, f"{peer} rejected the association ({reason})", failure)

@@ -112,7 +112,7 @@ def _role_loops(
 def run_roles(settings: Settings, roles: list[str], stop: threading.Event) -> int:
     """Run ``roles`` until ``stop`` is set; returns the process exit code."""
     ctx = NodeContext.open(settings)
-    ctx.manager.register_worker(ctx.name, ",".join(roles), socket.gethostname(), os.getpid())
+    ctx.registry.register(ctx.name, ",".join(roles), socket.gethostname(), os.getpid())
     receiver = None
     failed: list[str] = []
 
@@ -145,7 +145,7 @@ def run_roles(settings: Settings, roles: list[str], stop: threading.Event) -> in
         )
         while not stop.wait(settings.heartbeat_seconds):
             try:
-                ctx.manager.worker_heartbeat(ctx.name)
+                ctx.registry.heartbeat(ctx.name)
             except SQLAlchemyError as exc:
                 log.warning("job table unreachable, heartbeat skipped: %s", exc.__class__.__name__)
     finally:
@@ -154,7 +154,7 @@ def run_roles(settings: Settings, roles: list[str], stop: threading.Event) -> in
             receiver.stop()
         for thread in threads:
             thread.join(timeout=60)
-        ctx.manager.worker_stopped(ctx.name)
+        ctx.registry.stopped(ctx.name)
         ctx.close()
         log.info("node %s stopped", ctx.name)
     return 1 if failed else 0

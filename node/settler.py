@@ -28,11 +28,11 @@ class SeriesSettler:
     def run_once(self) -> list[int]:
         """Create a job for every series that has been quiet long enough; returns their ids."""
         settings = self.ctx.settings
-        manager = self.ctx.manager
+        manager, queries = self.ctx.manager, self.ctx.queries
         quiet_since = utcnow() - timedelta(seconds=settings.settle_seconds)
         created = []
-        for series in manager.settled_series(quiet_since):
-            instances = manager.series_instances(series.series_instance_uid)
+        for series in queries.settled_series(quiet_since):
+            instances = queries.series_instances(series.series_instance_uid)
             decision = select_series(
                 settings, [instance.header for instance in instances], series.calling_ae_title
             )

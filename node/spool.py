@@ -40,6 +40,33 @@ class Spool:
         """The relative path of a job's ``index``-th derived instance."""
         return f"derived/{int(job_id)}/{int(index):05d}.dcm"
 
+    @staticmethod
+    def reused(job_id: int, position: int) -> str:
+        """Where a job keeps a derived instance it took over from an earlier job."""
+        return f"derived/{int(job_id)}/reused-{int(position):05d}.dcm"
+
+    def link(self, existing: str, relative: str) -> Path:
+        """Give the file at ``existing`` a second durable name (a hard link, else a copy).
+
+        Each name can be purged with its own job without taking the file from the other.
+        """
+        source, final = self.path(existing), self.path(relative)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(source, temporary)
+        except OSError:  # a filesystem without hard links: a copy of its own
+
+            def copy(handle: BinaryIO) -> None:
+                with open(source, "rb") as original:
+                    shutil.copyfileobj(original, handle)
+
+            return self.write_atomic(relative, copy)
+        os.replace(temporary, final)
+        _fsync_dir(final.parent)
+        return final
+
     def path(self, relative: str) -> Path:
         """The absolute path of a relative spool path; refuses anything outside the root."""
         candidate = (self.root / relative).resolve()

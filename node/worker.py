@@ -23,9 +23,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.denoise import Denoiser
-from node.jobs.manager import LostClaim
+from node.derive import DerivationSpec, derived_series_uid, derived_sop_uid
+from node.jobs.manager import DerivedFile, LostClaim
+from node.jobs.records import JobInputView, JobView
 from node.jobs.states import JobState
-from node.jobs.tables import Job
 from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
 from node.spool import Spool
 
@@ -49,6 +50,8 @@ class Worker:
         self.ctx = ctx
         self.settings = ctx.settings
         self.manager = ctx.manager
+        self.queries = ctx.queries
+        self.registry = ctx.registry
         self.name = f"{ctx.name}/work"
         self._denoiser = denoiser
         self.stop = stop or threading.Event()
@@ -60,15 +63,13 @@ class Worker:
 
     def register(self) -> None:
         """Enter the worker registry (the dashboard's and ``status``'s list of workers)."""
-        self.manager.register_worker(
-            self.name, "work", socket.gethostname(), os.getpid(), self.provider
-        )
+        self.registry.register(self.name, "work", socket.gethostname(), os.getpid(), self.provider)
         self._last_beat = time.monotonic()
         log.info("worker %s started", self.name, extra={"worker": self.name})
 
     def unregister(self) -> None:
         """Leave the registry: the worker stopped on purpose."""
-        self.manager.worker_stopped(self.name)
+        self.registry.stopped(self.name)
         log.info("worker %s stopped", self.name, extra={"worker": self.name})
 
     def run_once(self) -> bool:
@@ -79,7 +80,7 @@ class Worker:
         """
         self.manager.requeue_stalled(self.settings.stale_after_seconds)
         if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
-            self.manager.worker_heartbeat(self.name, self.provider)
+            self.registry.heartbeat(self.name, self.provider)
             self._last_beat = time.monotonic()
         job = self.manager.claim_next_job(self.name)
         if job is None:
@@ -88,7 +89,7 @@ class Worker:
         try:
             with self._heartbeat(job.id) as lost:
                 result = self._denoise(job, lost)
-            self.manager.finish_denoising(
+            handed_over = self.manager.finish_denoising(
                 job.id,
                 self.name,
                 result.series_uid,
@@ -115,7 +116,8 @@ class Worker:
                 outcome = "abandoned" if state is None else f"will retry in {retry_in:.0f} s"
                 self._outcome(job, started, logging.WARNING, outcome, error)
         else:
-            self._outcome(job, started, logging.INFO, "denoised", result.summary(), result)
+            outcome = "denoised" if handed_over is JobState.SENDING else "denoised, superseded"
+            self._outcome(job, started, logging.INFO, outcome, result.summary(), result)
         return True
 
     @property
@@ -125,15 +127,21 @@ class Worker:
             self._denoiser = Denoiser(
                 self.settings.model_file, self.settings.providers, self.settings.batch_size
             )
-            self.manager.worker_heartbeat(self.name, self._denoiser.provider)
+            self.registry.heartbeat(self.name, self._denoiser.provider)
         return self._denoiser
 
-    def _denoise(self, job: Job, lost: threading.Event) -> SeriesResult:
-        instances = self.manager.series_instances(job.series_instance_uid)
-        sources = [self.ctx.spool.path(instance.spool_path) for instance in instances]
+    def _denoise(self, job: JobView, lost: threading.Event) -> SeriesResult:
+        """Denoise the job's input set; what an earlier job made from the same input is reused."""
+        inputs = self.queries.job_inputs(job.id)
+        if not inputs:
+            raise BadInput("the job has no input instances")
         model = self._model
         spec = derivation_spec(self.settings, model, job.strength)
-        written: list[tuple[str, str, str]] = []
+        reused = self._reuse(job.id, inputs, spec)
+        taken = {file.source_sop_instance_uid for file in reused}
+        fresh = [i for i in inputs if i.sop_instance_uid not in taken]
+        content = {i.sop_instance_uid: i.sha256 for i in inputs}
+        written: list[DerivedFile] = []
 
         def write(index: int, ds: Dataset) -> None:
             relative = Spool.derived(job.id, index)
@@ -141,7 +149,9 @@ class Worker:
                 relative, lambda handle: ds.save_as(handle, enforce_file_format=True)
             )
             source_uid = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
-            written.append((ds.SOPInstanceUID, source_uid, relative))
+            written.append(
+                DerivedFile(ds.SOPInstanceUID, source_uid, content.get(source_uid), relative)
+            )
 
         def progress(done: int, total: int) -> None:
             if lost.is_set():
@@ -149,9 +159,38 @@ class Worker:
             if self.stop.is_set() and done < total:
                 raise _Interrupted(f"worker stopping after {done} of {total} slices")
 
-        result = denoise_series(sources, write, model, spec, progress)
-        self.manager.record_derived(job.id, self.name, written)
+        if fresh:
+            sources = [self.ctx.spool.path(i.spool_path) for i in fresh]
+            result = denoise_series(sources, write, model, spec, progress)
+        else:
+            series_uid = derived_series_uid(job.series_instance_uid, spec)
+            result = SeriesResult(job.series_instance_uid, series_uid, provider=model.provider)
+        result.reused = len(reused)
+        self.manager.record_derived(job.id, self.name, reused + written)
         return result
+
+    def _reuse(
+        self, job_id: int, inputs: list[JobInputView], spec: DerivationSpec
+    ) -> list[DerivedFile]:
+        """Take over derived instances earlier jobs made from the same input, model and strength.
+
+        Each gets a name of this job's own in the spool (a hard link), so purging the
+        earlier job leaves it in place.
+        """
+        wanted = {derived_sop_uid(i.sop_instance_uid, spec): i for i in inputs}
+        found = self.queries.reusable_derived(job_id, {uid: i.sha256 for uid, i in wanted.items()})
+        position = {i.sop_instance_uid: n for n, i in enumerate(inputs)}
+        files = []
+        for uid, derived in found.items():
+            if not self.ctx.spool.path(derived.spool_path).is_file():
+                continue
+            source = wanted[uid]
+            relative = Spool.reused(job_id, position[source.sop_instance_uid])
+            self.ctx.spool.link(derived.spool_path, relative)
+            files.append(
+                DerivedFile(uid, source.sop_instance_uid, source.sha256, relative, derived.job_id)
+            )
+        return files
 
     @contextmanager
     def _heartbeat(self, job_id: int) -> Iterator[threading.Event]:
@@ -166,7 +205,7 @@ class Worker:
             while not done.wait(self.settings.heartbeat_seconds):
                 try:
                     self.manager.heartbeat(job_id, self.name)
-                    self.manager.worker_heartbeat(self.name)
+                    self.registry.heartbeat(self.name)
                 except LostClaim:
                     lost.set()
                     return
@@ -191,7 +230,7 @@ class Worker:
 
     def _outcome(
         self,
-        job: Job,
+        job: JobView,
         started: float,
         level: int,
         outcome: str,

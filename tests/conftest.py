@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from devtools.databases import DatabaseUnavailable, temporary_database
 from node import db
-from node.jobs import JobManager
+from node.jobs import JobManager, JobQueries
 
 pytest_plugins = [
     "tests.fixtures.dicom",
@@ -53,10 +54,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def manager(db_url: str) -> Iterator[JobManager]:
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine = db.make_engine(db_url)
-    yield JobManager(db.session_factory(engine), max_attempts=3)
+    yield db.session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def manager(sessions: sessionmaker[Session]) -> JobManager:
+    return JobManager(sessions, max_attempts=3)
+
+
+@pytest.fixture
+def queries(sessions: sessionmaker[Session]) -> JobQueries:
+    return JobQueries(sessions)
 
 
 @pytest.fixture(scope="session")

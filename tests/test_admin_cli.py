@@ -29,12 +29,12 @@ def run(node: AdminNode, capsys: pytest.CaptureFixture[str], *args: str) -> tupl
 
 
 def files(node: AdminNode, job_id: int, derived: bool) -> list[Path]:
-    manager = node.ctx.manager
+    queries = node.ctx.queries
     if derived:
-        paths = [d.spool_path for d in manager.derived_instances(job_id)]
+        paths = [d.spool_path for d in queries.derived_instances(job_id)]
     else:
-        series = manager.get_job(job_id).series_instance_uid
-        paths = [i.spool_path for i in manager.series_instances(series)]
+        series = queries.get_job(job_id).series_instance_uid
+        paths = [i.spool_path for i in queries.series_instances(series)]
     return [node.ctx.spool.path(p) for p in paths]
 
 
@@ -51,7 +51,7 @@ def test_jobs_list_fits_a_terminal_and_filters(admin_node: AdminNode, capsys) ->
     assert {job["id"] for job in json.loads(out)} == {jobs["failed"], jobs["skipped"]}
     _, out, _ = run(admin_node, capsys, "jobs", "list", "--ae", "CT2", "--since", "1h", "--json")
     assert [job["id"] for job in json.loads(out)] == [jobs["failed"]]
-    study = admin_node.ctx.manager.get_job(jobs["done"]).study_instance_uid
+    study = admin_node.ctx.queries.get_job(jobs["done"]).study_instance_uid
     _, out, _ = run(admin_node, capsys, "jobs", "list", "--study", study, "--json")
     assert [job["id"] for job in json.loads(out)] == [jobs["done"]]
     _, out, _ = run(admin_node, capsys, "jobs", "list", "--since", "2999-01-01")
@@ -73,10 +73,10 @@ def test_jobs_show_has_timeline_counts_and_error(admin_node: AdminNode, capsys) 
 
 
 def test_retry_cancel_resend(admin_node: AdminNode, capsys) -> None:
-    jobs, manager = admin_node.jobs, admin_node.ctx.manager
+    jobs, ctx = admin_node.jobs, admin_node.ctx
     code, out, _ = run(admin_node, capsys, "jobs", "retry", str(jobs["failed"]))
     assert code == 0 and out.strip() == f"job {jobs['failed']}: retry done, now queued"
-    assert manager.job_events(jobs["failed"])[-1].actor.startswith("cli:")
+    assert ctx.queries.job_events(jobs["failed"])[-1].actor.startswith("cli:")
 
     code, out, _ = run(admin_node, capsys, "jobs", "cancel", str(jobs["queued"]), "--json")
     assert code == 0 and json.loads(out)["state"] == "cancelled"
@@ -86,10 +86,10 @@ def test_retry_cancel_resend(admin_node: AdminNode, capsys) -> None:
     code, _, err = run(admin_node, capsys, "jobs", "resend", str(jobs["done"]), "--to", "nowhere")
     assert code == 1
     assert "unknown destination 'nowhere'; configured destinations: pacs" in err
-    assert manager.get_job(jobs["done"]).state == "done"
+    assert ctx.queries.get_job(jobs["done"]).state == "done"
     code, out, _ = run(admin_node, capsys, "jobs", "resend", str(jobs["done"]), "--to", "pacs")
     assert code == 0 and "now sending" in out
-    assert manager.delivery_counts(jobs["done"]) == {}
+    assert ctx.queries.delivery_counts(jobs["done"]) == {}
 
 
 def test_status_echoes_destinations(admin_node: AdminNode, capsys, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_status_echoes_destinations(admin_node: AdminNode, capsys, tmp_path: Pat
 
 
 def test_purge_removes_only_files_of_long_finished_jobs(admin_node: AdminNode, capsys) -> None:
-    jobs, manager = admin_node.jobs, admin_node.ctx.manager
+    jobs, ctx = admin_node.jobs, admin_node.ctx
     done_derived = files(admin_node, jobs["done"], derived=True)
     queued_sources = files(admin_node, jobs["queued"], derived=False)
     failed_sources = files(admin_node, jobs["failed"], derived=False)
@@ -121,7 +121,7 @@ def test_purge_removes_only_files_of_long_finished_jobs(admin_node: AdminNode, c
     # A late instance of the done job's series: it will settle into a new job, so the
     # series' received files must stay although its first job is long finished.
     late = dcmread(done_sources[0], stop_before_pixels=True)
-    manager.record_instance(
+    ctx.manager.record_instance(
         InstanceRecord(
             sop_instance_uid=generate_uid(),
             series_instance_uid=late.SeriesInstanceUID,
@@ -153,7 +153,7 @@ def test_purge_removes_only_files_of_long_finished_jobs(admin_node: AdminNode, c
     assert not previews.exists(), "previews show patient images: they go with the spool"
     assert (
         "spool purged: 5 derived and 0 received files"
-        in manager.job_events(jobs["done"])[-1].message
+        in ctx.queries.job_events(jobs["done"])[-1].message
     )
 
     _, out, _ = run(admin_node, capsys, "purge", "--older-than", "0")

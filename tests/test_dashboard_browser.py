@@ -122,12 +122,12 @@ def test_job_page_previews_and_actions(page: sync_api.Page, admin_node: AdminNod
     page.locator("#retry").click()
     sync_api.expect(page.locator("#job-state")).to_have_text("queued")
     sync_api.expect(page.locator(".flash")).to_contain_text(f"retry: job {job_id} is now queued")
-    assert admin_node.ctx.manager.get_job(job_id).state == "queued"
+    assert admin_node.ctx.queries.get_job(job_id).state == "queued"
 
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("#cancel").click()
     sync_api.expect(page.locator("#job-state")).to_have_text("cancelled")
-    assert admin_node.ctx.manager.job_events(job_id)[-1].actor == "web:local"
+    assert admin_node.ctx.queries.job_events(job_id)[-1].actor == "web:local"
 
 
 def test_pages_fit_phone_laptop_and_wall_screens(

@@ -82,7 +82,7 @@ def test_series_is_spooled_and_recorded(
 ) -> None:
     assert storescu(receiver.port, phantom_series) == [0x0000] * len(phantom_series)
 
-    instances = ctx.manager.series_instances(series_uid(phantom_series[0]))
+    instances = ctx.queries.series_instances(series_uid(phantom_series[0]))
     assert len(instances) == len(phantom_series) == len(spooled(ctx))
     sent = {str(dcmread(p).SOPInstanceUID): p for p in phantom_series}
     for instance in instances:
@@ -117,7 +117,7 @@ def test_every_transfer_syntax_is_received(
     copies = [compressed_copy([path], kind)[0] for path, kind in zip(sources, kinds, strict=True)]
     assert storescu(receiver.port, copies) == [0x0000] * len(kinds)
 
-    instances = ctx.manager.series_instances(series_uid(copies[0]))
+    instances = ctx.queries.series_instances(series_uid(copies[0]))
     expected = {
         str(dcmread(path).SOPInstanceUID): kind for path, kind in zip(copies, kinds, strict=True)
     }
@@ -136,7 +136,7 @@ def test_near_lossless_jpeg_ls_is_received(
     unsigned = write_phantom_series(tmp_path / "unsigned", PhantomSpec(slices=2, signed=False))
     copies = compressed_copy(unsigned, "jpeg-ls-near")
     assert storescu(receiver.port, copies) == [0x0000] * 2
-    assert len(ctx.manager.series_instances(series_uid(copies[0]))) == 2
+    assert len(ctx.queries.series_instances(series_uid(copies[0]))) == 2
 
 
 def test_enhanced_ct_is_received(receiver: Receiver, ctx: NodeContext, tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_enhanced_ct_is_received(receiver: Receiver, ctx: NodeContext, tmp_path:
     enhanced_ct(tmp_path / "source", frames=3).save_as(path, enforce_file_format=True)
     assert storescu(receiver.port, [path]) == [0x0000]
 
-    [instance] = ctx.manager.series_instances(series_uid(path))
+    [instance] = ctx.queries.series_instances(series_uid(path))
     assert instance.sop_class_uid == EnhancedCTImageStorage
     assert instance.header["NumberOfFrames"] == 3
     assert instance.header["SliceThickness"] == 2.5
@@ -165,7 +165,7 @@ def test_resent_series_is_stored_once(
         while "closed" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
     assert "association from SCANNER closed: 4 already stored" in caplog.text
-    assert len(ctx.manager.series_instances(series_uid(phantom_series[0]))) == 4
+    assert len(ctx.queries.series_instances(series_uid(phantom_series[0]))) == 4
     assert len(spooled(ctx)) == 4
 
 
@@ -179,7 +179,7 @@ def test_different_content_keeps_first_copy_and_warns(
     first = phantom_series[0]
     assert storescu(receiver.port, [first]) == [0x0000]
     uid = series_uid(first)
-    [instance] = ctx.manager.series_instances(uid)
+    [instance] = ctx.queries.series_instances(uid)
     job_id = ctx.manager.create_job(
         NewJob(uid, instance.study_instance_uid, "SCANNER", instance.received_at, 1, "t", 1.0, [])
     )
@@ -191,12 +191,12 @@ def test_different_content_keeps_first_copy_and_warns(
     with caplog.at_level(logging.WARNING, logger="node.receiver"):
         assert storescu(receiver.port, [tmp_path / "changed.dcm"]) == [0x0000]
 
-    [kept] = ctx.manager.series_instances(uid)
+    [kept] = ctx.queries.series_instances(uid)
     assert kept.spool_path == instance.spool_path
     assert dcmread(ctx.spool.path(kept.spool_path)).SeriesDescription == "Phantom low dose"
     assert spooled(ctx) == [ctx.spool.path(kept.spool_path)]
     assert any("DIFFERENT content" in r.getMessage() for r in caplog.records)
-    assert any("different content" in e.message for e in ctx.manager.job_events(job_id))
+    assert any("different content" in e.message for e in ctx.queries.job_events(job_id))
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -224,8 +224,8 @@ def test_invalid_uids_are_refused_and_never_a_path(
     assert spooled(ctx) == []
     assert not list(tmp_path.rglob("escaped*"))
     assert not list(ctx.spool.root.parent.rglob("escaped*"))
-    assert ctx.manager.series_instances(series_uid(phantom_series[0])) == []
-    assert ctx.manager.series_instances(evil) == []
+    assert ctx.queries.series_instances(series_uid(phantom_series[0])) == []
+    assert ctx.queries.series_instances(evil) == []
 
 
 def test_other_sop_classes_are_rejected_at_negotiation(
@@ -239,7 +239,7 @@ def test_other_sop_classes_are_rejected_at_negotiation(
 
     assert storescu(receiver.port, [path], profile=False) == []
     assert spooled(ctx) == []
-    assert ctx.manager.series_instances(str(ds.SeriesInstanceUID)) == []
+    assert ctx.queries.series_instances(str(ds.SeriesInstanceUID)) == []
 
 
 def test_spool_below_watermark_is_out_of_resources(
@@ -251,7 +251,7 @@ def test_spool_below_watermark_is_out_of_resources(
     try:
         assert storescu(running.port, phantom_series[:2]) == [SPOOL_FULL] * 2
         assert spooled(context) == []
-        assert context.manager.series_instances(series_uid(phantom_series[0])) == []
+        assert context.queries.series_instances(series_uid(phantom_series[0])) == []
     finally:
         running.stop()
         context.close()

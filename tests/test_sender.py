@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -22,13 +23,15 @@ from pynetdicom import AE, evt
 
 from devtools.orthanc import OrthancServer
 from devtools.phantom import PhantomSpec, write_phantom_series
-from devtools.tools import free_port
+from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
-from node.jobs.manager import POSTPONED, InstanceRecord
+from node.jobs.manager import DerivedFile, InstanceRecord
+from node.jobs.states import DeliveryState, EventKind
 from node.sender import Sender
 from node.spool import Spool
+from node.web.metrics import NodeCollector
 from tests.fixtures.jobs import settle_series
 
 SLICES = 5
@@ -96,8 +99,8 @@ def make_sending_job(
             )
         )
     series_uid = dcmread(sources[0], stop_before_pixels=True).SeriesInstanceUID
-    job_id = settle_series(manager, series_uid, destinations=tuple(destinations))
-    study_uid = manager.get_job(job_id).study_instance_uid
+    job_id = settle_series(manager, ctx.queries, series_uid, destinations=tuple(destinations))
+    study_uid = ctx.queries.get_job(job_id).study_instance_uid
     job = manager.claim_next_job(HOLDER)
     assert job is not None and job.id == job_id
     derived = write_phantom_series(
@@ -116,11 +119,11 @@ def make_sending_job(
         relative = Spool.derived(job_id, index)
         ctx.spool.write_atomic(relative, lambda handle, p=path: handle.write(p.read_bytes()))
         ds = dcmread(path, stop_before_pixels=True)
-        items.append((ds.SOPInstanceUID, "1.2.3.source", relative))
+        items.append(DerivedFile(ds.SOPInstanceUID, "1.2.3.source", None, relative))
     manager.record_derived(job_id, HOLDER, items)
     output_uid = dcmread(derived[0], stop_before_pixels=True).SeriesInstanceUID
     manager.finish_denoising(job_id, HOLDER, output_uid, "test-model", "0", "derived")
-    return job_id, [uid for uid, _, _ in items], output_uid
+    return job_id, [item.sop_instance_uid for item in items], output_uid
 
 
 def orthanc_uids(server: OrthancServer, series_uid: str) -> set[str]:
@@ -137,12 +140,12 @@ def test_job_is_done_and_orthanc_holds_exactly_the_derived_instances(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.DONE, job.last_error
     assert orthanc_uids(orthanc, output_uid) == set(uids)
     assert orthanc.count_instances() - before == SLICES
-    assert ctx.manager.delivery_counts(job_id) == {"pacs": SLICES}
-    assert f"{SLICES} instances acknowledged by pacs" in ctx.manager.job_events(job_id)[-1].message
+    assert ctx.queries.delivery_counts(job_id) == {"pacs": SLICES}
+    assert f"{SLICES} instances acknowledged by pacs" in ctx.queries.job_events(job_id)[-1].message
     assert not Sender(ctx).run_once()  # nothing left to send
 
 
@@ -164,11 +167,11 @@ def test_after_a_restart_only_the_missing_instances_are_sent(
     time.sleep(0.6)
     assert sender.run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.DONE, job.last_error
     assert orthanc_uids(orthanc, output_uid) == set(uids[2:])
     assert orthanc.count_instances() - before == SLICES - 2
-    assert "(3 sent now)" in ctx.manager.job_events(job_id)[-1].message
+    assert "(3 sent now)" in ctx.queries.job_events(job_id)[-1].message
 
 
 @pytest.mark.orthanc
@@ -183,20 +186,20 @@ def test_pacs_down_postpones_with_backoff_then_finishes(
     delays = []
     for _ in range(2):
         assert sender.run_once()
-        job = ctx.manager.get_job(job_id)
+        job = ctx.queries.get_job(job_id)
         assert job.state == JobState.SENDING
         assert "could not be reached" in job.last_error
-        event = ctx.manager.job_events(job_id)[-1]
-        assert event.message.startswith(POSTPONED)
+        event = ctx.queries.job_events(job_id)[-1]
+        assert event.kind == EventKind.POSTPONED
         delays.append((job.run_after - event.at).total_seconds())
         assert not sender.run_once()  # not before run_after
         time.sleep(delays[-1] + 0.05)
     assert delays == pytest.approx([0.3, 0.5])  # doubled, then capped
-    assert ctx.manager.consecutive_postponements(job_id) == 2
+    assert ctx.queries.consecutive_postponements(job_id) == 2
 
     with orthanc:
         assert sender.run_once()
-        job = ctx.manager.get_job(job_id)
+        job = ctx.queries.get_job(job_id)
         assert job.state == JobState.DONE, job.last_error
         assert orthanc_uids(orthanc, output_uid) == set(uids)
 
@@ -211,7 +214,7 @@ def test_unknown_destination_fails_the_job_with_a_clear_error(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.FAILED
     assert "unknown destination 'nowhere' (configured: pacs)" in job.last_error
     assert orthanc.count_instances() - before == SLICES  # the known destination still got its copy
@@ -299,18 +302,25 @@ def test_store_status_decides_retry_or_failure(
     in_error: str | None,
 ) -> None:
     scp = status_scp(status)
-    ctx = make_context(scp.destination())
+    ctx = make_context(scp.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01)
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+    sender = Sender(ctx)
+    attempts = ctx.settings.send_max_attempts if state == JobState.FAILED else 1
 
-    assert Sender(ctx).run_once()
+    for _ in range(attempts):  # a refusal fails the destination after send_max_attempts
+        time.sleep(0.05)  # past the backoff
+        assert sender.run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == state
     if in_error:
         assert in_error in job.last_error and "STATUSSCP answered" in job.last_error
-        assert len(scp.received) == 1  # stops at the first refusal
+        assert len(scp.received) == attempts  # each attempt stops at the first refusal
     else:
         assert scp.received == uids
+    if state == JobState.FAILED:
+        assert f"refused {attempts} time(s)" in job.last_error
+        assert [d.state for d in ctx.queries.destinations(job_id)] == [DeliveryState.FAILED]
 
 
 def test_implicit_only_peer_gets_the_explicit_files_converted(
@@ -324,7 +334,7 @@ def test_implicit_only_peer_gets_the_explicit_files_converted(
 
     assert Sender(ctx).run_once()
 
-    assert ctx.manager.get_job(job_id).state == JobState.DONE
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
     assert scp.received == uids
 
 
@@ -340,10 +350,10 @@ def test_stop_releases_the_job_between_instances(
 
     Sender(ctx, stop).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.SENDING and job.claimed_by is None
-    assert "released" in ctx.manager.job_events(job_id)[-1].message
-    assert ctx.manager.delivery_counts(job_id) == {"scp": 1}
+    assert "released" in ctx.queries.job_events(job_id)[-1].message
+    assert ctx.queries.delivery_counts(job_id) == {"scp": 1}
     assert scp.received == uids[:1]
 
 
@@ -381,7 +391,7 @@ def test_tls_destination_verifies_the_peer(
 
     assert Sender(ctx).run_once()
 
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     if trusted:
         assert job.state == JobState.DONE, job.last_error
         assert scp.received == uids
@@ -408,5 +418,115 @@ def test_a_job_cancelled_while_sending_stops_at_the_next_heartbeat(
 
     assert Sender(ctx).run_once()
 
-    assert ctx.manager.get_job(job_id).state == JobState.CANCELLED
+    assert ctx.queries.get_job(job_id).state == JobState.CANCELLED
     assert scp.received == uids[:1]
+
+
+@pytest.fixture
+def refusing_storescp() -> Iterator[dict[str, dict[str, Any]]]:
+    """DCMTK storescp that answers every association with A-ASSOCIATE-RJ (rejected-permanent)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [dcmtk_tool("storescp"), "--refuse", "-aet", "REFUSER", str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield {"refuser": {"ae_title": "REFUSER", "host": "127.0.0.1", "port": port}}
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def metric_value(ctx: NodeContext, name: str, labels: dict[str, str]) -> float:
+    (family,) = [f for f in NodeCollector(ctx, list).collect() if f.name == name]
+    (sample,) = [s for s in family.samples if s.labels == labels]
+    return sample.value
+
+
+class AeCheckingOrthanc(OrthancServer):
+    """Orthanc that rejects an association addressed to another called AE title."""
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {"DicomCheckCalledAet": True}
+
+
+@pytest.fixture
+def wrong_called_ae(tmp_path: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    """A destination whose AE title the Orthanc at its address does not answer to."""
+    with AeCheckingOrthanc(tmp_path / "orthanc") as orthanc:
+        yield {
+            "refuser": {"ae_title": "NOT-ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+        }
+
+
+@pytest.mark.parametrize(
+    ("peer", "reason"),
+    [
+        ("refusing_storescp", "Rejected Permanent"),
+        ("wrong_called_ae", "Called AE title not recognised"),
+    ],
+)
+def test_a_permanently_rejected_association_fails_the_destination_after_max_attempts(
+    peer: str,
+    reason: str,
+    request: pytest.FixtureRequest,
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    destinations = request.getfixturevalue(peer)
+    ctx = make_context(destinations, send_retry_seconds=0.01, send_retry_max_seconds=0.01)
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["refuser"])
+    sender = Sender(ctx)
+    for attempt in range(1, ctx.settings.send_max_attempts + 1):
+        time.sleep(0.05)  # past the backoff
+        assert sender.run_once()
+        (delivery,) = ctx.queries.destinations(job_id)
+        assert delivery.attempts == attempt
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert "rejected the association" in job.last_error and reason in job.last_error
+    assert "refused 3 time(s)" in job.last_error
+    assert delivery.state == DeliveryState.FAILED
+    assert any(e.kind == EventKind.GAVE_UP for e in ctx.queries.job_events(job_id))
+    labels = {"destination": "refuser", "state": "failed"}
+    assert metric_value(ctx, "denoise_node_job_destinations", labels) == 1
+
+    ctx.manager.resend_job(job_id, "refuser", "admin")  # `jobs resend ID --to refuser`
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 0)
+    assert ctx.queries.get_job(job_id).state == JobState.SENDING
+
+
+def test_an_unreachable_destination_is_given_up_after_send_give_up_hours(
+    make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    nobody = {"nobody": {"ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()}}
+    ctx = make_context(
+        nobody,
+        send_retry_seconds=0.05,
+        send_retry_max_seconds=0.05,
+        send_give_up_hours=0.5 / 3600,
+    )
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["nobody"])
+    sender = Sender(ctx)
+    tries = 0
+    deadline = time.monotonic() + 30
+    while ctx.queries.get_job(job_id).state == JobState.SENDING and time.monotonic() < deadline:
+        tries += sender.run_once()
+        time.sleep(0.06)
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert tries > 1, "transient failures are retried before giving up"
+    assert "could not be reached" in job.last_error and "gave up" in job.last_error
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert delivery.state == DeliveryState.FAILED and delivery.attempts == 0

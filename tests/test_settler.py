@@ -94,8 +94,8 @@ def test_received_series_settles_into_one_queued_job(
     with caplog.at_level(logging.INFO, logger="node.settler"):
         [job_id] = settle(settler)
 
-    job = ctx.manager.get_job(job_id)
-    last = max(i.received_at for i in ctx.manager.series_instances(job.series_instance_uid))
+    job = ctx.queries.get_job(job_id)
+    last = max(i.received_at for i in ctx.queries.series_instances(job.series_instance_uid))
     assert (job.created_at - last).total_seconds() >= SETTLE  # only once the series was quiet
     assert job.state == JobState.QUEUED
     assert job.instance_count == len(phantom_series)
@@ -118,7 +118,7 @@ def test_series_is_not_settled_while_instances_keep_arriving(ctx: NodeContext) -
 def test_three_slices_become_a_skipped_job_with_the_reason(ctx: NodeContext) -> None:
     record(ctx, "1.2.3.200", 3)
     [job_id] = settle(SeriesSettler(ctx))
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.SKIPPED
     assert job.reason == "only 3 slices; the minimum is 10 (min_slices)"
     assert job.destinations == []
@@ -127,7 +127,7 @@ def test_three_slices_become_a_skipped_job_with_the_reason(ctx: NodeContext) -> 
 def test_derived_series_is_skipped(ctx: NodeContext) -> None:
     record(ctx, "1.2.3.300", 12, ImageType=["DERIVED", "SECONDARY", "AXIAL"], NodeOutput=True)
     [job_id] = settle(SeriesSettler(ctx))
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.state == JobState.SKIPPED
     assert "never processes its own output" in (job.reason or "")
 
@@ -151,7 +151,7 @@ def test_own_derived_series_routed_back_is_skipped(
         receiver.stop()
 
     [job_id] = settle(SeriesSettler(ctx))
-    job = ctx.manager.get_job(job_id)
+    job = ctx.queries.get_job(job_id)
     assert job.series_instance_uid == str(dcmread(derived[0]).SeriesInstanceUID)
     assert job.state == JobState.SKIPPED
     assert job.reason is not None and "never processes its own output" in job.reason
@@ -166,8 +166,8 @@ def test_late_instance_makes_a_second_job_for_the_whole_series(ctx: NodeContext)
     [second] = settle(settler)
 
     assert second != first
-    assert ctx.manager.get_job(first).instance_count == 12
-    late = ctx.manager.get_job(second)
+    assert ctx.queries.get_job(first).instance_count == 12
+    late = ctx.queries.get_job(second)
     assert (late.state, late.instance_count) == (JobState.QUEUED, 13)
 
 
@@ -178,11 +178,11 @@ def test_run_polls_until_stopped(ctx: NodeContext) -> None:
     thread.start()
     try:
         deadline = time.monotonic() + 10 * SETTLE
-        while not ctx.manager.list_jobs() and time.monotonic() < deadline:
+        while not ctx.queries.list_jobs() and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         stop.set()
         thread.join(timeout=5)
     assert not thread.is_alive()
-    [job] = ctx.manager.list_jobs()
+    [job] = ctx.queries.list_jobs()
     assert job.series_instance_uid == "1.2.3.500"

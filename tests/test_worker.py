@@ -18,8 +18,9 @@ from node.config import Settings
 from node.context import NodeContext
 from node.db import utcnow
 from node.denoise import Denoiser
-from node.jobs import JobManager, JobState
+from node.jobs import JobManager, JobQueries, JobState
 from node.jobs.manager import InstanceRecord, NewJob
+from node.jobs.states import EventKind
 from node.service import run_worker
 from node.worker import Worker
 from tests.fixtures.onnx_models import ScriptedDenoiser
@@ -67,11 +68,19 @@ def queue_series(ctx: NodeContext, paths: list[Path], strength: float = 1.0) -> 
                 peer_address="127.0.0.1",
             )
         )
-    return settle(ctx.manager, first.SeriesInstanceUID, first.StudyInstanceUID, strength)
+    return settle(
+        ctx.manager, ctx.queries, first.SeriesInstanceUID, first.StudyInstanceUID, strength
+    )
 
 
-def settle(manager: JobManager, series_uid: str, study_uid: str, strength: float = 1.0) -> int:
-    (series,) = [s for s in manager.settled_series(utcnow()) if s.series_instance_uid == series_uid]
+def settle(
+    manager: JobManager,
+    queries: JobQueries,
+    series_uid: str,
+    study_uid: str,
+    strength: float = 1.0,
+) -> int:
+    (series,) = [s for s in queries.settled_series(utcnow()) if s.series_instance_uid == series_uid]
     job_id = manager.create_job(
         NewJob(
             series_instance_uid=series_uid,
@@ -88,7 +97,7 @@ def settle(manager: JobManager, series_uid: str, study_uid: str, strength: float
     return job_id
 
 
-def empty_job(manager: JobManager, index: int) -> int:
+def empty_job(manager: JobManager, queries: JobQueries, index: int) -> int:
     """A queued job whose series has one (unspooled) instance: enough to race claims on."""
     series_uid, study_uid = generate_uid(), generate_uid()
     manager.record_instance(
@@ -106,7 +115,7 @@ def empty_job(manager: JobManager, index: int) -> int:
             peer_address="127.0.0.1",
         )
     )
-    return settle(manager, series_uid, study_uid)
+    return settle(manager, queries, series_uid, study_uid)
 
 
 @pytest.fixture
@@ -122,10 +131,10 @@ def test_worker_denoises_a_queued_job_into_sending(
     with caplog.at_level(logging.INFO, logger="node.worker"):
         assert worker.run_once() is True
     assert worker.run_once() is False  # nothing left
-    job = context.manager.get_job(job_id)
+    job = context.queries.get_job(job_id)
     assert job.state == JobState.SENDING, job.last_error
     assert (job.model_name, job.model_version, job.denoised_count) == ("tiny-mean", "0.0.1", 8)
-    derived = context.manager.derived_instances(job_id)
+    derived = context.queries.derived_instances(job_id)
     sources = {pydicom.dcmread(p).SOPInstanceUID for p in series}
     assert {d.source_sop_instance_uid for d in derived} == sources
     for item in derived:
@@ -146,14 +155,14 @@ def test_corrupt_model_fails_the_job_clearly_and_the_worker_goes_on(
     first = queue_series(context, series[:4])
     worker = Worker(context)
     assert worker.run_once() is True
-    job = context.manager.get_job(first)
+    job = context.queries.get_job(first)
     assert job.state == JobState.FAILED
     assert "not a usable ONNX model" in job.last_error and str(broken_model) in job.last_error
     # the model is loaded again for the next job: a repaired model_path works at once
     context.settings.model_path = tiny_model
     second = queue_series(context, series[4:])
     assert worker.run_once() is True
-    assert context.manager.get_job(second).state == JobState.SENDING
+    assert context.queries.get_job(second).state == JobState.SENDING
 
 
 def test_bad_input_fails_for_good_without_retry(
@@ -165,7 +174,7 @@ def test_bad_input_fails_for_good_without_retry(
     job_id = queue_series(context, series)
     with caplog.at_level(logging.INFO, logger="node.worker"):
         assert Worker(context, Denoiser(context.settings.model_file, PROVIDERS)).run_once()
-    job = context.manager.get_job(job_id)
+    job = context.queries.get_job(job_id)
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
     assert ds.SOPInstanceUID in job.last_error and "bad input" in job.last_error
     assert [r.levelno for r in caplog.records if getattr(r, "job_id", None)] == [logging.ERROR]
@@ -183,9 +192,9 @@ def test_other_errors_are_retried_until_max_attempts(
     for _ in range(3):
         while not worker.run_once():  # the retry waits retry_seconds x attempts
             threading.Event().wait(0.01)
-        states.append(context.manager.get_job(job_id).state)
+        states.append(context.queries.get_job(job_id).state)
     assert states == [JobState.QUEUED, JobState.QUEUED, JobState.FAILED]
-    assert "GPU fell off the bus" in context.manager.get_job(job_id).last_error
+    assert "GPU fell off the bus" in context.queries.get_job(job_id).last_error
 
 
 def test_stop_mid_job_releases_it_to_the_queue(context: NodeContext, series: list[Path]) -> None:
@@ -194,10 +203,10 @@ def test_stop_mid_job_releases_it_to_the_queue(context: NodeContext, series: lis
     worker = Worker(context, denoiser)  # type: ignore[arg-type]
     denoiser.hook = lambda call: worker.stop.set()  # SIGTERM arrives during inference
     assert worker.run_once() is True
-    job = context.manager.get_job(job_id)
+    job = context.queries.get_job(job_id)
     assert (job.state, job.attempts, job.claimed_by) == (JobState.QUEUED, 0, None)
-    assert "released" in context.manager.job_events(job_id)[-1].message
-    assert context.manager.derived_instances(job_id) == []
+    assert "released" in context.queries.job_events(job_id)[-1].message
+    assert context.queries.derived_instances(job_id) == []
 
 
 def test_a_cancelled_job_is_abandoned(context: NodeContext, series: list[Path]) -> None:
@@ -209,8 +218,8 @@ def test_a_cancelled_job_is_abandoned(context: NodeContext, series: list[Path]) 
 
     worker = Worker(context, ScriptedDenoiser(batch_size=2, delay=0.2, hook=cancel))  # type: ignore[arg-type]
     assert worker.run_once() is True
-    assert context.manager.get_job(job_id).state == JobState.CANCELLED
-    assert context.manager.derived_instances(job_id) == []
+    assert context.queries.get_job(job_id).state == JobState.CANCELLED
+    assert context.queries.derived_instances(job_id) == []
 
 
 def test_worker_loop_requeues_a_stalled_job_and_finishes_it(
@@ -225,34 +234,38 @@ def test_worker_loop_requeues_a_stalled_job_and_finishes_it(
     thread.start()
     try:
         for _ in range(200):
-            if context.manager.get_job(job_id).state == JobState.SENDING:
+            if context.queries.get_job(job_id).state == JobState.SENDING:
                 break
             threading.Event().wait(0.05)
     finally:
         stop.set()
         thread.join(timeout=30)
-    job = context.manager.get_job(job_id)
+    job = context.queries.get_job(job_id)
     assert (job.state, job.attempts) == (JobState.SENDING, 2)
-    messages = [e.message for e in context.manager.job_events(job_id)]
+    messages = [e.message for e in context.queries.job_events(job_id)]
     assert any("stopped heartbeating" in m for m in messages)
-    (row,) = [w for w in context.manager.workers() if w.name == worker.name]
+    (row,) = [w for w in context.registry.workers() if w.name == worker.name]
     assert row.provider == "CPUExecutionProvider" and row.stopped_at is not None
 
 
-def test_a_job_that_keeps_stalling_fails_after_max_attempts(manager: JobManager) -> None:
-    job_id = empty_job(manager, 0)
+def test_a_job_that_keeps_stalling_fails_after_max_attempts(
+    manager: JobManager, queries: JobQueries
+) -> None:
+    job_id = empty_job(manager, queries, 0)
     outcomes = []
     for attempt in range(manager.max_attempts):
         assert manager.claim_next_job(f"ghost:{attempt}").id == job_id
         threading.Event().wait(0.01)
         outcomes += manager.requeue_stalled(stale_after=0.0)
     assert outcomes == [(job_id, JobState.QUEUED)] * 2 + [(job_id, JobState.FAILED)]
-    job = manager.get_job(job_id)
+    job = queries.get_job(job_id)
     assert job.state == JobState.FAILED and "gave up after 3 attempts" in job.last_error
 
 
-def test_two_workers_never_take_the_same_job(manager: JobManager, db_url: str) -> None:
-    jobs = {empty_job(manager, index) for index in range(24)}
+def test_two_workers_never_take_the_same_job(
+    manager: JobManager, db_url: str, queries: JobQueries
+) -> None:
+    jobs = {empty_job(manager, queries, index) for index in range(24)}
     engine = db.make_engine(db_url)  # the second worker has its own connection pool
     managers = [manager, JobManager(db.session_factory(engine))]
     claimed: dict[str, list[int]] = {"a": [], "b": []}
@@ -275,6 +288,52 @@ def test_two_workers_never_take_the_same_job(manager: JobManager, db_url: str) -
     taken = claimed["a"] + claimed["b"]
     assert sorted(taken) == sorted(jobs), "every job claimed exactly once"
     for job_id in jobs:
-        job = manager.get_job(job_id)
+        job = queries.get_job(job_id)
         assert job.state == JobState.RUNNING and job.attempts == 1
         assert job.claimed_by == ("a" if job_id in claimed["a"] else "b")
+
+
+def test_a_late_instance_costs_its_own_denoising_and_the_rest_is_reused(
+    context: NodeContext, series: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    first = queue_series(context, series[:6])
+    worker = Worker(context)
+    assert worker.run_once() is True
+    assert context.queries.get_job(first).state == JobState.SENDING
+    acknowledged = context.queries.derived_instances(first)[0].sop_instance_uid
+    context.manager.record_delivery(first, "pacs", acknowledged, 0)
+    second = queue_series(context, series[6:])  # the series settles again: all 8 slices
+    assert [i.sop_instance_uid for i in context.queries.job_inputs(second)] == [
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series
+    ]
+    with caplog.at_level(logging.INFO, logger="node.worker"):
+        assert worker.run_once() is True
+    job = context.queries.get_job(second)
+    assert job.state == JobState.SENDING and job.denoised_count == 8
+    (outcome,) = [r for r in caplog.records if getattr(r, "job_id", None) == second]
+    assert outcome.slices == 2, "only the two late slices are denoised"
+    earlier = {d.sop_instance_uid: d for d in context.queries.derived_instances(first)}
+    for item in context.queries.derived_instances(second):
+        assert item.spool_path.startswith(f"derived/{second}/")
+        ds = pydicom.dcmread(context.spool.path(item.spool_path))
+        assert ds.SOPInstanceUID == item.sop_instance_uid
+        if item.sop_instance_uid in earlier:
+            same = context.spool.path(earlier[item.sop_instance_uid].spool_path).read_bytes()
+            assert context.spool.path(item.spool_path).read_bytes() == same
+    assert context.queries.delivery_counts(second) == {"pacs": 1}, "acknowledgement inherited"
+
+
+def test_a_running_job_with_a_newer_one_denoises_but_does_not_send(
+    context: NodeContext, series: list[Path]
+) -> None:
+    first = queue_series(context, series[:6])
+    assert context.manager.claim_next_job("w1") is not None
+    second = queue_series(context, series[6:])
+    context.manager.record_derived(first, "w1", [])
+    assert context.manager.finish_denoising(first, "w1", "9.9", "m", "1", "6 slices") is (
+        JobState.CANCELLED
+    )
+    job = context.queries.get_job(first)
+    assert job.state == JobState.CANCELLED and job.reason.startswith(f"superseded by job {second}")
+    assert context.queries.job_events(first)[-1].kind == EventKind.SUPERSEDED
+    assert context.queries.get_job(second).state == JobState.QUEUED

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -17,6 +19,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from node.jobs.states import EventKind
 
 UID = String(64)
 
@@ -53,7 +57,7 @@ class Instance(Base):
     spool_path: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    header: Mapped[dict] = mapped_column(JSON)
+    header: Mapped[dict[str, Any]] = mapped_column(JSON)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     peer_address: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime)
@@ -71,7 +75,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     rule: Mapped[str] = mapped_column(String(64))
     strength: Mapped[float] = mapped_column(Float)
-    destinations: Mapped[list] = mapped_column(JSON)
+    destinations: Mapped[list[str]] = mapped_column(JSON)
     instance_count: Mapped[int] = mapped_column(Integer)
     denoised_count: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -101,10 +105,33 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(DateTime)
+    kind: Mapped[EventKind] = mapped_column(
+        Enum(
+            EventKind,
+            name="job_event_kind",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda kinds: [kind.value for kind in kinds],
+        )
+    )
     from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     actor: Mapped[str] = mapped_column(String(128))
     message: Mapped[str] = mapped_column(Text)
+
+
+class JobInstance(Base):
+    """A job's input: the instances of its series as they were when the series settled."""
+
+    __tablename__ = "job_instances"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(String(255))
 
 
 class DerivedInstance(Base):
@@ -117,6 +144,8 @@ class DerivedInstance(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     source_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    #: the source's content when it was denoised: a later job reuses the file only for this
+    source_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spool_path: Mapped[str] = mapped_column(String(255))
 
 
@@ -132,6 +161,24 @@ class Delivery(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     status: Mapped[int] = mapped_column(Integer)
     sent_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class JobDestination(Base):
+    """Where a job stands with one destination: pending, acknowledged, committed or failed."""
+
+    __tablename__ = "job_destinations"
+    __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    #: refusals (permanent failures) since the destination was last set pending
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: start of the current run of transient failures; the give-up time counts from here
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Worker(Base):

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from node import overview
 from node.context import NodeContext
 from node.jobs import JobState
+from node.jobs.states import DeliveryState
 from node.overview import DestinationCheck
 
 PREFIX = "denoise_node"
@@ -24,6 +25,17 @@ SLICE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 def _gauge(name: str, text: str, labels: list[str] | None = None) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
+
+
+def destination_states(counts: dict[tuple[str, str], int], names: set[str]) -> Metric:
+    """Job destinations per delivery state: ``failed`` counts the deliveries that ended."""
+    family = _gauge(
+        "job_destinations", "Job destinations by delivery state", ["destination", "state"]
+    )
+    for name in sorted(names | {destination for destination, _ in counts}):
+        for state in DeliveryState:
+            family.add_metric([name, state], counts.get((name, state), 0))
+    return family
 
 
 def slice_seconds_histogram(timings: list[tuple[float, int]]) -> HistogramMetricFamily:
@@ -59,14 +71,14 @@ class NodeCollector(Collector):
         return []  # collected live; registering must not query the database
 
     def collect(self) -> Iterable[Metric]:
-        manager = self.ctx.manager
+        queries = self.ctx.queries
         jobs = _gauge("jobs", "Jobs in the job table by state", ["state"])
-        counts = manager.state_counts()
+        counts = queries.state_counts()
         for state in JobState:
             jobs.add_metric([state], counts.get(state, 0))
         yield jobs
 
-        received, derived, sent = manager.instance_totals()
+        received, derived, sent = queries.instance_totals()
         yield GaugeMetricFamily(
             f"{PREFIX}_instances_received", "Received instances recorded", value=received
         )
@@ -74,11 +86,13 @@ class NodeCollector(Collector):
             f"{PREFIX}_instances_derived", "Denoised instances written", value=derived
         )
         delivered = _gauge("instances_sent", "Derived instances acknowledged", ["destination"])
-        for name in sorted(set(sent) | set(self.ctx.settings.destinations)):
+        names = self.ctx.settings.destinations
+        for name in sorted(set(sent) | set(names)):
             delivered.add_metric([name], sent.get(name, 0))
         yield delivered
+        yield destination_states(queries.destination_state_counts(), set(sent) | set(names))
 
-        yield slice_seconds_histogram(manager.denoise_timings())
+        yield slice_seconds_histogram(queries.denoise_timings())
         age = overview.queue_age_seconds(self.ctx)
         yield GaugeMetricFamily(
             f"{PREFIX}_oldest_queued_job_age_seconds",

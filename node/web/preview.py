@@ -46,9 +46,9 @@ def drop_previews(settings: Settings, job_id: int) -> None:
 
 def middle_pair(ctx: NodeContext, job_id: int) -> tuple[Path, Path]:
     """The source and derived files of the job's middle slice, in patient order."""
-    job = ctx.manager.get_job(job_id)
-    derived = ctx.manager.derived_instances(job_id)
-    sources = {i.sop_instance_uid: i for i in ctx.manager.series_instances(job.series_instance_uid)}
+    job = ctx.queries.get_job(job_id)
+    derived = ctx.queries.derived_instances(job_id)
+    sources = {i.sop_instance_uid: i for i in ctx.queries.series_instances(job.series_instance_uid)}
     pairs = [
         (sources[d.source_sop_instance_uid], d)
         for d in derived

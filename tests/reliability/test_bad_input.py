@@ -215,7 +215,7 @@ def test_same_sop_instance_uid_with_other_content_keeps_the_first(
     assert storescu(node.port, paths) == [0] * len(paths)
     first = wait_series_done(node, series_uid(paths[0]), len(paths))
     assert first.state == JobState.DONE, first.last_error
-    (sha_before,) = [i.sha256 for i in node.manager.series_instances(first.series_instance_uid)][:1]
+    (sha_before,) = [i.sha256 for i in node.queries.series_instances(first.series_instance_uid)][:1]
 
     other = tmp_path / "other.dcm"
     ds = pydicom.dcmread(paths[0])
@@ -223,9 +223,9 @@ def test_same_sop_instance_uid_with_other_content_keeps_the_first(
     ds.save_as(other, enforce_file_format=True)
     assert storescu(node.port, [other]) == [0]  # success: the sender must not resend forever
     assert storescu(node.port, [paths[0]]) == [0]  # identical content: stored once
-    instances = node.manager.series_instances(first.series_instance_uid)
+    instances = node.queries.series_instances(first.series_instance_uid)
     assert len(instances) == len(paths) and instances[0].sha256 == sha_before
-    messages = [event.message for event in node.manager.job_events(first.id)]
+    messages = [event.message for event in node.queries.job_events(first.id)]
     assert any("different content; first copy kept" in m for m in messages), messages
     assert "DIFFERENT content" in node.log_text()
     good_series_goes_through(node, tmp_path)

@@ -25,6 +25,7 @@ from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.tools import free_port
 from node import db
 from node.jobs import JobState
+from node.jobs.states import EventKind
 from node.spool import TMP_SUFFIX
 from tests.fixtures.dicom import storescu
 from tests.reliability.checks import (
@@ -51,8 +52,9 @@ def postponements(node, job_id: int) -> list[float]:
     """The delays (s) of the job's send postponements, from its timeline."""
     return [
         float(match.group(1))
-        for event in node.manager.job_events(job_id)
-        if (match := re.match(r"send postponed (\d+) s", event.message))
+        for event in node.queries.job_events(job_id)
+        if event.kind == EventKind.POSTPONED
+        and (match := re.match(r"send postponed (\d+) s", event.message))
     ]
 
 

@@ -1,0 +1,231 @@
+"""Receiving and settling: the writes that turn instances into series and series into jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import insert, literal, select, update
+from sqlalchemy.orm import Session
+
+from node.db import utcnow
+from node.jobs.states import EventKind, JobState
+from node.jobs.tables import Instance, Job, JobEvent, JobInstance, Series
+from node.jobs.writer import JobWriter, dialect_of, rows_changed
+
+
+class RecordOutcome(StrEnum):
+    NEW = "new"
+    IDENTICAL = "identical"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the receiver knows about one instance that is already durable in the spool."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    spool_path: str
+    sha256: str
+    size_bytes: int
+    header: dict[str, Any]
+    calling_ae_title: str
+    peer_address: str
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """The settler's decision for one settled series."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    calling_ae_title: str
+    settled_through: datetime
+    instance_count: int
+    rule: str
+    strength: float
+    destinations: list[str]
+    skip_reason: str | None = None
+
+
+class Intake(JobWriter):
+    """What the receiver and the settler write."""
+
+    def record_instance(self, record: InstanceRecord) -> tuple[RecordOutcome, str]:
+        """Record a spooled instance; returns the outcome and the spool path that holds it.
+
+        A SOP Instance UID seen before is never overwritten: identical content is a
+        harmless resend, different content keeps the first copy and is reported.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            # One INSERT that yields to an existing row, so a concurrent association that
+            # stored the same UID a moment earlier leads to the same path as any resend.
+            insert = dialect_of(session).insert(Instance)
+            inserted = session.execute(
+                insert.values(**record.__dict__, received_at=now)
+                .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+                .returning(Instance.id)
+            ).scalar()
+            if inserted is None:
+                existing = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
+                ).one()
+                return self._duplicate(session, existing, record, now)
+            session.execute(self._upsert_series(session, record, now))
+            return RecordOutcome.NEW, record.spool_path
+
+    def _duplicate(
+        self, session: Session, existing: Instance, record: InstanceRecord, now: datetime
+    ) -> tuple[RecordOutcome, str]:
+        if existing.sha256 == record.sha256:
+            return RecordOutcome.IDENTICAL, existing.spool_path
+        job_id = session.scalar(
+            select(Job.id)
+            .where(Job.series_instance_uid == existing.series_instance_uid)
+            .order_by(Job.id.desc())
+            .limit(1)
+        )
+        if job_id is not None:
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    at=now,
+                    kind=EventKind.WARNING,
+                    actor="receiver",
+                    message=(
+                        f"instance {record.sop_instance_uid} received again from "
+                        f"{record.calling_ae_title} with different content; first copy kept"
+                    ),
+                )
+            )
+        return RecordOutcome.CONFLICT, existing.spool_path
+
+    @staticmethod
+    def _upsert_series(session: Session, record: InstanceRecord, now: datetime) -> Any:
+        statement = (
+            dialect_of(session)
+            .insert(Series)
+            .values(
+                series_instance_uid=record.series_instance_uid,
+                study_instance_uid=record.study_instance_uid,
+                calling_ae_title=record.calling_ae_title,
+                instance_count=1,
+                first_received_at=now,
+                last_received_at=now,
+            )
+        )
+        return statement.on_conflict_do_update(
+            index_elements=[Series.series_instance_uid],
+            set_={
+                "instance_count": Series.instance_count + 1,
+                "last_received_at": now,
+                "calling_ae_title": record.calling_ae_title,
+            },
+        )
+
+    def create_job(self, new: NewJob) -> int | None:
+        """Turn a settled series into a queued (or skipped) job, once.
+
+        The job's input is the series' instances now, in the same transaction that
+        checks no instance arrived meanwhile (else returns None: the series settles
+        again later).  A queued job becomes the series' only queued one: older
+        queued jobs of the series are superseded.
+        """
+        now = utcnow()
+        state = JobState.SKIPPED if new.skip_reason else JobState.QUEUED
+        with self._sessions.begin() as session:
+            marked = session.execute(
+                update(Series)
+                .where(Series.series_instance_uid == new.series_instance_uid)
+                .where(Series.last_received_at == new.settled_through)
+                .values(settled_through=new.settled_through)
+            )
+            if rows_changed(marked) != 1:
+                return None
+            job = Job(
+                series_instance_uid=new.series_instance_uid,
+                study_instance_uid=new.study_instance_uid,
+                calling_ae_title=new.calling_ae_title,
+                state=state,
+                rule=new.rule,
+                strength=new.strength,
+                destinations=new.destinations,
+                instance_count=new.instance_count,
+                max_attempts=self.max_attempts,
+                reason=new.skip_reason,
+                created_at=now,
+                updated_at=now,
+                finished_at=now if new.skip_reason else None,
+            )
+            session.add(job)
+            session.flush()
+            message = (
+                f"skipped: {new.skip_reason}"
+                if new.skip_reason
+                else f"{new.instance_count} instances settled; rule {new.rule!r}"
+            )
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    at=now,
+                    kind=EventKind.SKIPPED if new.skip_reason else EventKind.SETTLED,
+                    to_state=state,
+                    actor="settler",
+                    message=message,
+                )
+            )
+            if state is JobState.QUEUED:
+                _snapshot_inputs(session, job.id, new.series_instance_uid)
+                _supersede_queued(session, job.id, new.series_instance_uid, now)
+            return job.id
+
+
+def _snapshot_inputs(session: Session, job_id: int, series_instance_uid: str) -> None:
+    """Copy the series' instances into ``job_instances``: what the worker will denoise."""
+    session.execute(
+        insert(JobInstance).from_select(
+            ["job_id", "sop_instance_uid", "sha256", "spool_path"],
+            select(
+                literal(job_id), Instance.sop_instance_uid, Instance.sha256, Instance.spool_path
+            ).where(Instance.series_instance_uid == series_instance_uid),
+        )
+    )
+
+
+def _supersede_queued(
+    session: Session, job_id: int, series_instance_uid: str, now: datetime
+) -> None:
+    """Cancel the series' older queued jobs: the new one covers their instances and more."""
+    older = session.scalars(
+        select(Job.id).where(
+            Job.series_instance_uid == series_instance_uid,
+            Job.state == JobState.QUEUED,
+            Job.id != job_id,
+        )
+    ).all()
+    reason = f"superseded by job {job_id}: the series received more instances"
+    for old_id in older:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == old_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.CANCELLED, reason=reason, finished_at=now, updated_at=now)
+        )
+        if rows_changed(done) == 1:
+            session.add(
+                JobEvent(
+                    job_id=old_id,
+                    at=now,
+                    kind=EventKind.SUPERSEDED,
+                    from_state=JobState.QUEUED,
+                    to_state=JobState.CANCELLED,
+                    actor="settler",
+                    message=reason,
+                )
+            )
