@@ -22,7 +22,7 @@ def test_a_fresh_sqlite_job_table_is_created_on_first_start_and_logged(
     with caplog.at_level(logging.INFO, logger="node.db"):
         ctx = NodeContext.open(settings)
     try:
-        assert ctx.manager.list_jobs() == []
+        assert ctx.queries.list_jobs() == []
     finally:
         ctx.close()
     assert any("SQLite job table created at" in r.getMessage() for r in caplog.records)
