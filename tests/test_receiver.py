@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 
 from node.config import Settings
 from node.context import NodeContext
+from node.instance_checks import made_by_node, selection_header
 from node.jobs.manager import NewJob
 from node.phantom import PhantomSpec, write_phantom_series
 from node.receiver import (
@@ -26,8 +27,6 @@ from node.receiver import (
     DATABASE_UNAVAILABLE,
     SPOOL_FULL,
     Receiver,
-    made_by_node,
-    selection_header,
 )
 from node.spool import TMP_SUFFIX
 from node.tools import free_port
