@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ CANNOT_UNDERSTAND = 0xC000  # Error: missing or invalid UIDs
 DECODE_FAILED = 0xC210  # Error: the data set cannot be parsed
 PIXEL_DATA_INVALID = 0xC212  # Error: PixelData is not whole for the image it describes
 
+#: DICOM's CS value representation: upper-case letters, digits, space and underscore.
+CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}(\\[A-Z0-9 _]{0,16})*")
 ITEM = 0xFFFEE000
 SEQUENCE_DELIMITER = 0xFFFEE0DD
 
@@ -46,8 +49,8 @@ def selection_header(ds: Dataset) -> dict[str, Any]:
     """What the settler's rules and the worker need from a header: no patient identity."""
     header: dict[str, Any] = {
         "SOPClassUID": _text(ds.get("SOPClassUID")),
-        "Modality": _text(ds.get("Modality")),
-        "ImageType": [str(v) for v in _values(ds.get("ImageType"))],
+        "Modality": _code_string(ds.get("Modality")),
+        "ImageType": [_code_string(v) or "" for v in _values(ds.get("ImageType"))],
         "SeriesDescription": _text(ds.get("SeriesDescription")),
         "ConvolutionKernel": _text(
             _functional(ds, "CTReconstructionSequence", "ConvolutionKernel")
@@ -218,6 +221,15 @@ def _values(value: Any) -> list[Any]:
 def _text(value: Any) -> str | None:
     values = _values(value)
     return "\\".join(str(v) for v in values) if values else None
+
+
+def _code_string(value: Any) -> str | None:
+    """A CS value as received, or a placeholder: the rules quote these in job reasons and
+    the log, so an invalid one (a name sent as a Modality) is not kept."""
+    text = _text(value)
+    if text is None or CODE_STRING.fullmatch(text):
+        return text
+    return "(not a code string)"
 
 
 def _number(value: Any) -> float | None:
