@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pynetdicom import dimse_messages
 
@@ -28,15 +30,15 @@ _folder_of_reader: dict[threading.Thread, ReceivingFolder] = {}
 
 
 class ReceivingFile:
-    """A temporary file that records a failed write (disk full) instead of raising it."""
+    """A data set's file that records a failed create or write (disk full) instead of
+    raising it in pynetdicom's reader, where it would abort the association."""
 
     def __init__(self, folder: ReceivingFolder) -> None:
-        self._handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - pynetdicom closes it
-            delete=False, mode="wb", suffix=".dcm", dir=folder.folder
-        )
         self._folder = folder
-        self.name = self._handle.name
+        self.name = str(folder.folder / f"{uuid.uuid4().hex}.dcm")
         self.failed = False
+        self._handle: BinaryIO | None = None
+        self._guarded(self._create)
 
     @property
     def file(self) -> ReceivingFile:
@@ -44,24 +46,32 @@ class ReceivingFile:
         return self
 
     def write(self, data: bytes) -> int:
-        self._guarded(self._handle.write, data)
+        self._guarded(lambda: self._open_handle().write(data))
         return len(data)
 
     def flush(self) -> None:
-        self._guarded(self._handle.flush)
+        self._guarded(lambda: self._open_handle().flush())
 
     def close(self) -> None:
         """Everything was flushed fragment by fragment; a failure here loses nothing more."""
         try:
-            self._handle.close()
+            if self._handle is not None:
+                self._handle.close()
         except OSError:
             self.failed = True
 
-    def _guarded(self, operation: Any, *args: Any) -> None:
+    def _create(self) -> None:
+        self._handle = open(self.name, "xb")  # noqa: SIM115 - closed by pynetdicom or release
+
+    def _open_handle(self) -> BinaryIO:
+        assert self._handle is not None
+        return self._handle
+
+    def _guarded(self, operation: Callable[[], object]) -> None:
         if self.failed:
             return
         try:
-            operation(*args)
+            operation()
         except OSError as exc:
             log.warning("cannot write a received data set: %s", exc.strerror)
             self._folder.record_failure(self.name)
@@ -96,10 +106,10 @@ class ReceivingFolder:
         with _lock:
             _folder_of_reader.pop(reader, None)
             files = self._files.pop(reader, [])
+            self._failed.difference_update(received.name for received in files)
         for received in files:
             received.close()
             Path(received.name).unlink(missing_ok=True)
-            self._failed.discard(received.name)
 
     def write_failed(self, path: Path | str) -> bool:
         """True when part of the data set at ``path`` could not be written."""

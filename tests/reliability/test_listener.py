@@ -249,3 +249,17 @@ def test_c_stores_cut_off_mid_stream_leave_no_temporary_file(
     (receiving / "tmp-left-by-a-crash.dcm").write_bytes(b"\0" * 1000)
     node.start()
     assert list(receiving.iterdir()) == [], "the receiver clears its folder at start"
+
+
+@SQLITE
+def test_an_established_association_that_goes_quiet_is_closed(node_factory, db_url: str) -> None:
+    """Silent after its A-ASSOCIATE-AC, or stuck half-way through a PDU: closed either way."""
+    node = node_factory("receive", idle_timeout_seconds=0.5).start()
+    _, quiet = established(node.port)
+    _, stuck = established(node.port)
+    stuck.dul.socket.socket.sendall(P_DATA[:8])  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (quiet.is_established or stuck.is_established):  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    assert quiet.is_aborted and stuck.is_aborted  # type: ignore[attr-defined]
+    assert "no complete PDU within its 0.5 s" in node.log_text()
