@@ -23,10 +23,12 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.config import Settings
@@ -78,11 +80,9 @@ class ListenerLimits:
         if not self.networks:
             return True
         try:
-            ip = ipaddress.ip_address(address)
+            ip = ipaddress.ip_address(_plain_address(address))
         except ValueError:
             return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         return any(ip in network for network in self.networks)
 
 
@@ -217,16 +217,18 @@ class GuardedHandler(RequestHandler):
     server: GuardedServer
 
     def handle(self) -> None:
-        assoc = self._create_association()
-        GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), self.server.limits)
         try:
+            assoc = self._create_association()
+            GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), self.server.limits)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()
             if assoc.dul.is_alive():
                 assoc.dul.join(READER_JOIN_SECONDS)
+            for hook in self.server.on_release:
+                hook(assoc)
         finally:
-            self.server.release(assoc, str(self.client_address[0]))
+            self.server.release(str(self.client_address[0]))
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -238,7 +240,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = limits
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self.on_release: list[Any] = []
+        #: Called with each association once it has ended (the receiver's file cleanup).
+        self.on_release: list[Callable[[Association], None]] = []
         self.refused = RefusedConnections(limits.association_request_timeout)
         super().__init__(*args, request_handler=GuardedHandler, **kwargs)
 
@@ -273,17 +276,11 @@ class GuardedServer(ThreadedAssociationServer):
         if request not in self.refused:
             super().shutdown_request(request)
 
-    def release(self, assoc: Any, address: str) -> None:
-        """The association is over: free its slot and run the release hooks."""
+    def release(self, address: str) -> None:
+        """The connection is over: free its slot."""
         with self._lock:
             self._open[_plain_address(address)] -= 1
             self._open += Counter()  # drop addresses at zero
-        for hook in self.on_release:
-            hook(assoc)
-
-    def open_associations(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
 
 
 def _plain_address(address: str) -> str:
