@@ -47,6 +47,9 @@ REJECT_ADDRESS = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x01])
 REJECT_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
 #: Seconds a finished association's handler waits for pynetdicom's reader thread to end.
 READER_JOIN_SECONDS = 5.0
+#: Refused connections from one address are logged at most once per this many seconds.
+REFUSAL_LOG_SECONDS = 10.0
+REFUSAL_LOG_ADDRESSES = 4096
 #: At most this many refused connections wait for their A-ASSOCIATE-RJ at once.
 REFUSED_WAITING_MAX = 256
 
@@ -243,6 +246,7 @@ class GuardedServer(ThreadedAssociationServer):
         #: Called with each association once it has ended (the receiver's file cleanup).
         self.on_release: list[Callable[[Association], None]] = []
         self.refused = RefusedConnections(limits.association_request_timeout)
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # accept loop only
         super().__init__(*args, request_handler=GuardedHandler, **kwargs)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -261,15 +265,29 @@ class GuardedServer(ThreadedAssociationServer):
                 else:
                     self._open[address] += 1
                     return True
-        log.warning(
-            "connection from %s rejected: %s",
-            address,
-            reason,
-            extra={"peer_address": address},
-        )
+        self._log_refusal(address, reason)
         if not isinstance(request, ssl.SSLSocket):  # no handshake here: TLS callers just close
             self.refused.take(request, answer)
         return False
+
+    def _log_refusal(self, address: str, reason: str) -> None:
+        """One line per address every ``REFUSAL_LOG_SECONDS``, counting those in between,
+        so that a caller connecting in a loop cannot flood the log."""
+        now = time.monotonic()
+        logged, unlogged = self._refusals_logged.get(address, (0.0, 0))
+        if logged and now - logged < REFUSAL_LOG_SECONDS:
+            self._refusals_logged[address] = (logged, unlogged + 1)
+            return
+        if len(self._refusals_logged) >= REFUSAL_LOG_ADDRESSES:
+            self._refusals_logged.clear()  # bounded, whatever the number of callers
+        self._refusals_logged[address] = (now, 0)
+        log.warning(
+            "connection from %s rejected: %s%s",
+            address,
+            reason,
+            f" ({unlogged} more rejected since the last line)" if unlogged else "",
+            extra={"peer_address": address},
+        )
 
     def shutdown_request(self, request: Any) -> None:
         """Close a finished or refused connection, unless it still waits for its answer."""
