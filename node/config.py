@@ -149,7 +149,12 @@ class Settings(BaseSettings):
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # empty: any
     allowed_addresses: list[str] = Field(default_factory=list)  # CIDR networks; empty: any
     spool_min_free_mb: int = Field(200, ge=0)
-    max_pdu_size: int = Field(0, ge=0)
+    # Listener limits: an attacker may not hold the slots (README: Configuration).
+    max_pdu_size: int = Field(1048576, ge=4096, le=1 << 30)  # advertised and enforced
+    max_associations: int = Field(64, ge=1)
+    max_associations_per_address: int = Field(16, ge=1)
+    association_request_timeout_seconds: float = Field(10.0, gt=0.0)  # whole A-ASSOCIATE-RQ
+    idle_timeout_seconds: float = Field(60.0, gt=0.0)  # no complete PDU for this long
     web_host: str = "127.0.0.1"
     web_port: int = Field(8080, ge=1, le=65535)
     web_users: list[WebUser] = Field(default_factory=list)  # login required off 127.0.0.1

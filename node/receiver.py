@@ -1,30 +1,29 @@
 """The DICOM receiver: C-ECHO and C-STORE of CT images into the spool and the job table.
 
-An instance is answered with success only once it is fsynced in the spool under a
-generated name and recorded in the job table; every other outcome is a specific
-failure status so that the sender keeps its copy and retries.  Received data is
-streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded
-here: the header is read without pixel data, which keeps the receiver fast and its
-memory flat however large the instance.
+An instance is answered with success only once it is checked (``node.instance_checks``),
+fsynced in the spool under a generated name and recorded in the job table; every other
+outcome is a specific failure status so that the sender keeps its copy and retries.
+Received data is streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``, in
+the spool's ``receiving`` folder: ``node.receiving``) and never decoded here: the
+header is parsed with large values left on disk, which keeps the receiver's memory
+flat however large the instance.  Who may connect, for how long and with how large a
+PDU is the listener's policy (``node.listener``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
-import math
+import ssl
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
-    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
@@ -38,17 +37,40 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
 
+# Verification is made at import time, so mypy cannot see it.
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node import receiving
 from node.context import NodeContext
 from node.dicom_tls import server_context
+from node.instance_checks import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    DECODE_FAILED,
+    PIXEL_DATA_INVALID,
+    Refused,
+    check_pixel_data,
+    checked_uids,
+    read_header,
+    shown,
+    shown_uid,
+)
 from node.jobs.manager import InstanceRecord, RecordOutcome
-from node.rules import NODE_EQUIPMENT
+from node.listener import GuardedServer, ListenerLimits
 from node.spool import SpoolFull
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "DATASET_MISMATCH",
+    "DECODE_FAILED",
+    "PIXEL_DATA_INVALID",
+    "Receiver",
+]
 
 #: Only CT is accepted; anything else is rejected at presentation-context negotiation.
 STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
@@ -69,23 +91,12 @@ SUCCESS = 0x0000
 SPOOL_FULL = 0xA700  # Refused: out of resources (free space below the watermark)
 SPOOL_WRITE_FAILED = 0xA701  # Refused: out of resources (the file could not be written)
 DATABASE_UNAVAILABLE = 0xA702  # Refused: out of resources (the job table did not record it)
-DATASET_MISMATCH = 0xA900  # Error: data set does not match the request's SOP class/instance
-CANNOT_UNDERSTAND = 0xC000  # Error: missing or invalid UIDs
-DECODE_FAILED = 0xC210  # Error: the data set cannot be parsed
 HANDLER_FAILED = 0xC211  # Error: an unexpected exception (a bug): see the log
 
 #: Seconds ``stop`` lets running associations finish before aborting them.
 STOP_GRACE_SECONDS = 5.0
 COPY_CHUNK = 1 << 20
-
-
-class Refused(Exception):
-    """A C-STORE cannot be accepted; carries the status and a short comment for the peer."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
+RECEIVING_FOLDER = "receiving"
 
 
 class Receiver:
@@ -93,109 +104,124 @@ class Receiver:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
-        self._ae = AE(ae_title=ctx.settings.ae_title)
-        self._ae.maximum_pdu_size = ctx.settings.max_pdu_size
+        settings = ctx.settings
+        self.limits = ListenerLimits.from_settings(settings)
+        self._ae = AE(ae_title=settings.ae_title)
+        self._ae.maximum_pdu_size = settings.max_pdu_size
+        # The listener admits at most max_associations; pynetdicom must not refuse sooner.
+        self._ae.maximum_associations = settings.max_associations
+        self._ae.acse_timeout = settings.association_request_timeout_seconds
+        self._ae.network_timeout = settings.idle_timeout_seconds
         self._ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             self._ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        self._server: ThreadedAssociationServer | None = None
-        self._tls_server: ThreadedAssociationServer | None = None
-        self._networks = [ipaddress.ip_network(net) for net in ctx.settings.allowed_addresses]
+        self.receiving = receiving.ReceivingFolder(ctx.spool.root / RECEIVING_FOLDER)
+        self._servers: list[GuardedServer] = []
         self._tallies: dict[int, Counter[str]] = {}
         self._tallies_lock = threading.Lock()
 
     @property
     def port(self) -> int:
         """The port listened on (the configured one until started)."""
-        if self._server is None:
+        if not self._servers:
             return self.ctx.settings.port
-        return int(self._server.server_address[1])
+        return int(self._servers[0].server_address[1])
 
     @property
     def tls_port(self) -> int | None:
         """The DICOM-over-TLS port (None without ``tls_port``)."""
-        if self._tls_server is None:
+        if len(self._servers) < 2:
             return self.ctx.settings.tls_port
-        return int(self._tls_server.server_address[1])
+        return int(self._servers[1].server_address[1])
 
     def start(self) -> None:
-        """Remove unacknowledged partial files, then listen in background threads."""
-        removed = self.ctx.spool.remove_partials()
+        """Remove what an earlier run left half-received, then listen in background threads."""
+        removed = self.ctx.spool.remove_partials() + self.receiving.clear()
         if removed:
             log.info("removed %d partial files left by an earlier run", removed)
-        # Process-wide in pynetdicom: C-STORE data sets go to a temporary file, not memory.
+        # Process-wide in pynetdicom: C-STORE data sets go to a file in ``receiving``.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        handlers = [
-            (evt.EVT_REQUESTED, self.handle_requested),
-            (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_CONN_CLOSE, self.handle_close),
-        ]
-        address = (self.ctx.settings.bind_address, self.ctx.settings.port)
-        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        receiving.install()
+        settings = self.ctx.settings
+        self._listen(settings.port, None)
         log.info(
             "receiver %s listening on %s:%d",
-            self.ctx.settings.ae_title,
-            address[0],
+            settings.ae_title,
+            settings.bind_address,
             self.port,
-            extra={"ae_title": self.ctx.settings.ae_title, "port": self.port},
+            extra={"ae_title": settings.ae_title, "port": self.port},
         )
-        settings = self.ctx.settings
         if settings.tls_port is not None:
-            tls_address = (settings.bind_address, settings.tls_port)
-            self._tls_server = self._ae.start_server(
-                tls_address,
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=server_context(settings),
-            )
+            self._listen(settings.tls_port, server_context(settings))
             log.info(
                 "receiver %s listening for DICOM over TLS on %s:%d%s",
                 settings.ae_title,
-                tls_address[0],
+                settings.bind_address,
                 self.tls_port,
                 " (client certificate required)" if settings.tls_require_client_cert else "",
                 extra={"ae_title": settings.ae_title, "port": self.tls_port},
             )
 
+    def _listen(self, port: int, ssl_context: ssl.SSLContext | None) -> None:
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_CONN_OPEN, self.handle_open),
+            (evt.EVT_CONN_CLOSE, self.handle_close),
+        ]
+        server = cast(
+            GuardedServer,
+            self._ae.make_server(
+                (self.ctx.settings.bind_address, port),
+                ssl_context=ssl_context,
+                evt_handlers=handlers,
+                server_class=GuardedServer,
+                limits=self.limits,
+            ),
+        )
+        server.on_release.append(lambda assoc: self.receiving.release(assoc.dul))
+        # As AE.start_server does for a non-blocking server; AE.shutdown stops what it lists.
+        self._ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"listener:{port}", daemon=True).start()
+        self._servers.append(server)
+
     def stop(self) -> None:
         """Stop accepting, let running associations finish briefly, then abort the rest."""
-        if self._server is None:
+        if not self._servers:
             return
-        for server in (self._server, self._tls_server):
-            if server is not None:
-                server.shutdown()
-        self._server = self._tls_server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for association in self._ae.active_associations:
             association.join(max(0.0, deadline - time.monotonic()))
         self._ae.shutdown()
         log.info("receiver stopped")
 
+    def handle_open(self, event: Event) -> None:
+        """A connection was admitted: its C-STORE data sets go to the receiving folder."""
+        self.receiving.track(event.assoc.dul)
+
     def handle_requested(self, event: Event) -> None:
-        """A-ASSOCIATE-RQ: reject callers outside the allow-lists before anything is stored."""
+        """A-ASSOCIATE-RQ: reject calling AE titles outside the allow-list before anything."""
         settings = self.ctx.settings
-        calling_ae = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-        address = str(event.assoc.requestor.address)
-        reason = None
-        if settings.allowed_calling_ae_titles and calling_ae not in (
+        primitive = event.assoc.requestor.primitive
+        calling_ae = str(primitive.calling_ae_title if primitive else "").strip()
+        if not settings.allowed_calling_ae_titles or calling_ae in (
             settings.allowed_calling_ae_titles
         ):
-            reason, diagnostic = "calling AE title not in allowed_calling_ae_titles", 0x03
-        elif self._networks and not _address_allowed(address, self._networks):
-            reason, diagnostic = "address not in allowed_addresses", 0x01
-        if reason is None:
             return
+        address = str(event.assoc.requestor.address)
         log.warning(
-            "association from %s at %s rejected: %s",
-            _shown(calling_ae),
+            "association from %s at %s rejected: calling AE title not in allowed_calling_ae_titles",
+            shown(calling_ae),
             address,
-            reason,
-            extra={"calling_ae": _shown(calling_ae), "peer_address": address},
+            extra={"calling_ae": shown(calling_ae), "peer_address": address},
         )
         # Rejected permanent, by the service user: the caller should not try again as is.
         # As pynetdicom does for its own rejections: wait until the peer has the A-ASSOCIATE-RJ.
-        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         event.assoc.kill()
 
     def handle_echo(self, event: Event) -> int:
@@ -204,7 +230,7 @@ class Receiver:
         return SUCCESS
 
     def handle_store(self, event: Event) -> Dataset:
-        """C-STORE: spool, record, answer; each failure has its own status."""
+        """C-STORE: check, spool, record, answer; each failure has its own status."""
         calling_ae = _calling_ae(event)
         try:
             outcome = self._store(event, calling_ae)
@@ -213,14 +239,17 @@ class Receiver:
         except Refused as refused:
             self._tally(event, f"refused 0x{refused.status:04X}")
             return _status(refused.status, refused.comment)
-        except Exception:
+        except Exception as exc:
             self._tally(event, f"refused 0x{HANDLER_FAILED:04X}")
-            # Answer (and so let pynetdicom remove its temporary file) even on a bug.
-            log.exception(
-                "C-STORE failed unexpectedly",
+            # Answer (and so let pynetdicom remove its temporary file) even on a bug; the
+            # exception's kind and place only, as its text may quote a header value.
+            log.error(
+                "C-STORE failed unexpectedly: %s at %s",
+                exc.__class__.__name__,
+                _where(exc),
                 extra={
                     "calling_ae": calling_ae,
-                    "sop_uid": _shown_uid(event.request.AffectedSOPInstanceUID),
+                    "sop_uid": shown_uid(cast(C_STORE, event.request).AffectedSOPInstanceUID),
                 },
             )
             return _status(HANDLER_FAILED, "internal error in the receiver, see its log")
@@ -242,29 +271,20 @@ class Receiver:
             self._tallies.setdefault(id(event.assoc), Counter())[outcome] += 1
 
     def _store(self, event: Event, calling_ae: str) -> str:
-        """Spool and record one instance; returns the outcome, or raises Refused."""
+        """Check, spool and record one instance; returns the outcome, or raises Refused."""
         received = Path(event.dataset_path)
-        request_uid = str(event.request.AffectedSOPInstanceUID or "")
-        extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": _shown_uid(request_uid)}
-        spool = self.ctx.spool
-        try:
-            spool.check_room(received.stat().st_size)
-        except SpoolFull as exc:
-            log.warning("C-STORE refused: %s", exc, extra=extra)
-            raise Refused(SPOOL_FULL, "node spool is full") from exc
-
-        ds, header = _read_header(received, extra)
-        uids = _checked_uids(ds, event, extra)
+        store = cast(C_STORE, event.request)
+        request = (
+            str(store.AffectedSOPClassUID or ""),
+            str(store.AffectedSOPInstanceUID or ""),
+        )
+        extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": shown_uid(request[1])}
+        self._check_room(received, extra)
+        ds, header = read_header(received, extra)
+        uids = checked_uids(ds, request, extra)
         extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
-
-        relative = spool.new_incoming()
-        digest = hashlib.sha256()
-        try:
-            spool.write_atomic(relative, lambda out: _copy_hashing(received, out, digest))
-        except OSError as exc:
-            log.error("C-STORE refused: cannot write the spool: %s", exc, extra=extra)
-            raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
-
+        check_pixel_data(ds, received, extra)
+        relative, digest = self._spool_copy(received, extra)
         record = InstanceRecord(
             sop_instance_uid=uids["SOPInstanceUID"],
             series_instance_uid=uids["SeriesInstanceUID"],
@@ -272,16 +292,42 @@ class Receiver:
             sop_class_uid=uids["SOPClassUID"],
             transfer_syntax_uid=str(event.context.transfer_syntax),
             spool_path=relative,
-            sha256=digest.hexdigest(),
-            size_bytes=spool.path(relative).stat().st_size,
+            sha256=digest,
+            size_bytes=self.ctx.spool.path(relative).stat().st_size,
             header=header,
             calling_ae_title=calling_ae,
             peer_address=str(event.assoc.requestor.address),
         )
+        return self._record(record, extra)
+
+    def _check_room(self, received: Path, extra: dict[str, Any]) -> None:
+        """Out of resources when the data set did not fit or the spool is below its watermark."""
+        try:
+            if self.receiving.write_failed(received):
+                raise SpoolFull("the received data set could not be written in full")
+            self.ctx.spool.check_room(received.stat().st_size)
+        except SpoolFull as exc:
+            log.warning("C-STORE refused: %s", exc, extra=extra)
+            raise Refused(SPOOL_FULL, "node spool is full") from exc
+
+    def _spool_copy(self, received: Path, extra: dict[str, Any]) -> tuple[str, str]:
+        """Copy into the spool durably; the relative path and the SHA-256 of the bytes."""
+        relative = self.ctx.spool.new_incoming()
+        digest = hashlib.sha256()
+        try:
+            self.ctx.spool.write_atomic(relative, lambda out: _copy_hashing(received, out, digest))
+        except OSError as exc:
+            log.error("C-STORE refused: cannot write the spool: %s", exc.strerror, extra=extra)
+            raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
+        return relative, digest.hexdigest()
+
+    def _record(self, record: InstanceRecord, extra: dict[str, Any]) -> str:
+        """One row in the job table; the spool copy is removed unless the row is new."""
+        spool = self.ctx.spool
         try:
             outcome, kept = self.ctx.manager.record_instance(record)
         except Exception as exc:
-            spool.remove(relative)
+            spool.remove(record.spool_path)
             log.error(
                 "C-STORE refused: the job table did not record the instance: %s: %s",
                 exc.__class__.__name__,
@@ -291,9 +337,9 @@ class Receiver:
             raise Refused(DATABASE_UNAVAILABLE, "node job table unavailable") from exc
 
         if outcome is RecordOutcome.NEW:
-            log.debug("instance stored", extra={**extra, "spool_path": relative})
+            log.debug("instance stored", extra={**extra, "spool_path": record.spool_path})
             return "stored"
-        spool.remove(relative)
+        spool.remove(record.spool_path)
         if outcome is RecordOutcome.IDENTICAL:
             log.debug("instance received again with identical content; stored once", extra=extra)
             return "already stored"
@@ -303,91 +349,6 @@ class Receiver:
             extra=extra,
         )
         return "conflicting duplicates"
-
-
-def selection_header(ds: Dataset) -> dict[str, Any]:
-    """What the settler's rules and the worker need from a header: no patient identity."""
-    header: dict[str, Any] = {
-        "SOPClassUID": _text(ds.get("SOPClassUID")),
-        "Modality": _text(ds.get("Modality")),
-        "ImageType": [str(v) for v in _values(ds.get("ImageType"))],
-        "SeriesDescription": _text(ds.get("SeriesDescription")),
-        "ConvolutionKernel": _text(
-            _functional(ds, "CTReconstructionSequence", "ConvolutionKernel")
-        ),
-        "SliceThickness": _number(_functional(ds, "PixelMeasuresSequence", "SliceThickness")),
-        "CTDIvol": _number(_functional(ds, "CTExposureSequence", "CTDIvol")),
-        "Rows": _integer(ds.get("Rows")),
-        "Columns": _integer(ds.get("Columns")),
-        "InstanceNumber": _integer(ds.get("InstanceNumber")),
-        "ImagePositionPatientZ": _position_z(ds),
-        "NumberOfFrames": _integer(ds.get("NumberOfFrames")) or 1,
-        "NodeOutput": made_by_node(ds),
-    }
-    return {key: value for key, value in header.items() if value is not None}
-
-
-def made_by_node(ds: Dataset) -> bool:
-    """True when this node's equipment or derivation is named in the header."""
-    equipment = ds.get("ContributingEquipmentSequence") or []
-    names = [
-        _text(item.get(keyword)) or ""
-        for item in equipment
-        for keyword in ("Manufacturer", "ManufacturerModelName")
-    ]
-    names.append(_text(ds.get("DerivationDescription")) or "")
-    return any(NODE_EQUIPMENT in name for name in names)
-
-
-def _read_header(path: Path, extra: dict[str, Any]) -> tuple[Dataset, dict[str, Any]]:
-    """The data set without pixels and its selection header; Refused when unparsable."""
-    try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size="64 KB")
-        # pydicom parses lazily: touch what we need so a broken data set fails here.
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-            ds.get(keyword)
-        return ds, selection_header(ds)
-    except Exception as exc:
-        log.warning("C-STORE refused: cannot decode the data set: %s", exc, extra=extra)
-        raise Refused(DECODE_FAILED, "data set cannot be decoded") from exc
-
-
-def _checked_uids(ds: Dataset, event: Event, extra: dict[str, Any]) -> dict[str, str]:
-    """The four UIDs, valid and agreeing with the request, or Refused."""
-    uids = {}
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-        value = str(ds.get(keyword) or "")
-        if not valid_uid(value):
-            log.warning(
-                "C-STORE refused: %s %s is missing or not a valid UID",
-                keyword,
-                _shown_uid(value),
-                extra=extra,
-            )
-            raise Refused(CANNOT_UNDERSTAND, f"invalid or missing {keyword}")
-        uids[keyword] = value
-    if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID):
-        log.warning("C-STORE refused: SOPInstanceUID differs from the request's", extra=extra)
-        raise Refused(DATASET_MISMATCH, "SOPInstanceUID differs from the request")
-    if uids["SOPClassUID"] != str(event.request.AffectedSOPClassUID):
-        log.warning("C-STORE refused: SOPClassUID differs from the request's", extra=extra)
-        raise Refused(DATASET_MISMATCH, "SOPClassUID differs from the request")
-    return uids
-
-
-def valid_uid(value: str) -> bool:
-    """A DICOM UID: dotted digits without leading zeros, at most 64 characters."""
-    return 0 < len(value) <= 64 and UID(value).is_valid
-
-
-def _address_allowed(address: str, networks: list[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
 
 
 def _copy_hashing(source: Path, out: BinaryIO, digest: Any) -> None:
@@ -409,57 +370,11 @@ def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def _shown_uid(value: object) -> str:
-    """A received UID made safe to log: an invalid one may hold anything, a name included."""
-    text = str(value or "")
-    return text if valid_uid(text) else f"({len(text)} characters, not a UID)"
-
-
-def _shown(value: object) -> str:
-    """A received value made safe to log: printable, bounded."""
-    return repr(str(value or ""))[1:-1][:80]
-
-
-def _functional(ds: Dataset, sequence: str, keyword: str) -> Any:
-    """A top-level value, else Enhanced CT's shared, else first per-frame functional group."""
-    if keyword in ds:
-        return ds.get(keyword)
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for group in (ds.get(groups) or [])[:1]:
-            for item in (group.get(sequence) or [])[:1]:
-                if keyword in item:
-                    return item.get(keyword)
-    return None
-
-
-def _position_z(ds: Dataset) -> float | None:
-    position = _functional(ds, "PlanePositionSequence", "ImagePositionPatient")
-    values = _values(position)
-    return _number(values[2]) if len(values) == 3 else None
-
-
-def _values(value: Any) -> list[Any]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-        return [value]
-    return list(value)
-
-
-def _text(value: Any) -> str | None:
-    values = _values(value)
-    return "\\".join(str(v) for v in values) if values else None
-
-
-def _number(value: Any) -> float | None:
-    values = _values(value)
-    try:
-        number = float(values[0]) if values else None
-    except (TypeError, ValueError):
-        return None
-    return number if number is not None and math.isfinite(number) else None
-
-
-def _integer(value: Any) -> int | None:
-    number = _number(value)
-    return int(number) if number is not None else None
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc``'s traceback."""
+    trace = exc.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    if trace is None:
+        return "?"
+    return f"{Path(trace.tb_frame.f_code.co_filename).name}:{trace.tb_lineno}"

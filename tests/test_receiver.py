@@ -21,14 +21,13 @@ from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import Settings
 from node.context import NodeContext
+from node.instance_checks import made_by_node, selection_header
 from node.jobs.manager import NewJob
 from node.receiver import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
     SPOOL_FULL,
     Receiver,
-    made_by_node,
-    selection_header,
 )
 from node.spool import TMP_SUFFIX
 from tests.fixtures.dicom import COMPRESSORS, CompressedCopy, storescu

@@ -155,8 +155,23 @@ def assert_series_delivered_once(
     return last
 
 
+#: A value a test puts where a UID belongs: it must never reach the node's log.
+INJECTED = "QQPROBE^SECRET"
+#: The phantoms' patient name, ID and birth date, and the injected value.
+HEADER_VALUES = ["PHANTOM^CT", "PHANTOM-0001", "19700101", INJECTED, "QQPROBE"]
+
+
+def assert_no_header_values_logged(node: NodeProcess) -> None:
+    """No patient name, ID or birth date, and no injected value, in any line of the log."""
+    text = node.log_text()
+    for value in HEADER_VALUES:
+        assert value not in text, f"{value!r} appears in the node's log"
+    assert "Traceback" not in text, "a traceback reached the node's log"
+
+
 def good_series_goes_through(node: NodeProcess, folder: Path, seed: int = 4242) -> Job:
-    """The closing check of a bad-input test: a good series is still received and done."""
+    """The closing check of a bad-input test: a good series is still received and done,
+    and nothing the bad input carried reached the log."""
     series = write_phantom_series(
         folder / f"good-{seed}", PhantomSpec(slices=6, size=64, seed=seed, series_description="OK")
     )
@@ -164,6 +179,7 @@ def good_series_goes_through(node: NodeProcess, folder: Path, seed: int = 4242) 
     job = wait_series_done(node, series_uid(series[0]), len(series))
     assert job.state == JobState.DONE, job.last_error
     assert node.process is not None and node.process.poll() is None
+    assert_no_header_values_logged(node)
     return job
 
 

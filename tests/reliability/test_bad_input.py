@@ -9,6 +9,7 @@ These run on SQLite: the input is bad, not the database.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pydicom
@@ -19,6 +20,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     MRImageStorage,
+    RLELossless,
     generate_uid,
 )
 from pynetdicom import AE
@@ -26,9 +28,10 @@ from pynetdicom.sop_class import Verification
 
 from devtools.phantom import PhantomSpec, write_phantom_series
 from node.jobs import JobState
-from node.receiver import CANNOT_UNDERSTAND, DATASET_MISMATCH, DECODE_FAILED
+from node.receiver import CANNOT_UNDERSTAND, DATASET_MISMATCH, DECODE_FAILED, PIXEL_DATA_INVALID
 from tests.fixtures.dicom import storescu
 from tests.reliability.checks import (
+    INJECTED,
     count_instances,
     good_series_goes_through,
     send_raw,
@@ -40,7 +43,13 @@ from tests.reliability.checks import (
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
-REFUSED = {CANNOT_UNDERSTAND, DECODE_FAILED, DATASET_MISMATCH}
+REFUSED = {CANNOT_UNDERSTAND, DECODE_FAILED, DATASET_MISMATCH, PIXEL_DATA_INVALID}
+
+
+@pytest.fixture
+def node_factory(node_factory):
+    """Every node here logs at DEBUG: the closing check reads all its lines for header values."""
+    return functools.partial(node_factory, log_level="DEBUG")
 
 
 def phantom(folder: Path, seed: int, slices: int = 6, size: int = 64, **spec) -> list[Path]:
@@ -70,36 +79,74 @@ def failed_with(node, paths: list[Path], *words: str) -> None:
 
 
 def test_truncated_files(node_factory, tmp_path: Path, db_url: str) -> None:
+    """A slice cut short is refused and nothing recorded; sent whole afterwards, it is denoised."""
     node = node_factory().start()
-    in_pixels = phantom(tmp_path, 1)
-    for path in in_pixels:  # cut in the middle of the pixel data
-        path.write_bytes(path.read_bytes()[: path.stat().st_size - 3000])
+    whole = phantom(tmp_path, 1)
+    in_pixels = []
+    for path in whole:  # cut in the middle of the pixel data
+        cut = tmp_path / "cut" / path.name
+        cut.parent.mkdir(exist_ok=True)
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size - 3000])
+        in_pixels.append(cut)
     in_header = phantom(tmp_path, 2, slices=2)
     for path in in_header:  # cut in the middle of the header
         path.write_bytes(path.read_bytes()[:700])
 
-    assert send_raw(node.port, in_pixels) == [0] * len(in_pixels)
+    assert send_raw(node.port, in_pixels) == [PIXEL_DATA_INVALID] * len(in_pixels)
     statuses = send_raw(node.port, in_header)
     assert all(status in REFUSED for status in statuses), statuses
-    failed_with(node, in_pixels, "pixel data")
+    assert count_instances(node) == 0
+    assert storescu(node.port, whole) == [0] * len(whole)
+    job = wait_series_done(node, series_uid(whole[0]), len(whole))
+    assert job.state == JobState.DONE, job.last_error
+    good_series_goes_through(node, tmp_path)
+
+
+#: case → change to every slice of a 6-slice series whose pixel data is then not whole
+NOT_WHOLE = {
+    "short-pixels": lambda ds: setattr(ds, "PixelData", b"\0" * 100),
+    "two-frames-of-pixels": lambda ds: setattr(ds, "PixelData", ds.PixelData * 2),
+    "no-rows": lambda ds: delattr(ds, "Rows"),
+    "no-columns": lambda ds: delattr(ds, "Columns"),
+    "huge-dimensions": lambda ds: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535)),
+    "no-pixel-data": lambda ds: delattr(ds, "PixelData"),
+}
+
+
+def test_pixel_data_that_is_not_whole_is_refused(node_factory, tmp_path: Path, db_url: str) -> None:
+    node = node_factory().start()
+    for seed, (case, change) in enumerate(NOT_WHOLE.items(), start=100):
+        paths = rewrite(phantom(tmp_path, seed), change)
+        assert send_raw(node.port, paths) == [PIXEL_DATA_INVALID] * len(paths), case
+    assert count_instances(node) == 0
+    assert "C-STORE refused: PixelData has 100 bytes where the image attributes imply" in (
+        node.log_text()
+    )
+    good_series_goes_through(node, tmp_path)
+
+
+def test_encapsulated_pixel_data_missing_its_fragments_is_refused(
+    node_factory, tmp_path: Path, db_url: str, compressed_copy
+) -> None:
+    node = node_factory().start()
+    whole = compressed_copy(phantom(tmp_path, 3, slices=2), "rle")
+    cut = []
+    for path in whole:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ds.PixelData[:16]  # the offset table item and no fragment
+        ds.save_as(tmp_path / f"cut-{path.name}", enforce_file_format=False)
+        cut.append(tmp_path / f"cut-{path.name}")
+    contexts = [(CTImageStorage, [RLELossless])]
+    assert send_raw(node.port, cut, contexts=contexts) == [PIXEL_DATA_INVALID] * 2
+    assert send_raw(node.port, whole, contexts=contexts) == [0] * 2
+    assert count_instances(node) == 2
     good_series_goes_through(node, tmp_path)
 
 
 #: case → (change to every slice of a 6-slice series, words the job's error must hold)
 CANNOT_DENOISE = {
-    "short-pixels": (lambda ds: setattr(ds, "PixelData", b"\0" * 100), ["pixel data"]),
-    "two-frames-of-pixels": (
-        lambda ds: setattr(ds, "PixelData", ds.PixelData * 2),
-        ["does not match 1 frame(s) of 64 x 64"],
-    ),
-    "no-rows": (lambda ds: delattr(ds, "Rows"), ["has no Rows"]),
-    "no-columns": (lambda ds: delattr(ds, "Columns"), ["has no Columns"]),
     "no-bits-stored": (lambda ds: delattr(ds, "BitsStored"), ["BitsStored"]),
     "zero-slope": (lambda ds: setattr(ds, "RescaleSlope", 0), ["rescale"]),
-    "huge-dimensions": (
-        lambda ds: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535)),
-        ["pixel data"],
-    ),
 }
 
 
@@ -179,7 +226,14 @@ def test_ct_objects_of_another_modality_are_skipped(
     good_series_goes_through(node, tmp_path)
 
 
-BAD_UIDS = ["../../../../tmp/denoise-escape", "1.2.3.x", "1.2.03.4", "9" * 65, "/etc/passwd"]
+BAD_UIDS = [
+    INJECTED,
+    "../../../../tmp/denoise-escape",
+    "1.2.3.x",
+    "1.2.03.4",
+    "9" * 65,
+    "/etc/passwd",
+]
 
 
 def test_invalid_and_path_traversal_uids_are_refused(

@@ -30,7 +30,13 @@ from devtools.node_process import echo
 from devtools.phantom import PhantomSpec, write_phantom_series
 from node.jobs.tables import Instance
 from node.receiver import HANDLER_FAILED
-from tests.reliability.checks import assert_in_spool, count_instances, send_raw
+from tests.reliability.checks import (
+    INJECTED,
+    assert_in_spool,
+    assert_no_header_values_logged,
+    count_instances,
+    send_raw,
+)
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -39,7 +45,19 @@ MUTATED_PER_BATCH = 105
 VALID_EVERY = 10
 #: VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
-ODD_TEXT = ["", "0", "-1", "65535", "1e309", "NaN", "a\\b\\c", "DERIVED", "../..", "\x00\xff"]
+ODD_TEXT = [
+    "",
+    "0",
+    "-1",
+    "65535",
+    "1e309",
+    "NaN",
+    "a\\b\\c",
+    "DERIVED",
+    "../..",
+    "\x00\xff",
+    INJECTED,
+]
 ODD_KEYWORDS = [
     "Rows",
     "Columns",
@@ -176,7 +194,7 @@ def test_fuzzed_instances_never_stop_the_node_or_lose_a_valid_one(
 ) -> None:
     node_tmp = tmp_path / "node-tmp"
     node_tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(node_tmp))  # the node's pynetdicom temporary files
+    monkeypatch.setenv("TMPDIR", str(node_tmp))  # none: the node keeps them in its spool
     cwd_before = files_in_cwd()
     node = node_factory("receive", log_level="DEBUG").start()
     (source,) = write_phantom_series(tmp_path / "template", PhantomSpec(slices=1, size=32))
@@ -247,5 +265,7 @@ def test_fuzzed_instances_never_stop_the_node_or_lose_a_valid_one(
         and not p.name.startswith("node.db")
     ]
     assert outside == []
-    assert list(node_tmp.iterdir()) == [], "temporary files were left behind"
+    assert list(node_tmp.iterdir()) == [], "temporary files outside the spool"
+    assert list((state / "spool" / "receiving").iterdir()) == [], "temporary files left behind"
     assert files_in_cwd() == cwd_before
+    assert_no_header_values_logged(node)

@@ -24,6 +24,7 @@ from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import ConfigError, load_settings
 from node.jobs import JobState
+from node.receiver import PIXEL_DATA_INVALID
 from tests.fixtures.dicom import STORE_STATUS, storescu, storescu_profile
 from tests.reliability.checks import (
     count_instances,
@@ -234,11 +235,16 @@ def test_no_patient_data_in_any_log_line(
     good = named(phantom(tmp_path, 5))
     assert storescu(node.port, good) == [0] * len(good)
     bad = named(phantom(tmp_path, 6))
-    for path in bad:  # a job that fails on its pixel data: its error is logged
+    for path in bad:  # a job that fails on its rescale: its error is logged
         ds = pydicom.dcmread(path)
-        ds.PixelData = b"\0" * 10
+        ds.RescaleSlope = 0
         ds.save_as(path, enforce_file_format=False)
     assert send_raw(node.port, bad) == [0] * len(bad)
+    short = named(phantom(tmp_path, 8, slices=1))[0]  # refused on its pixel data: logged
+    ds = pydicom.dcmread(short)
+    ds.PixelData = b"\0" * 10
+    ds.save_as(short, enforce_file_format=False)
+    assert send_raw(node.port, [short]) == [PIXEL_DATA_INVALID]
     conflicting = tmp_path / "conflicting.dcm"
     ds = pydicom.dcmread(good[0])
     ds.PixelData = bytes(len(ds.PixelData))

@@ -1,0 +1,400 @@
+"""The DICOM listener's policy: who gets a connection slot, for how long, and how large a PDU.
+
+pynetdicom's server gives every accepted connection a thread, reads each PDU with a
+blocking socket that has no deadline and no length limit, and checks callers only once
+a whole A-ASSOCIATE-RQ has arrived.  Here, when a connection is accepted and before any
+thread exists, the source address is checked against ``allowed_addresses`` and the
+association limits (all, and per address); a refused caller gets an A-ASSOCIATE-RJ and
+the socket is closed.  Every admitted connection then reads through ``GuardedSocket``:
+the A-ASSOCIATE-RQ must be complete within ``association_request_timeout_seconds`` of
+the connection, every later PDU within ``idle_timeout_seconds`` of the one before, and a
+PDU whose header claims more than the advertised maximum is answered with an A-ABORT
+before any of its body is read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import selectors
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+A_ASSOCIATE_RQ = 0x01
+P_DATA_TF = 0x04
+#: Association negotiation, release and abort PDUs are small; this bounds their length.
+CONTROL_PDU_LIMIT = 1 << 20
+#: A-ABORT, source: service provider, reason: invalid PDU parameter value.
+ABORT_INVALID_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
+#: A-ASSOCIATE-RJ: rejected permanent, service user, no reason given (an unknown caller).
+REJECT_ADDRESS = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x01])
+#: A-ASSOCIATE-RJ: rejected transient, service provider (presentation), local limit exceeded.
+REJECT_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
+#: Seconds a finished association's handler waits for pynetdicom's reader thread to end.
+READER_JOIN_SECONDS = 5.0
+#: Refused connections from one address are logged at most once per this many seconds.
+REFUSAL_LOG_SECONDS = 10.0
+REFUSAL_LOG_ADDRESSES = 4096
+#: At most this many refused connections wait for their A-ASSOCIATE-RJ at once.
+REFUSED_WAITING_MAX = 256
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """The settings the listener enforces, read once at start."""
+
+    max_associations: int
+    max_associations_per_address: int
+    association_request_timeout: float
+    idle_timeout: float
+    max_pdu_size: int
+    networks: tuple[Network, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ListenerLimits:
+        return cls(
+            max_associations=settings.max_associations,
+            max_associations_per_address=settings.max_associations_per_address,
+            association_request_timeout=settings.association_request_timeout_seconds,
+            idle_timeout=settings.idle_timeout_seconds,
+            max_pdu_size=settings.max_pdu_size,
+            networks=tuple(ipaddress.ip_network(net) for net in settings.allowed_addresses),
+        )
+
+    def address_allowed(self, address: str) -> bool:
+        """True when ``allowed_addresses`` is empty or one of its networks holds ``address``."""
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(_plain_address(address))
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+class GuardedSocket(AssociationSocket):
+    """pynetdicom's socket with a deadline on every PDU and a ceiling on its length.
+
+    pynetdicom's reader asks for a PDU as ``recv(6)`` (type and length) then
+    ``recv(length)``; this class reads both against the current deadline and checks the
+    length in between.  On a missed deadline, an oversized PDU or a closed connection it
+    returns short, which pynetdicom treats as a closed transport.
+    """
+
+    limits: ListenerLimits
+    requested: bool
+    _deadline: float
+    _header_next: bool
+    _ended: bool
+
+    @classmethod
+    def adopt(cls, sock: AssociationSocket, limits: ListenerLimits) -> GuardedSocket:
+        """Give the socket pynetdicom made for an accepted connection this class's reads.
+
+        pynetdicom builds that socket inside its request handler (and queues the
+        connection's first event as it does), so it is adopted rather than replaced.
+        """
+        sock.__class__ = cls
+        guarded = cast(GuardedSocket, sock)
+        guarded.limits = limits
+        guarded.requested = False
+        guarded._deadline = time.monotonic() + limits.association_request_timeout
+        guarded._header_next = True
+        guarded._ended = False
+        return guarded
+
+    @property
+    def ready(self) -> bool:
+        """No more reads once the connection has ended (pynetdicom would read EOF again)."""
+        return not self._ended and super().ready
+
+    @property
+    def peer(self) -> str:
+        return str(self.assoc.requestor.address)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._header_next:
+            return self._recv_header(nr_bytes)
+        body = self._read(nr_bytes)
+        self._header_next = True
+        if len(body) == nr_bytes:
+            self._deadline = time.monotonic() + self.limits.idle_timeout
+            if self.socket is not None:
+                self.socket.settimeout(self.limits.idle_timeout)  # bounds our sends too
+        return body
+
+    def close(self) -> None:
+        super().close()
+        self._end()
+
+    def _recv_header(self, nr_bytes: int) -> bytearray:
+        header = self._read(nr_bytes)
+        if len(header) != 6:
+            return header
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        limit = self.limits.max_pdu_size if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
+        if length > limit:
+            log.warning(
+                "association from %s aborted: a PDU of %d bytes exceeds the %d-byte maximum",
+                self.peer,
+                length,
+                limit,
+                extra={"peer_address": self.peer},
+            )
+            self._send_and_end(ABORT_INVALID_PDU)
+            return bytearray()
+        self.requested = self.requested or pdu_type == A_ASSOCIATE_RQ
+        self._header_next = False
+        return header
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        """Up to ``nr_bytes``, fewer when the deadline passes or the peer closes."""
+        data = bytearray()
+        raw = self.socket
+        while raw is not None and len(data) < nr_bytes:
+            remaining = self._deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                raw.settimeout(remaining)
+                chunk = raw.recv(min(nr_bytes - len(data), 1 << 16))
+            except TimeoutError:
+                log.warning(
+                    "connection from %s closed: no complete PDU within its %.1f s",
+                    self.peer,
+                    self.limits.idle_timeout
+                    if self.requested
+                    else self.limits.association_request_timeout,
+                    extra={"peer_address": self.peer},
+                )
+                self._send_and_end(ABORT_INVALID_PDU if self.requested else b"")
+                return data
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._end()
+                return data
+            data += chunk
+        return data
+
+    def _send_and_end(self, pdu: bytes) -> None:
+        if pdu and self.socket is not None:
+            try:
+                self.socket.settimeout(1.0)
+                self.socket.sendall(pdu)
+            except OSError:
+                pass
+        self._end()
+
+    def _end(self) -> None:
+        """Mark the connection over; before an A-ASSOCIATE-RQ, release its waiting thread.
+
+        pynetdicom's association thread waits for the request up to ``acse_timeout``
+        even after the connection is gone; an empty answer ends that wait at once.
+        """
+        if not self._ended and not self.requested:
+            self.assoc.dul.to_user_queue.put(None)
+        self._ended = True
+
+
+class GuardedHandler(RequestHandler):
+    """Run one accepted connection's association and hold its slot until it ends."""
+
+    server: GuardedServer
+
+    def handle(self) -> None:
+        try:
+            assoc = self._create_association()
+            GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), self.server.limits)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+            if assoc.dul.is_alive():
+                assoc.dul.join(READER_JOIN_SECONDS)
+            for hook in self.server.on_release:
+                hook(assoc)
+        finally:
+            self.server.release(str(self.client_address[0]))
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server that admits a connection only within the limits."""
+
+    block_on_close = False  # stop() decides how long associations may finish
+
+    def __init__(self, *args: Any, limits: ListenerLimits, **kwargs: Any) -> None:
+        self.limits = limits
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        #: Called with each association once it has ended (the receiver's file cleanup).
+        self.on_release: list[Callable[[Association], None]] = []
+        self.refused = RefusedConnections(limits.association_request_timeout)
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # accept loop only
+        kwargs["request_handler"] = GuardedHandler
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the connection, or answer A-ASSOCIATE-RJ; runs before any thread exists."""
+        address = _plain_address(str(client_address[0]))
+        if not self.limits.address_allowed(address):
+            reason, answer = "address not in allowed_addresses", REJECT_ADDRESS
+        else:
+            with self._lock:
+                total, here = sum(self._open.values()), self._open[address]
+                if total >= self.limits.max_associations:
+                    reason, answer = f"{total} associations open (max_associations)", REJECT_LIMIT
+                elif here >= self.limits.max_associations_per_address:
+                    reason = f"{here} associations open from it (max_associations_per_address)"
+                    answer = REJECT_LIMIT
+                else:
+                    self._open[address] += 1
+                    return True
+        self._log_refusal(address, reason)
+        if not isinstance(request, ssl.SSLSocket):  # no handshake here: TLS callers just close
+            self.refused.take(request, answer)
+        return False
+
+    def _log_refusal(self, address: str, reason: str) -> None:
+        """One line per address every ``REFUSAL_LOG_SECONDS``, counting those in between,
+        so that a caller connecting in a loop cannot flood the log."""
+        now = time.monotonic()
+        logged, unlogged = self._refusals_logged.get(address, (0.0, 0))
+        if logged and now - logged < REFUSAL_LOG_SECONDS:
+            self._refusals_logged[address] = (logged, unlogged + 1)
+            return
+        if len(self._refusals_logged) >= REFUSAL_LOG_ADDRESSES:
+            self._refusals_logged.clear()  # bounded, whatever the number of callers
+        self._refusals_logged[address] = (now, 0)
+        log.warning(
+            "connection from %s rejected: %s%s",
+            address,
+            reason,
+            f" ({unlogged} more rejected since the last line)" if unlogged else "",
+            extra={"peer_address": address},
+        )
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a finished or refused connection, unless it still waits for its answer."""
+        if request not in self.refused:
+            super().shutdown_request(request)
+
+    def release(self, address: str) -> None:
+        """The connection is over: free its slot."""
+        with self._lock:
+            self._open[_plain_address(address)] -= 1
+            self._open += Counter()  # drop addresses at zero
+
+
+def _plain_address(address: str) -> str:
+    """``::ffff:10.0.0.1`` and ``10.0.0.1`` are one caller."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class RefusedConnections:
+    """Refused connections, answered by one thread for all of them, never one each.
+
+    A DICOM caller expects the A-ASSOCIATE-RJ after its A-ASSOCIATE-RQ (pynetdicom
+    drops an answer that comes first), so the request is read and discarded, then the
+    answer sent; the connection closes when the caller does, or ``linger`` seconds after
+    it was accepted, or at once when it sends something else or too much.
+    """
+
+    def __init__(self, linger: float) -> None:
+        self.linger = linger
+        self._selector = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, _Refusal] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __contains__(self, request: object) -> bool:
+        with self._lock:
+            return request in self._waiting
+
+    def take(self, request: socket.socket, pdu: bytes) -> bool:
+        """Own ``request`` until it is answered with ``pdu``; False when too many wait."""
+        with self._lock:
+            if len(self._waiting) >= REFUSED_WAITING_MAX:
+                return False
+            request.setblocking(False)
+            self._waiting[request] = _Refusal(pdu, time.monotonic() + self.linger)
+            self._selector.register(request, selectors.EVENT_READ)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="refused", daemon=True)
+                self._thread.start()
+        return True
+
+    def _serve(self) -> None:
+        while True:
+            for key, _ in self._selector.select(0.1):
+                self._read(cast(socket.socket, key.fileobj))
+            now = time.monotonic()
+            with self._lock:
+                expired = [sock for sock, refusal in self._waiting.items() if refusal.until < now]
+            for sock in expired:
+                self._close(sock)
+
+    def _read(self, sock: socket.socket) -> None:
+        refusal = self._waiting[sock]
+        try:
+            data = sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            self._close(sock)
+            return
+        if refusal.answered:
+            return
+        refusal.header += data[: 6 - len(refusal.header)]
+        refusal.received += len(data)
+        if len(refusal.header) < 6:
+            return
+        pdu_type, _, length = struct.unpack(">BBL", refusal.header)
+        if pdu_type != A_ASSOCIATE_RQ or length > CONTROL_PDU_LIMIT:
+            self._close(sock)
+        elif refusal.received >= 6 + length:
+            refusal.answered = True
+            try:
+                sock.send(refusal.pdu)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(sock, None)
+            self._selector.unregister(sock)
+        sock.close()
+
+
+@dataclass
+class _Refusal:
+    """What a refused connection has sent so far and what it will be answered."""
+
+    pdu: bytes
+    until: float
+    header: bytes = b""
+    received: int = 0
+    answered: bool = False
