@@ -80,6 +80,8 @@ class HostileCallers:
         while not self.stop.is_set():
             try:
                 with socket.socket() as sock:
+                    # Without it, this port's TIME_WAIT would keep later listeners off it.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind((source, 0))
                     sock.settimeout(0.2)
                     sock.connect(("127.0.0.1", self.port))
@@ -88,7 +90,7 @@ class HostileCallers:
                 answer = "reset"  # sent into a connection the node had closed
             with self._lock:
                 self.answers[(source, answer)] += 1
-            self.stop.wait(0.05)
+            self.stop.wait(0.1)
 
     def _hold(self, sock: socket.socket, behaviour: str) -> str:
         """Behave until the node closes the connection; what it answered first."""
