@@ -210,7 +210,7 @@ class GuardedSocket(AssociationSocket):
         even after the connection is gone; an empty answer ends that wait at once.
         """
         if not self._ended and not self.requested:
-            self.assoc.dul.to_user_queue.put(None)
+            self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
         self._ended = True
 
 
