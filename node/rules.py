@@ -137,7 +137,7 @@ def _mismatch(
     if rule.convolution_kernel is not None and not re.search(
         rule.convolution_kernel, series.convolution_kernel or ""
     ):
-        return f"ConvolutionKernel {series.convolution_kernel!r} does not match {key}"
+        return f"ConvolutionKernel does not match {key}.convolution_kernel"
     thickness = series.slice_thickness
     if rule.slice_thickness_min is not None or rule.slice_thickness_max is not None:
         if thickness is None:

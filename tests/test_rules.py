@@ -154,3 +154,14 @@ def test_rule_min_slices_overrides_the_global_minimum() -> None:
 
 def test_empty_series_is_skipped() -> None:
     assert select_series(settings(), [], "S").skip_reason == "the series has no instances"
+
+
+def test_a_free_text_header_value_never_reaches_the_skip_reason() -> None:
+    """ConvolutionKernel is free text (SH): a name put there must not reach the job or log."""
+    rules = [Rule(name="soft", convolution_kernel="^B30")]
+    decision = select_series(
+        settings(rules=rules), headers(ConvolutionKernel="DOE^JANE"), "SCANNER"
+    )
+    assert decision.skip_reason == (
+        "no rule matches: rule 'soft': ConvolutionKernel does not match rules.0.convolution_kernel"
+    )
