@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
-from models.train import PatchSampler, gaussian_blur, gaussian_kernel  # noqa: E402
+from models.sampler import PatchSampler, gaussian_blur, gaussian_kernel  # noqa: E402
 
 FLAT_HU = 40.0
 
