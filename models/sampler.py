@@ -96,6 +96,9 @@ class PatchSampler:
                 for n, s in zip(counts, data, strict=True)
             ]
         ).to(self.device)
+        self.first = torch.cat(
+            [torch.full((n,), int(o)) for n, o in zip(counts, self.offsets.tolist(), strict=True)]
+        )
         self.last = torch.cat(
             [
                 torch.full((n,), int(o + n - 1))
@@ -235,8 +238,12 @@ class PatchSampler:
         (a thick-slice reconstruction), and the pixels inside the field of view in all."""
         total = torch.zeros(len(index), self.size, self.size, device=self.device)
         inside = torch.ones_like(total, dtype=torch.bool)
+        # the slab starts early enough to end inside the series
+        start = torch.maximum(
+            torch.minimum(index, self.last[index] - thickness + 1), self.first[index]
+        )
         for j in range(self.slab_max):
-            layer = torch.minimum(index + j, self.last[index])
+            layer = torch.minimum(start + j, self.last[index])
             used = (j < thickness).to(self.device)[:, None, None]
             crop = self._crop(self.full, (layer,), ys, xs)
             total = total + torch.where(used, crop, torch.zeros_like(crop))

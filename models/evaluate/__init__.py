@@ -52,7 +52,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 from skimage.restoration import estimate_sigma
 
-from models import metrics
+from models import SHIPPED_MODEL, metrics
 from models.data import (
     HELDOUT_SERIES,
     SHARED_CT,
@@ -78,7 +77,7 @@ from models.data import (
 from models.simulate import SIM_VERSION, series_calibration
 from node.pixels import blend, model_input
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "ct_denoise.onnx"
+DEFAULT_MODEL = SHIPPED_MODEL
 #: Gaussian baseline: std in mm, chosen by ``--tune-gaussian`` (best windowed PSNR on the
 #: training series at 25 % dose, 3 slices each) and then fixed for every evaluation.
 GAUSSIAN_SIGMA_MM = 0.6
@@ -1132,6 +1131,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tune-gaussian", action="store_true", help="choose the Gaussian sigma")
     parser.add_argument("--figures", type=Path, help="write the model card's PNGs there")
+    parser.add_argument(
+        "--texture-grid",
+        action="store_true",
+        help="only the texture grid (models.evaluate.texture) on --slices held-out slices",
+    )
+    parser.add_argument(
+        "--real-noise",
+        action="store_true",
+        help="only the no-reference check on the held-out real low-dose series",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -1146,6 +1155,12 @@ def main(argv: list[str] | None = None) -> int:
     model = None if args.no_model else OnnxDenoiser(args.model)
     if args.figures:
         save_figures(args.figures, model, log)
+        return 0
+    if args.texture_grid or args.real_noise:
+        if model is None:
+            parser.error("--texture-grid and --real-noise need the model")
+        out = args.out or cache_dir() / "evaluation-grain"
+        grain_checks(model, args.slices, args.texture_grid, args.real_noise, out, log)
         return 0
     if (args.low is None) != (args.full is None):
         parser.error("--low and --full go together")
@@ -1215,5 +1230,29 @@ def _time_512(model: OnnxDenoiser, repeats: int = 5) -> float:
     return float(np.median(model.seconds))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def grain_checks(
+    model: OnnxDenoiser, slices: int, grid: bool, real: bool, out: Path, log: Log
+) -> None:
+    """The texture grid and / or the real-noise check for ``model``; markdown and JSON in out."""
+    from models.data import REAL_LOWDOSE_HELDOUT
+    from models.evaluate import real_noise, texture
+
+    out.mkdir(parents=True, exist_ok=True)
+    if grid:
+        cells = texture.texture_grid(model, model.name, slices, log, HELDOUT_SERIES)
+        report = texture.grid_markdown(cells, model.name)
+        (out / "texture_grid.md").write_text(report + "\n")
+        (out / "texture_grid.json").write_text(
+            json.dumps({f"{k[0]} x{k[1]:g} {k[2]:.0%}": v for k, v in cells.items()}, indent=1)
+        )
+        print(report)
+    if real:
+        sections = []
+        for name, method in ((model.name, model), (texture.GAUSSIAN, texture.gaussian_px)):
+            found = real_noise.real_noise_check(method, REAL_LOWDOSE_HELDOUT, log)
+            sections.append(real_noise.real_noise_markdown(found, name))
+            (out / f"real_noise_{len(sections)}.json").write_text(json.dumps(found, indent=1))
+        report = "\n\n".join(sections)
+        (out / "real_noise.md").write_text(report + "\n")
+        print(report)
+    log(f"results in {out}")
