@@ -31,7 +31,10 @@ from models.data import SHARED_LOWDOSE, load_series
 FLAT_BLOCK_PX, MIN_BLOCKS = 12, 4
 SOFT_TISSUE_HU = (-150.0, 250.0)
 EDGE_QUANTILE = 0.9
-SMOOTH_PX = 2.0
+SMOOTH_PX = 3.0
+#: Smoothed gradient (HU per px) below which soft tissue counts as flat: noise of 50 HU
+#: smoothed by SMOOTH_PX stays well below it, a fat / muscle border (150 HU) well above.
+FLAT_GRADIENT_HU_PX = 5.0
 
 Denoiser = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -41,8 +44,8 @@ def regions(hu: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     smooth = ndi.gaussian_filter(hu.astype(np.float64), SMOOTH_PX)
     gradient = np.hypot(*np.gradient(smooth))
     lo, hi = SOFT_TISSUE_HU
-    tissue = ndi.binary_erosion((smooth > lo) & (smooth < hi) & ~keep, iterations=3)
-    flat = tissue & (gradient <= np.median(gradient[tissue])) if tissue.any() else tissue
+    tissue = (smooth > lo) & (smooth < hi) & ~keep & (gradient < FLAT_GRADIENT_HU_PX)
+    flat = ndi.binary_erosion(tissue, iterations=3)
     body = metrics.body_mask(hu, keep)
     edges = body & (gradient >= np.quantile(gradient[body], EDGE_QUANTILE)) if body.any() else body
     return flat, edges
