@@ -68,8 +68,11 @@ from skimage.restoration import estimate_sigma
 from models import SHIPPED_MODEL, metrics
 from models.data import (
     HELDOUT_SERIES,
+    REAL_LOWDOSE_HELDOUT,
+    REAL_LOWDOSE_VALIDATION,
     SHARED_CT,
     TRAIN_SERIES,
+    VALIDATION_SERIES,
     CTSeries,
     cache_dir,
     load_series,
@@ -1154,6 +1157,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the no-reference check on the held-out real low-dose series",
     )
+    parser.add_argument(
+        "--split",
+        choices=("held-out", "validation"),
+        default="held-out",
+        help="series of --texture-grid / --real-noise: held out (reporting) or validation "
+        "(choosing between candidates)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -1173,7 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             parser.error("--texture-grid and --real-noise need the model")
         out = args.out or cache_dir() / "evaluation-grain"
-        grain_checks(model, args.slices, args.texture_grid, args.real_noise, out, log)
+        series = GRAIN_SPLITS[args.split]
+        checks = (args.texture_grid, args.real_noise)
+        grain_checks(model, args.slices, series, checks, out, log)
         return 0
     if (args.low is None) != (args.full is None):
         parser.error("--low and --full go together")
@@ -1243,16 +1255,29 @@ def _time_512(model: OnnxDenoiser, repeats: int = 5) -> float:
     return float(np.median(model.seconds))
 
 
+#: The series of the grain checks per split: (full-dose series, real low-dose series).
+GRAIN_SPLITS = {
+    "held-out": (HELDOUT_SERIES, REAL_LOWDOSE_HELDOUT),
+    "validation": (VALIDATION_SERIES, REAL_LOWDOSE_VALIDATION),
+}
+
+
 def grain_checks(
-    model: OnnxDenoiser, slices: int, grid: bool, real: bool, out: Path, log: Log
+    model: OnnxDenoiser,
+    slices: int,
+    series: tuple[tuple[str, ...], tuple[str, ...]],
+    checks: tuple[bool, bool],
+    out: Path,
+    log: Log,
 ) -> None:
-    """The texture grid and / or the real-noise check for ``model``; markdown and JSON in out."""
-    from models.data import REAL_LOWDOSE_HELDOUT
+    """The texture grid and / or the real-noise check (``checks``) for ``model`` on the given
+    full-dose and real low-dose series; markdown and JSON in ``out``."""
     from models.evaluate import real_noise, texture
 
+    grid, real = checks
     out.mkdir(parents=True, exist_ok=True)
     if grid:
-        cells = texture.texture_grid(model, model.name, slices, log, HELDOUT_SERIES)
+        cells = texture.texture_grid(model, model.name, slices, log, series[0])
         report = texture.grid_markdown(cells, model.name)
         (out / "texture_grid.md").write_text(report + "\n")
         (out / "texture_grid.json").write_text(
@@ -1262,7 +1287,7 @@ def grain_checks(
     if real:
         sections = []
         for name, method in ((model.name, model), (texture.GAUSSIAN, texture.gaussian_px)):
-            found = real_noise.real_noise_check(method, REAL_LOWDOSE_HELDOUT, log)
+            found = real_noise.real_noise_check(method, series[1], log)
             sections.append(real_noise.real_noise_markdown(found, name))
             (out / f"real_noise_{len(sections)}.json").write_text(json.dumps(found, indent=1))
         report = "\n\n".join(sections)
