@@ -1158,6 +1158,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only the no-reference check on the held-out real low-dose series",
     )
     parser.add_argument(
+        "--lesions",
+        action="store_true",
+        help="only the small-lesion contrast check on --slices held-out slices per series",
+    )
+    parser.add_argument(
         "--split",
         choices=("held-out", "validation"),
         default="held-out",
@@ -1179,12 +1184,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures:
         save_figures(args.figures, model, log)
         return 0
-    if args.texture_grid or args.real_noise:
+    if args.texture_grid or args.real_noise or args.lesions:
         if model is None:
-            parser.error("--texture-grid and --real-noise need the model")
+            parser.error("--texture-grid, --real-noise and --lesions need the model")
         out = args.out or cache_dir() / "evaluation-grain"
         series = GRAIN_SPLITS[args.split]
-        checks = (args.texture_grid, args.real_noise)
+        checks = (args.texture_grid, args.real_noise, args.lesions)
         grain_checks(model, args.slices, series, checks, out, log)
         return 0
     if (args.low is None) != (args.full is None):
@@ -1266,15 +1271,15 @@ def grain_checks(
     model: OnnxDenoiser,
     slices: int,
     series: tuple[tuple[str, ...], tuple[str, ...]],
-    checks: tuple[bool, bool],
+    checks: tuple[bool, bool, bool],
     out: Path,
     log: Log,
 ) -> None:
-    """The texture grid and / or the real-noise check (``checks``) for ``model`` on the given
-    full-dose and real low-dose series; markdown and JSON in ``out``."""
-    from models.evaluate import real_noise, texture
+    """The texture grid, the real-noise check and / or the lesion check (``checks``) for
+    ``model`` on the given full-dose and real low-dose series; markdown and JSON in ``out``."""
+    from models.evaluate import lesions, real_noise, texture
 
-    grid, real = checks
+    grid, real, lesion = checks
     out.mkdir(parents=True, exist_ok=True)
     if grid:
         cells = texture.texture_grid(model, model.name, slices, log, series[0])
@@ -1292,5 +1297,12 @@ def grain_checks(
             (out / f"real_noise_{len(sections)}.json").write_text(json.dumps(found, indent=1))
         report = "\n\n".join(sections)
         (out / "real_noise.md").write_text(report + "\n")
+        print(report)
+    if lesion:
+        methods = {model.name: model, texture.GAUSSIAN: texture.gaussian_px}
+        found = lesions.lesion_check(methods, slices, series[0], log)
+        report = lesions.lesion_markdown(found)
+        (out / "lesions.md").write_text(report + "\n")
+        (out / "lesions.json").write_text(json.dumps(found, indent=1))
         print(report)
     log(f"results in {out}")

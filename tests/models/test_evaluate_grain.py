@@ -123,3 +123,20 @@ def test_a_slice_without_flat_tissue_is_not_measurable_and_counted() -> None:
     }
     s = summary(found)
     assert (s["slices"], s["excluded"], s["slices_below_30_percent"]) == (1, 3, 0)
+
+
+def test_lesions_sit_in_flat_tissue_apart_and_a_blur_loses_a_small_ones_contrast() -> None:
+    from models.evaluate.lesions import contrast_kept, lesion_centres
+
+    rng = np.random.default_rng(3)
+    hu, keep = _limb(rng, noise=5.0)
+    centres = lesion_centres(hu, keep, 3.0, 4, np.random.default_rng(0))
+    assert len(centres) >= 2
+    for i, (y, x) in enumerate(centres):
+        assert abs(hu[y, x] - 50.0) < 30.0
+        for y2, x2 in centres[i + 1 :]:
+            assert np.hypot(y - y2, x - x2) >= 18.0
+    identity = contrast_kept(hu, keep, lambda h, k: h, centres, 3.0, 10.0)
+    assert identity == pytest.approx([100.0] * len(centres), abs=0.1)
+    blurred = contrast_kept(hu, keep, lambda h, k: ndi.gaussian_filter(h, 2.0), centres, 3.0, 10.0)
+    assert max(blurred) < 90.0
