@@ -2,6 +2,6 @@
 
 import sys
 
-from models.evaluate import main
+from models.evaluate.cli import main
 
 sys.exit(main())

@@ -26,7 +26,9 @@ from scipy import ndimage as ndi
 
 from models import metrics
 from models.data import SHARED_CT, load_series
-from models.evaluate import EVAL_SEED, Log, body_slices, pick_slices, simulate_slices
+from models.evaluate.cases import simulate_slices
+from models.evaluate.common import EVAL_SEED, Log
+from models.evaluate.regions import body_slices, pick_slices
 from models.evaluate.texture import flat_tissue
 
 LESION_DIAMETERS_MM = (3.0, 5.0, 10.0)

@@ -34,15 +34,9 @@ from skimage.transform import rescale
 
 from models import metrics
 from models.data import SHARED_CT, CTSeries, load_series
-from models.evaluate import (
-    EVAL_SEED,
-    INPUT_VERSION,
-    Log,
-    _cached,
-    bm3d_denoise,
-    body_slices,
-    pick_slices,
-)
+from models.evaluate.common import EVAL_SEED, INPUT_VERSION, Log, _cached
+from models.evaluate.methods import bm3d_denoise
+from models.evaluate.regions import body_slices, pick_slices
 from models.simulate import series_calibration, simulate_low_dose
 from node.pixels import model_input
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from models.evaluate import IDEAL, REFERENCE, check_targets, markdown
+from models.evaluate.methods import IDEAL, REFERENCE
+from models.evaluate.report import check_targets, markdown
 
 
 def _figures(
