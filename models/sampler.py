@@ -45,7 +45,9 @@ class PatchSampler:
 
     The series are stacked once on the training device and each batch is one gather there,
     so a GPU never waits for the CPU.  The random numbers come from a seeded CPU generator:
-    a seed draws the same patches on every machine.
+    a seed draws the same patches on every machine.  ``profiles`` are the measured radial
+    NPS (models.grain.phantom_profiles) that grain patches may take their texture from; each
+    series may carry its full-dose noise std as ``native_hu`` (else ``native_noise_hu``).
     """
 
     def __init__(
