@@ -15,7 +15,7 @@ import pydicom
 
 from node.pixels import PixelCodec
 
-#: The five real series (read-only); override with ``DENOISE_NODE_SHARED_DATA=/path/to/ct``.
+#: The full-dose real series (read-only); override with ``DENOISE_NODE_SHARED_DATA=/path/to/ct``.
 SHARED_CT: Path = Path(
     os.environ.get(
         "DENOISE_NODE_SHARED_DATA",
@@ -23,13 +23,49 @@ SHARED_CT: Path = Path(
     )
 )
 
-#: Split by series (patient), never by slice: the model never sees the held-out series.
+#: The real low-dose series (no full-dose reference), one folder per series.
+SHARED_LOWDOSE: Path = SHARED_CT.parent / "ct-real-lowdose"
+
+#: Split by series (patient), never by slice: the model never sees the held-out series, and
+#: checkpoints and settings are chosen on the validation series only.
+#: Training: anatomy (projection-domain simulation and synthesised grain on full dose) ...
 TRAIN_SERIES = (
     "chest-siemens-sensation64",
     "abdomen-toshiba-aquilion",
     "neck-philips-brilliance16",
 )
+#: ... and the noise texture (NPS) of real water phantoms (models.grain.WATER_PHANTOMS).
+TRAIN_NOISE_SERIES = (
+    "phantom-siemens-edge-water-head-Hf38s",
+    "phantom-siemens-edge-water-body-Br38f",
+    "phantom-ge-revolution-atcm",
+)
+#: Validation (choosing checkpoints and settings): two Catphan modules at 0.49 and 0.29 mm
+#: pixels, with synthesised grain; and five real low-dose series (no-reference checks).
+VALIDATION_SERIES = (
+    "phantom-siemens-edge-catphan486-H31s",
+    "phantom-siemens-biograph128-catphan404-H31s",
+)
+REAL_LOWDOSE_VALIDATION = ("STS_001", "STS_003", "STS_005", "STS_008", "STS_011")
+#: Held out: reported only, never used to choose anything.
 HELDOUT_SERIES = ("head-toshiba-aquilion", "head-phantom-philips-ingenuity")
+REAL_LOWDOSE_HELDOUT = (
+    "STS_014",
+    "STS_016",
+    "STS_019",
+    "STS_023",
+    "STS_025",
+    "STS_028",
+    "STS_030",
+    "STS_032",
+    "STS_034",
+    "STS_036",
+    "STS_039",
+    "STS_041",
+    "STS_043",
+    "STS_047",
+    "STS_050",
+)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from models import SHIPPED_MODEL
+from models.grain import WATER_PHANTOMS
 from models.network import DenoiseUNet, build
 
 OPSET = 17
@@ -74,7 +76,15 @@ def metadata_from_checkpoint(state: dict, version: str | None = None) -> dict[st
             "full-dose CT series "
             + ", ".join(cfg["train_series"])
             + " (TCIA CPTAC-PDA, TCGA-OV, TCGA-THCA; CC BY); low-dose inputs simulated in the "
-            "projection domain (models.simulate " + str(state.get("sim_version", "")) + ")"
+            "projection domain (models.simulate "
+            + str(state.get("sim_version", ""))
+            + ")"
+            + (
+                "; noise of random texture synthesised in the image domain (models.grain), "
+                "with noise power spectra measured on " + ", ".join(WATER_PHANTOMS)
+                if cfg.get("grain_prob")
+                else ""
+            )
         ),
         "description": (
             "Residual U-Net (pixel-unshuffle x2, widths "
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: checkpoint in, ONNX out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("node/model/ct_denoise.onnx"))
+    parser.add_argument("--out", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--version", default=None, help="release version (default: config's)")
     args = parser.parse_args(argv)
     model, state = load_checkpoint(args.checkpoint)

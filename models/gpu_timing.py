@@ -23,6 +23,7 @@ import onnxruntime as ort
 import torch
 
 from devtools.phantom import OUTSIDE_FOV, phantom_hu
+from models import SHIPPED_MODEL
 from models.network import DenoiseUNet
 from models.train import load_initial_weights
 
@@ -95,7 +96,7 @@ def measure(model_path: Path, device: str, size: int) -> list[tuple[str, int, fl
 def main(argv: list[str] | None = None) -> int:
     """Print the machine and a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("node/model/ct_denoise.onnx"))
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args(argv)

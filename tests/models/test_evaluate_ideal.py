@@ -7,7 +7,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from models import metrics
-from models.evaluate import Case, ideal_output
+from models.evaluate.cases import Case
+from models.evaluate.scoring import ideal_output
 
 SHAPE = (3, 160, 160)
 WINDOW = (400.0, 50.0)

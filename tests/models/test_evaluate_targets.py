@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from models.evaluate import IDEAL, REFERENCE, check_targets, markdown
+from models.evaluate.methods import IDEAL, REFERENCE
+from models.evaluate.report import check_targets, markdown
 
 
 def _figures(
@@ -56,7 +57,21 @@ def test_the_reference_gets_its_own_verdict_per_target() -> None:
         "PASS (inf vs 28.00 dB)",
         "MISS (28.60 vs 28.00 dB)",
     )
-    assert lines["SSIM >= BM3D + 0.01"][2] == "PASS (0.950 vs 0.900)"
+    # SSIM: BM3D (0.9) plus half its gap to the ideal (0.95)
+    target = "SSIM >= BM3D + half the gap to the ideal"
+    assert lines[target][0] == "MISS"
+    assert lines[target][2] == "PASS (0.9500 vs 0.9250; BM3D 0.9000, ideal 0.9500)"
+
+
+def test_the_ssim_target_is_compared_to_four_decimals() -> None:
+    results = _results()
+    rows = results["series"]["head"]["25%"]
+    rows["model s=1"]["ssim"] = 0.92496  # 0.9250 to four decimals
+    verdicts = {t.split(" (")[0]: v for _, t, v, _, _ in check_targets(results)}
+    assert verdicts["SSIM >= BM3D + half the gap to the ideal"] == "PASS"
+    rows["model s=1"]["ssim"] = 0.92494
+    verdicts = {t.split(" (")[0]: v for _, t, v, _, _ in check_targets(results)}
+    assert verdicts["SSIM >= BM3D + half the gap to the ideal"] == "MISS"
 
 
 def test_the_report_shows_the_reference_column() -> None:

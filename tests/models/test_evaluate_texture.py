@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.evaluate import GRAIN_ZOOMS, ROI_PX, Case, RepeatedScans, crop, grain_sizes
+from models.evaluate.cases import Case
+from models.evaluate.common import ROI_PX
+from models.evaluate.regions import crop
+from models.evaluate.scoring import GRAIN_ZOOMS, RepeatedScans, grain_sizes
 
 PIXEL_MM = 0.5
 

@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
-from models.train import PatchSampler, gaussian_blur, gaussian_kernel  # noqa: E402
+from models.sampler import PatchSampler, gaussian_blur, gaussian_kernel  # noqa: E402
 
 FLAT_HU = 40.0
 
@@ -86,8 +86,13 @@ def test_scaled_patches_shrink_the_detail_and_keep_the_outside_filled() -> None:
     assert torch.allclose((scaled[0] - scaled[1])[body], 0.2 * noise, atol=1e-3)
 
 
-@pytest.mark.parametrize(("insert_prob", "zoom_prob"), [(0.0, 0.0), (0.5, 0.0), (0.5, 0.5)])
-def test_a_seed_draws_the_same_batches(insert_prob: float, zoom_prob: float) -> None:
+@pytest.mark.parametrize(
+    ("insert_prob", "zoom_prob", "grain_prob"),
+    [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5)],
+)
+def test_a_seed_draws_the_same_batches(
+    insert_prob: float, zoom_prob: float, grain_prob: float
+) -> None:
     data = [_series(np.random.default_rng(0))]
     config = _config(
         scale_prob=0.5,
@@ -96,8 +101,11 @@ def test_a_seed_draws_the_same_batches(insert_prob: float, zoom_prob: float) -> 
         insert_prob=insert_prob,
         zoom_prob=zoom_prob,
         zoom_range=[0.8, 1.5],
+        grain_prob=grain_prob,
+        slab_prob=0.5,
     )
-    first, second = PatchSampler(data, config, seed=7), PatchSampler(data, config, seed=7)
+    profiles = [np.linspace(1.0, 0.1, 32)]
+    first, second = (PatchSampler(data, config, seed=7, profiles=profiles) for _ in range(2))
     for _ in range(3):
         for a, b in zip(first.draw(), second.draw(), strict=True):
             assert torch.equal(a, b)
