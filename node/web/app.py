@@ -138,8 +138,8 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.include_router(pages.router)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        """The process answers: for liveness probes."""
+    async def healthz() -> dict[str, str]:
+        """The process answers: for liveness probes (on the event loop, past busy threads)."""
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)

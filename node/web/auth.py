@@ -19,6 +19,7 @@ import os
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException, Request
 
 from node.config import Settings, WebUser
+from node.web.throttle import LoginThrottle, ThrottlePolicy, TooManyAttempts
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +159,53 @@ class Sessions:
             self._items.pop(token, None)
 
 
+def throttle_policy(settings: Settings) -> ThrottlePolicy:
+    """The ``web_login_*`` settings as the throttle's policy."""
+    return ThrottlePolicy(
+        delay_seconds=settings.web_login_delay_seconds,
+        max_delay_seconds=settings.web_login_max_delay_seconds,
+        lock_after=settings.web_login_lock_after,
+        lock_seconds=settings.web_login_lock_seconds,
+        address_lock_after=settings.web_login_address_lock_after,
+        max_hashes=settings.web_login_max_hashes,
+        hash_wait_seconds=settings.web_login_hash_wait_seconds,
+    )
+
+
 class Accounts:
-    """The configured ``web_users``, checked in constant time per attempt."""
+    """The configured ``web_users``, checked in constant time per attempt, throttled.
 
-    def __init__(self, users: list[WebUser]) -> None:
+    ``authenticate`` raises TooManyAttempts when the attempt is refused unchecked.
+    """
+
+    def __init__(self, users: list[WebUser], throttle: LoginThrottle) -> None:
         self._users = {user.name: user for user in users}
+        self.throttle = throttle
+        # Hashes run on these few threads only: scrypt's 16 MiB stay in their arenas
+        # instead of in one malloc arena per request thread.
+        self._hasher = ThreadPoolExecutor(throttle.policy.max_hashes, "password-hash")
 
-    def authenticate(self, name: str, password: str) -> Principal | None:
-        user = self._users.get(name)
-        ok = verify_password(password, user.password_hash if user else _dummy_hash())
+    def authenticate(self, name: str, password: str, address: str) -> Principal | None:
+        user_name = name[:64]
+        audit = {"audit": True, "user": user_name, "address": address}
+        try:
+            self.throttle.check(address, user_name)
+            with self.throttle.hashing():
+                self.throttle.check(address, user_name)  # failures while this one waited
+                user = self._users.get(name)
+                encoded = user.password_hash if user else _dummy_hash()
+                ok = self._hasher.submit(verify_password, password, encoded).result()
+        except TooManyAttempts as refused:
+            log.warning("web login refused unchecked: %s", refused, extra=audit)
+            raise
         if user is None or not ok:
-            log.warning("failed web login for %r", name[:64], extra={"audit": True})
+            self.throttle.failed(address, user_name)
+            log.warning("failed web login for %r from %s", user_name, address, extra=audit)
             return None
+        self.throttle.succeeded(address, user_name)
         return Principal(user.name, user.role, "session")
 
-    def basic(self, header: str) -> Principal | None:
+    def basic(self, header: str, address: str) -> Principal | None:
         """``Authorization: Basic ...`` for scripts; None when absent or wrong."""
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":
@@ -180,8 +214,13 @@ class Accounts:
             name, _, password = base64.b64decode(value, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        principal = self.authenticate(name, password)
+        principal = self.authenticate(name, password, address)
         return Principal(principal.name, principal.role, "basic") if principal else None
+
+
+def client_address(request: Request) -> str:
+    """The peer's address as the socket saw it (no forwarded headers are trusted)."""
+    return request.client.host if request.client else "unknown"
 
 
 def same_origin(request: Request) -> bool:

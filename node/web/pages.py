@@ -6,6 +6,7 @@ every few seconds, so the pages stay current without a front-end build.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
@@ -13,9 +14,10 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from node import overview
 from node.jobs import FINAL_STATES, JobState
-from node.web.auth import SESSION_COOKIE, Principal, check_post
+from node.web.auth import SESSION_COOKIE, Principal, check_post, client_address
 from node.web.preview import WINDOWS, PreviewUnavailable, preview_png
 from node.web.state import JobId, LoginRequired, WebState, ensure_session, web_state
+from node.web.throttle import TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
 StateFilter = Annotated[JobState | None, Query()]
@@ -180,7 +182,12 @@ def login(
 ) -> Response:
     web, session = web_state(request), ensure_session(request)
     check_post(request, session, csrf_token)
-    principal = web.accounts.authenticate(username, password)
+    try:
+        principal = web.accounts.authenticate(username, password, client_address(request))
+    except TooManyAttempts as refused:
+        wait = max(1, math.ceil(refused.retry_after))
+        session.flash.append(("error", f"too many failed logins: try again in {wait} s"))
+        return RedirectResponse(request.url_for("login_page"), status_code=303)
     if principal is None:
         session.flash.append(("error", "unknown user or wrong password"))
         return RedirectResponse(request.url_for("login_page"), status_code=303)

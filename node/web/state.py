@@ -7,19 +7,29 @@ top level and no router imports the application.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
+from fastapi import HTTPException, Request
 from fastapi import Path as PathParameter
-from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from node import overview
 from node.context import NodeContext
 from node.overview import DestinationCheck
-from node.web.auth import Accounts, Principal, Sessions, WebSession, login_required
+from node.web.auth import (
+    Accounts,
+    Principal,
+    Sessions,
+    WebSession,
+    client_address,
+    login_required,
+    throttle_policy,
+)
+from node.web.throttle import LoginThrottle, TooManyAttempts
 
 HERE = Path(__file__).resolve().parent
 LOCAL_ADMIN = Principal("local", "admin", "local")
@@ -39,7 +49,9 @@ class WebState:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.login_required = login_required(ctx.settings)
-        self.accounts = Accounts(ctx.settings.web_users)
+        self.accounts = Accounts(
+            ctx.settings.web_users, LoginThrottle(throttle_policy(ctx.settings))
+        )
         self.sessions = Sessions()
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self._echo: tuple[float, list[DestinationCheck]] | None = None
@@ -60,7 +72,18 @@ class WebState:
         if session is not None and session.principal is not None:
             return session.principal
         header = request.headers.get("authorization")
-        return self.accounts.basic(header) if header else None
+        if not header:
+            return None
+        try:
+            return self.accounts.basic(header, client_address(request))
+        except TooManyAttempts as refused:
+            raise too_many(refused) from refused
+
+
+def too_many(refused: TooManyAttempts) -> HTTPException:
+    """429 with the seconds to wait: scripts back off, browsers show it."""
+    wait = max(1, math.ceil(refused.retry_after))
+    return HTTPException(429, str(refused), headers={"Retry-After": str(wait)})
 
 
 def web_state(request: Request) -> WebState:

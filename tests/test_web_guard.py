@@ -1,0 +1,164 @@
+"""The dashboard against guessing and floods, over real HTTP to a running node (both databases).
+
+Figures (lock timing, /healthz latency, memory growth) are printed, not asserted tightly:
+the machine is shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from devtools.node_process import NodeProcess
+from devtools.tools import free_port
+from node.web.auth import hash_password
+
+ADMIN, PASSWORD = "alice", "alice-secret"
+OTHER_ADDRESS = "127.0.0.2"
+
+
+def add_user(config: Path, name: str, password: str, role: str = "admin") -> None:
+    """Append a ``[[web_users]]`` table (devtools' writer knows flat keys only)."""
+    with config.open("a", encoding="utf-8") as file:
+        file.write(
+            f'\n[[web_users]]\nname = "{name}"\nrole = "{role}"\n'
+            f'password_hash = "{hash_password(password)}"\n'
+        )
+
+
+def request(
+    port: int,
+    path: str,
+    *,
+    user: tuple[str, str] | None = None,
+    source: str = "127.0.0.1",
+    method: str = "GET",
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> http.client.HTTPResponse:
+    """One request from ``source`` (any 127.0.0.0/8 address is this machine)."""
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=30, source_address=(source, 0)
+    )
+    sent = dict(headers or {})
+    if user is not None:
+        sent["Authorization"] = "Basic " + base64.b64encode(":".join(user).encode()).decode()
+    connection.request(method, path, body=body, headers=sent)
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return answer
+
+
+def start_web(node_factory: Callable[..., NodeProcess], **settings: object) -> NodeProcess:
+    port = free_port()
+    node = node_factory(roles="web", web_host="0.0.0.0", web_port=port, **settings)
+    add_user(node.config, ADMIN, PASSWORD)
+    node.start()
+    node.wait_for(lambda: _healthy(port), 30, "the dashboard")
+    node.web_port = port  # type: ignore[attr-defined]
+    return node
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return request(port, "/healthz").status == 200
+    except OSError:
+        return False
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_wrong_passwords_lock_the_pair_not_the_account(node_factory) -> None:
+    lock_seconds = 2.0
+    node = start_web(
+        node_factory,
+        web_login_delay_seconds=0.001,
+        web_login_max_delay_seconds=0.002,
+        web_login_lock_after=10,
+        web_login_lock_seconds=lock_seconds,
+        web_login_address_lock_after=1000,
+    )
+    port = node.web_port  # type: ignore[attr-defined]
+    statuses, sent_at = [], []
+    for _ in range(200):
+        sent_at.append(time.monotonic())
+        statuses.append(request(port, "/api/v1/jobs", user=(ADMIN, "wrong")).status)
+    assert set(statuses) <= {401, 429} and statuses.count(429) >= 150, statuses
+    tenth_failure = [i for i, status in enumerate(statuses) if status == 401][9]
+    locked_at = sent_at[tenth_failure]  # the lock began during this request, not before
+    refused = request(port, "/api/v1/jobs", user=(ADMIN, PASSWORD))
+    assert refused.status == 429 and int(refused.headers["Retry-After"]) >= 1
+    elsewhere = request(port, "/api/v1/jobs", user=(ADMIN, PASSWORD), source=OTHER_ADDRESS)
+    assert elsewhere.status == 200, "a lock must not reach other addresses"
+    while request(port, "/api/v1/jobs", user=(ADMIN, PASSWORD)).status == 429:
+        assert time.monotonic() - locked_at < lock_seconds + 20, "the lock never ended"
+        time.sleep(0.05)
+    unlocked_after = time.monotonic() - locked_at
+    print(
+        f"\nlock: set {lock_seconds} s; the right password from that address "
+        f"worked again after {unlocked_after:.2f} s"
+    )
+    assert unlocked_after >= lock_seconds
+    audit = [json.loads(line) for line in node.log_text().splitlines() if '"audit"' in line]
+    locks = [r for r in audit if "locked for" in r["message"]]
+    assert locks and locks[0]["user"] == ADMIN and locks[0]["address"] == "127.0.0.1"
+    failed = [r for r in audit if r["message"].startswith("failed web login")]
+    assert len(failed) >= 10 and all(r["address"] == "127.0.0.1" for r in failed)
+    assert PASSWORD not in node.log_text() and "wrong" not in {r.get("user") for r in audit}
+    refused_form = request(
+        port,
+        "/login",
+        source="127.0.0.3",
+        method="POST",
+        body="username=alice&password=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert refused_form.status in (303, 403)
+
+
+def test_parallel_wrong_basic_attempts_keep_the_node_responsive(node_factory) -> None:
+    node = start_web(node_factory, web_login_address_lock_after=1000)
+    port = node.web_port  # type: ignore[attr-defined]
+    assert node.process is not None
+    for _ in range(3):  # warm up: the first hash and the first requests allocate
+        request(port, "/api/v1/jobs", user=("warm", "up"))
+    before = rss_bytes(node.process.pid)
+    statuses: list[int] = []
+    peak = [before]
+
+    def attempt(index: int) -> None:
+        statuses.append(request(port, "/api/v1/jobs", user=(f"guess{index}", "wrong")).status)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(40)]
+    for thread in threads:
+        thread.start()
+    latencies = []
+    while any(thread.is_alive() for thread in threads):
+        started = time.monotonic()
+        assert request(port, "/healthz").status == 200
+        latencies.append(time.monotonic() - started)
+        peak.append(rss_bytes(node.process.pid))
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join()
+    growth = max(peak) - before
+    print(
+        f"\n40 parallel wrong Basic logins: statuses {sorted(set(statuses))}, "
+        f"/healthz max {max(latencies) * 1000:.1f} ms median "
+        f"{sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} probes, "
+        f"RSS growth {growth / 2**20:.1f} MiB"
+    )
+    assert sorted(set(statuses)) in ([401], [401, 429], [429])
+    assert growth < 128 * 2**20, "the throttle bounds the hashes at once and their threads"
+    assert max(latencies) < 5.0, "generous cap: /healthz answers past the busy threads"
