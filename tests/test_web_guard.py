@@ -9,14 +9,19 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import requests
 
 from devtools.node_process import NodeProcess
 from devtools.tools import free_port
 from node.web.auth import hash_password
+from tests.fixtures.admin import AdminNode
 
 ADMIN, PASSWORD = "alice", "alice-secret"
 OTHER_ADDRESS = "127.0.0.2"
@@ -162,3 +167,60 @@ def test_parallel_wrong_basic_attempts_keep_the_node_responsive(node_factory) ->
     assert sorted(set(statuses)) in ([401], [401, 429], [429])
     assert growth < 128 * 2**20, "the throttle bounds the hashes at once and their threads"
     assert max(latencies) < 5.0, "generous cap: /healthz answers past the busy threads"
+
+
+class Browser(requests.Session):
+    """A browser-like client of one node: cookies kept, redirects not followed."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.base = f"http://127.0.0.1:{port}"
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("allow_redirects", False)
+        kwargs.setdefault("timeout", 30)
+        return super().request(method, self.base + url, *args, **kwargs)
+
+
+def csrf_of(html: str) -> str:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert token, html
+    return token.group(1)
+
+
+def login(port: int, name: str, password: str) -> Browser:
+    """Log in through the form (cookies, CSRF token), as a browser does."""
+    browser = Browser(port)
+    form = browser.get("/login")
+    entered = browser.post(
+        "/login", data={"username": name, "password": password, "csrf_token": csrf_of(form.text)}
+    )
+    assert entered.status_code == 303 and entered.headers["location"] == "/", entered.headers
+    return browser
+
+
+def audit_lines(node: NodeProcess) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
+    return [record for record in records if record.get("audit")]
+
+
+def test_every_preview_view_names_the_user(admin_node: AdminNode, node_factory) -> None:
+    node = start_web(node_factory)
+    port, job_id = node.web_port, admin_node.jobs["done"]  # type: ignore[attr-defined]
+    alice = login(port, ADMIN, PASSWORD)
+    for kind in ("soft", "lung", "diff"):
+        assert alice.get(f"/jobs/{job_id}/preview/{kind}.png").status_code == 200
+        seen = request(port, f"/jobs/{job_id}/preview/{kind}.png", user=(ADMIN, PASSWORD))
+        assert seen.status == 200
+    assert request(port, f"/api/v1/jobs/{job_id}", user=(ADMIN, PASSWORD)).status == 200
+    node.wait_for(lambda: len(_views(node)) >= 7, 10, "the audit lines")
+    views = _views(node)
+    assert [v["action"] for v in views].count("read") == 1
+    assert len([v for v in views if v["action"].startswith("preview")]) == 6
+    assert all(v["actor"] == f"web:{ADMIN}" and v["job_ids"] == [job_id] for v in views)
+    study = admin_node.ctx.queries.get_job(job_id).study_instance_uid
+    assert study not in json.dumps(views), "no patient data in the audit log"
+
+
+def _views(node: NodeProcess) -> list[dict[str, Any]]:
+    return [r for r in audit_lines(node) if r.get("action", "").startswith(("preview", "read"))]

@@ -16,7 +16,7 @@ from node import overview
 from node.jobs import FINAL_STATES, JobState
 from node.web.auth import SESSION_COOKIE, Principal, check_post, client_address
 from node.web.preview import WINDOWS, PreviewUnavailable, preview_png
-from node.web.state import JobId, LoginRequired, WebState, ensure_session, web_state
+from node.web.state import JobId, LoginRequired, WebState, audit_read, ensure_session, web_state
 from node.web.throttle import TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
@@ -120,12 +120,13 @@ def preview(
     job_id: JobId,
     kind: Literal["soft", "lung", "diff"],
     web: Annotated[WebState, Depends(web_state)],
-    _: Annotated[Principal, Depends(viewer)],
+    principal: Annotated[Principal, Depends(viewer)],
 ) -> Response:
     try:
         path = preview_png(web.ctx, job_id, kind)
     except (PreviewUnavailable, overview.JobNotFound) as exc:
         raise HTTPException(404, str(exc)) from exc
+    audit_read(principal, f"preview {kind}", [job_id])
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 

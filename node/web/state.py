@@ -7,6 +7,7 @@ top level and no router imports the application.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -31,6 +32,7 @@ from node.web.auth import (
 )
 from node.web.throttle import LoginThrottle, TooManyAttempts
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 LOCAL_ADMIN = Principal("local", "admin", "local")
 ECHO_CACHE_SECONDS = 10.0
@@ -78,6 +80,17 @@ class WebState:
             return self.accounts.basic(header, client_address(request))
         except TooManyAttempts as refused:
             raise too_many(refused) from refused
+
+
+def audit_read(principal: Principal, action: str, job_ids: list[int]) -> None:
+    """Who looked at which jobs' patient data: user and job ids only, never the data."""
+    log.info(
+        "%s: %s of job(s) %s",
+        principal.actor,
+        action,
+        ",".join(map(str, job_ids)) or "none",
+        extra={"audit": True, "actor": principal.actor, "action": action, "job_ids": job_ids},
+    )
 
 
 def too_many(refused: TooManyAttempts) -> HTTPException:
