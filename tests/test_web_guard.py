@@ -7,6 +7,7 @@ the machine is shared.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import re
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from sqlalchemy import text
 
 from devtools.node_process import NodeProcess
 from devtools.tools import free_port
+from node import db
 from node.web.auth import hash_password
 from tests.fixtures.admin import AdminNode
 
@@ -177,7 +180,7 @@ class Browser(requests.Session):
         self.base = f"http://127.0.0.1:{port}"
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs.setdefault("allow_redirects", False)
+        kwargs["allow_redirects"] = False
         kwargs.setdefault("timeout", 30)
         return super().request(method, self.base + url, *args, **kwargs)
 
@@ -224,3 +227,55 @@ def test_every_preview_view_names_the_user(admin_node: AdminNode, node_factory) 
 
 def _views(node: NodeProcess) -> list[dict[str, Any]]:
     return [r for r in audit_lines(node) if r.get("action", "").startswith(("preview", "read"))]
+
+
+def flood(port: int, count: int, threads: int = 4) -> list[int]:
+    """``count`` anonymous requests (login forms, refused API reads) over kept-alive connections."""
+    statuses: list[int] = []
+
+    def run(share: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for index in range(share):
+            connection.request("GET", "/login" if index % 2 else "/api/v1/jobs")
+            answer = connection.getresponse()
+            answer.read()
+            statuses.append(answer.status)
+        connection.close()
+
+    workers = [threading.Thread(target=run, args=(count // threads,)) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return statuses
+
+
+def test_logins_survive_floods_and_restarts_and_end_at_logout(node_factory) -> None:
+    node = start_web(node_factory)
+    port = node.web_port  # type: ignore[attr-defined]
+    alice = login(port, ADMIN, PASSWORD)
+    token = alice.cookies["denoise_node_session"]
+    statuses = flood(port, 10_000)
+    assert len(statuses) == 10_000 and set(statuses) == {200, 401}
+    assert alice.get("/").status_code == 200, "anonymous traffic logged alice out"
+    with db.make_engine(node.db_url).connect() as connection:
+        stored = connection.execute(text("SELECT token_sha256 FROM web_logins")).scalars().all()
+    assert stored == [hashlib.sha256(token.encode()).hexdigest()], "one login, its hash only"
+    assert node.stop() == 0
+    node.start()
+    node.wait_for(lambda: _healthy(port), 30, "the dashboard after the restart")
+    page = alice.get("/")
+    assert page.status_code == 200 and f"{ADMIN} · admin" in page.text, "a restart logged out"
+    assert alice.post("/logout", data={"csrf_token": csrf_of(page.text)}).status_code == 303
+    assert alice.get("/").status_code == 303
+    replayed = Browser(port)
+    replayed.cookies.set("denoise_node_session", token)
+    assert replayed.get("/").status_code == 303, "a revoked login's cookie opens nothing"
+
+
+def test_logins_expire(node_factory) -> None:
+    node = start_web(node_factory, web_session_seconds=1.0)
+    alice = login(node.web_port, ADMIN, PASSWORD)  # type: ignore[attr-defined]
+    assert alice.get("/").status_code == 200
+    time.sleep(1.5)
+    assert alice.get("/").status_code == 303
