@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from node import overview
+from node.forget import forget
 from node.jobs import FINAL_STATES, JobState
 from node.web.auth import FLASH_COOKIE, Principal, check_post, client_address
 from node.web.preview import WINDOWS, PreviewUnavailable, preview_png
@@ -140,6 +141,30 @@ def preview(
         raise HTTPException(404, str(exc)) from exc
     audit_read(principal, f"preview {kind}", [job_id])
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/jobs/{job_id}/forget")
+def job_forget(
+    request: Request,
+    job_id: JobId,
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(viewer)],
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Forget a finished job and its series, so the scanner's resend starts clean."""
+    session = session_of(request)
+    check_post(request, session, csrf_token)
+    principal.require_admin()
+    try:
+        forgotten = forget(web.ctx, job_id, principal.actor)
+    except overview.JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except overview.ActionRefused as exc:
+        session.say("error", str(exc))
+        return RedirectResponse(request.url_for("job_page", job_id=job_id), status_code=303)
+    files = len(forgotten.spool_paths)
+    session.say("ok", f"job {job_id} forgotten ({files} spool files): the series may be resent")
+    return RedirectResponse(request.url_for("dashboard"), status_code=303)
 
 
 @router.post("/jobs/{job_id}/{action}")
