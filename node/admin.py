@@ -25,6 +25,7 @@ from node import overview
 from node.config import load_settings
 from node.context import NodeContext
 from node.db import utcnow
+from node.forget import add_forget_command
 from node.jobs import JobState
 from node.logs import configure_logging
 from node.overview import (
@@ -391,7 +392,7 @@ def _states(text: str) -> list[str]:
 
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``jobs``, ``status``, ``purge`` and ``web`` to ``denoise-node``'s sub-commands."""
-    jobs = subparsers.add_parser("jobs", help="list, show, retry, cancel or resend jobs")
+    jobs = subparsers.add_parser("jobs", help="list, show, retry, cancel, resend or forget jobs")
     verbs = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
 
     listing = verbs.add_parser("list", help="the newest jobs, filtered")
@@ -404,12 +405,10 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )
     _json_flag(listing)
     listing.set_defaults(func=_refusals(cmd_jobs_list))
-
     show = verbs.add_parser("show", help="one job: timeline, counts, error")
     show.add_argument("id", type=int)
     _json_flag(show)
     show.set_defaults(func=_refusals(cmd_jobs_show))
-
     actions: tuple[tuple[overview.Action, str], ...] = (
         ("retry", "run a finished, failed, skipped or cancelled job again"),
         ("cancel", "stop a job that has not finished"),
@@ -422,6 +421,7 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
             verb.add_argument("--to", required=True, metavar="DEST", help="destination name")
         _json_flag(verb)
         verb.set_defaults(func=_refusals(_action(action)))
+    add_forget_command(verbs, _context, cli_actor, _refusals)
 
     status = subparsers.add_parser(
         "status", help="queue, workers, destinations (C-ECHO) and spool at a glance"

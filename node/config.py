@@ -158,6 +158,15 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(8080, ge=1, le=65535)
     web_users: list[WebUser] = Field(default_factory=list)  # login required off 127.0.0.1
+    # Login throttling per (address, user) and per address (README: Dashboard).
+    web_login_delay_seconds: float = Field(1.0, ge=0.0)  # after the first failure, doubling
+    web_login_max_delay_seconds: float = Field(30.0, ge=0.0)
+    web_login_lock_after: int = Field(10, ge=1)  # failures of a pair before its lock
+    web_login_lock_seconds: float = Field(900.0, gt=0.0)
+    web_login_address_lock_after: int = Field(50, ge=1)  # failures of an address, any users
+    web_login_max_hashes: int = Field(2, ge=1)  # password hashes computed at once
+    web_login_hash_wait_seconds: float = Field(2.0, ge=0.0)  # then 429
+    web_session_seconds: float = Field(12 * 3600.0, gt=0.0)  # a login lasts this long
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
 

@@ -197,8 +197,8 @@ def test_login_is_required_off_loopback_and_viewers_cannot_act(admin_node: Admin
         WebUser(name="victor", password_hash=hash_password("victor-secret"), role="viewer"),
     ]
     admin_node.ctx.settings = admin_node.settings.model_copy(
-        update={"web_host": "0.0.0.0", "web_users": users}
-    )
+        update={"web_host": "0.0.0.0", "web_users": users, "web_login_delay_seconds": 0.0}
+    )  # no wait after the wrong password below: test_web_guard covers the throttle
     web, job_id = client(admin_node, "http://node.hospital.example"), admin_node.jobs["failed"]
     assert web.get("/").headers["location"].endswith("/login?next=%2F")
     assert web.get("/api/v1/jobs").status_code == 401

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.delivery import Deliveries
+from node.jobs.forgetting import ForgottenJob, forget_job
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
 from node.jobs.records import JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
@@ -305,6 +306,10 @@ class JobManager(Intake, Deliveries):
             finished_at=None,
             _also=lambda session: _forget_deliveries(session, job_id, destination),
         )
+
+    def forget_job(self, job_id: int) -> ForgottenJob:
+        """Drop a finished job and its series' rows (``node.jobs.forgetting``)."""
+        return forget_job(self._sessions, job_id)
 
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
         """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""

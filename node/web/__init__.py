@@ -25,6 +25,7 @@ def serve_web(ctx: NodeContext, stop: threading.Event) -> None:
         log_config=None,  # keep the node's logging setup
         access_log=False,  # the pages poll every few seconds; admin actions are logged
         lifespan="off",
+        proxy_headers=False,  # the throttle keys on the socket's address, not a header
     )
     server = uvicorn.Server(config)
 

@@ -16,7 +16,7 @@ from node.config import AE_TITLE
 from node.jobs import JobState
 from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
 from node.web.auth import CSRF_HEADER, Principal, check_post
-from node.web.state import JobId, WebState, web_state
+from node.web.state import JobId, WebState, audit_read, web_state
 
 
 class Problem(BaseModel):
@@ -50,7 +50,7 @@ _routes = APIRouter(tags=["jobs"])
 @_routes.get("/jobs", response_model=list[JobSummary])
 def jobs(
     web: Annotated[WebState, Depends(web_state)],
-    _: Annotated[Principal, Depends(reader)],
+    principal: Annotated[Principal, Depends(reader)],
     state: Annotated[list[JobState] | None, Query(description="repeat for several")] = None,
     since: Annotated[
         str | None,
@@ -67,20 +67,24 @@ def jobs(
         problem = {"type": "datetime_parsing", "loc": ("query", "since"), "input": since}
         raise RequestValidationError([{**problem, "msg": "not an ISO 8601 date-time"}]) from exc
     states = None if state is None else [s.value for s in state]
-    return overview.list_jobs(web.ctx, states, created_since, ae, study, limit)
+    listed = overview.list_jobs(web.ctx, states, created_since, ae, study, limit)
+    audit_read(principal, "list", [job.id for job in listed])
+    return listed
 
 
 @_routes.get("/jobs/{job_id}", response_model=JobDetail, responses={404: {"model": Problem}})
 def job(
     job_id: JobId,
     web: Annotated[WebState, Depends(web_state)],
-    _: Annotated[Principal, Depends(reader)],
+    principal: Annotated[Principal, Depends(reader)],
 ) -> JobDetail:
     """One job with its timeline and per-destination acknowledgements."""
     try:
-        return overview.job_detail(web.ctx, job_id)
+        detail = overview.job_detail(web.ctx, job_id)
     except overview.JobNotFound as exc:
         raise HTTPException(404, str(exc)) from exc
+    audit_read(principal, "read", [job_id])
+    return detail
 
 
 def _act(

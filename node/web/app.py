@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request, Response
@@ -19,12 +20,13 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from node import __version__
 from node.context import NodeContext
 from node.web import api, metrics, pages
-from node.web.auth import SESSION_COOKIE, WebSession
+from node.web.auth import CSRF_COOKIE, FLASH_COOKIE, SESSION_COOKIE, WebSession, encode_flash
 from node.web.state import HERE, LoginRequired, WebState, web_state
 
 log = logging.getLogger(__name__)
@@ -44,20 +46,32 @@ async def _sessions_and_headers(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
     web = web_state(request)
-    request.state.session = web.sessions.get(request.cookies.get(SESSION_COOKIE))
-    request.state.new_session = None
+    if SESSION_COOKIE in request.cookies and web.login_required:
+        request.state.session = await run_in_threadpool(web.load_session, request)
+    else:  # no database read: floods of anonymous requests stay cheap
+        request.state.session = web.load_session(request)
     response = await call_next(request)
-    new: WebSession | None = request.state.new_session
-    if new is not None:
-        response.set_cookie(
-            SESSION_COOKIE,
-            new.token,
-            httponly=True,
-            samesite="lax",  # links from mail keep the login; forms carry CSRF tokens
-            secure=request.url.scheme == "https",
-        )
+    _write_cookies(request.state.session, response, secure=request.url.scheme == "https")
     response.headers.update(SECURITY_HEADERS)
     return response
+
+
+def _write_cookies(session: WebSession, response: Response, secure: bool) -> None:
+    """Set or clear the cookies the request changed (login, CSRF, messages)."""
+    # lax: links from mail keep the login; forms carry CSRF tokens
+    options: dict[str, Any] = {"httponly": True, "samesite": "lax", "secure": secure}
+    if SESSION_COOKIE in session.changed:
+        if session.token:
+            response.set_cookie(SESSION_COOKIE, session.token, **options)
+        else:
+            response.delete_cookie(SESSION_COOKIE)
+    if CSRF_COOKIE in session.changed:
+        response.set_cookie(CSRF_COOKIE, session.csrf, **options)
+    if FLASH_COOKIE in session.changed:
+        if session.flash:
+            response.set_cookie(FLASH_COOKIE, encode_flash(session.flash), **options)
+        else:
+            response.delete_cookie(FLASH_COOKIE)
 
 
 def _login_redirect(request: Request, _exc: Exception) -> Response:
@@ -138,8 +152,8 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.include_router(pages.router)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        """The process answers: for liveness probes."""
+    async def healthz() -> dict[str, str]:
+        """The process answers: for liveness probes (on the event loop, past busy threads)."""
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)

@@ -2,8 +2,9 @@
 
 On 127.0.0.1 (the default) the dashboard trusts the local user as an admin, like a
 local Orthanc Explorer; bound anywhere else it asks for a login from ``web_users``.
-Browsers hold a server-side session (cookie) with a CSRF token that every form
-carries; scripts may use HTTP Basic.  Every POST must come from our own origin.
+Browsers hold a login (cookie; ``node.web.logins`` keeps it in the database) with a
+CSRF token that every form carries; scripts may use HTTP Basic.  Every POST must come
+from our own origin.  Password checks are throttled (``node.web.throttle``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import secrets
-import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -26,10 +27,13 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException, Request
 
 from node.config import Settings, WebUser
+from node.web.throttle import LoginThrottle, ThrottlePolicy, TooManyAttempts
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "denoise_node_session"
+CSRF_COOKIE = "denoise_node_csrf"
+FLASH_COOKIE = "denoise_node_flash"
 CSRF_HEADER = "X-CSRF-Token"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 Role = Literal["admin", "viewer"]
@@ -112,66 +116,95 @@ class Principal:
 
 @dataclass
 class WebSession:
-    token: str
+    """What one request knows of its browser: the login if any, the CSRF token, messages.
+
+    Nothing is stored for anonymous visitors: their CSRF token is a cookie that each form
+    repeats (double submit, with the same-origin rule); a login's token is derived from
+    its cookie.  ``changed`` names the cookies the response must write.
+    """
+
     csrf: str
-    expires: float
     principal: Principal | None = None
+    token: str | None = None
     flash: list[tuple[str, str]] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+
+    def say(self, level: str, message: str) -> None:
+        """A message for the next page shown (a cookie, read once)."""
+        self.flash.append((level, message))
+        self.changed.add(FLASH_COOKIE)
 
 
-class Sessions:
-    """Server-side sessions in this process: logging out or restarting ends them."""
+def login_csrf(token: str) -> str:
+    """A login's CSRF token: derived from its cookie, which other sites cannot read."""
+    return hmac.new(token.encode(), b"csrf", hashlib.sha256).hexdigest()
 
-    def __init__(self, ttl_seconds: float = 12 * 3600, limit: int = 10_000) -> None:
-        self.ttl = ttl_seconds
-        self.limit = limit
-        self._items: dict[str, WebSession] = {}
-        self._lock = threading.Lock()
 
-    def get(self, token: str | None) -> WebSession | None:
-        with self._lock:
-            session = self._items.get(token or "")
-            if session is not None and session.expires < time.monotonic():
-                del self._items[session.token]
-                return None
-            return session
+def encode_flash(flash: list[tuple[str, str]]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(flash[-5:]).encode()).decode("ascii")
 
-    def new(self, principal: Principal | None = None) -> WebSession:
-        session = WebSession(
-            token=secrets.token_urlsafe(32),
-            csrf=secrets.token_urlsafe(32),
-            expires=time.monotonic() + self.ttl,
-            principal=principal,
-        )
-        with self._lock:
-            now = time.monotonic()
-            for token in [t for t, s in self._items.items() if s.expires < now]:
-                del self._items[token]
-            while len(self._items) >= self.limit:
-                del self._items[next(iter(self._items))]  # the oldest
-            self._items[session.token] = session
-        return session
 
-    def drop(self, token: str) -> None:
-        with self._lock:
-            self._items.pop(token, None)
+def decode_flash(cookie: str | None) -> list[tuple[str, str]]:
+    """The messages a cookie carries; anything malformed is none."""
+    try:
+        items = json.loads(base64.urlsafe_b64decode((cookie or "").encode()) or b"[]")
+        return [(str(level), str(text)[:300]) for level, text in items][:5]
+    except (ValueError, TypeError, binascii.Error):
+        return []
+
+
+def throttle_policy(settings: Settings) -> ThrottlePolicy:
+    """The ``web_login_*`` settings as the throttle's policy."""
+    return ThrottlePolicy(
+        delay_seconds=settings.web_login_delay_seconds,
+        max_delay_seconds=settings.web_login_max_delay_seconds,
+        lock_after=settings.web_login_lock_after,
+        lock_seconds=settings.web_login_lock_seconds,
+        address_lock_after=settings.web_login_address_lock_after,
+        max_hashes=settings.web_login_max_hashes,
+        hash_wait_seconds=settings.web_login_hash_wait_seconds,
+    )
 
 
 class Accounts:
-    """The configured ``web_users``, checked in constant time per attempt."""
+    """The configured ``web_users``, checked in constant time per attempt, throttled.
 
-    def __init__(self, users: list[WebUser]) -> None:
+    ``authenticate`` raises TooManyAttempts when the attempt is refused unchecked.
+    """
+
+    def __init__(self, users: list[WebUser], throttle: LoginThrottle) -> None:
         self._users = {user.name: user for user in users}
+        self.throttle = throttle
+        # Hashes run on these few threads only: scrypt's 16 MiB stay in their arenas
+        # instead of in one malloc arena per request thread.
+        self._hasher = ThreadPoolExecutor(throttle.policy.max_hashes, "password-hash")
 
-    def authenticate(self, name: str, password: str) -> Principal | None:
-        user = self._users.get(name)
-        ok = verify_password(password, user.password_hash if user else _dummy_hash())
+    def authenticate(self, name: str, password: str, address: str) -> Principal | None:
+        user_name = name[:64]
+        audit = {"audit": True, "user": user_name, "address": address}
+        try:
+            self.throttle.check(address, user_name)
+            with self.throttle.hashing():
+                self.throttle.check(address, user_name)  # failures while this one waited
+                user = self._users.get(name)
+                encoded = user.password_hash if user else _dummy_hash()
+                ok = self._hasher.submit(verify_password, password, encoded).result()
+        except TooManyAttempts as refused:
+            log.warning("web login refused unchecked: %s", refused, extra=audit)
+            raise
         if user is None or not ok:
-            log.warning("failed web login for %r", name[:64], extra={"audit": True})
+            self.throttle.failed(address, user_name)
+            log.warning("failed web login for %r from %s", user_name, address, extra=audit)
             return None
+        self.throttle.succeeded(address, user_name)
         return Principal(user.name, user.role, "session")
 
-    def basic(self, header: str) -> Principal | None:
+    def login_of(self, name: str) -> Principal | None:
+        """Who a stored login belongs to, with the role configured now; None if removed."""
+        user = self._users.get(name)
+        return Principal(user.name, user.role, "session") if user else None
+
+    def basic(self, header: str, address: str) -> Principal | None:
         """``Authorization: Basic ...`` for scripts; None when absent or wrong."""
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":
@@ -180,8 +213,13 @@ class Accounts:
             name, _, password = base64.b64decode(value, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        principal = self.authenticate(name, password)
+        principal = self.authenticate(name, password, address)
         return Principal(principal.name, principal.role, "basic") if principal else None
+
+
+def client_address(request: Request) -> str:
+    """The peer's address as the socket saw it (no forwarded headers are trusted)."""
+    return request.client.host if request.client else "unknown"
 
 
 def same_origin(request: Request) -> bool:

@@ -6,16 +6,29 @@ every few seconds, so the pages stay current without a front-end build.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from node import overview
+from node.forget import forget
 from node.jobs import FINAL_STATES, JobState
-from node.web.auth import SESSION_COOKIE, Principal, check_post
+from node.web.auth import FLASH_COOKIE, Principal, check_post, client_address
 from node.web.preview import WINDOWS, PreviewUnavailable, preview_png
-from node.web.state import JobId, LoginRequired, WebState, ensure_session, web_state
+from node.web.state import (
+    JobId,
+    LoginRequired,
+    WebState,
+    audit_read,
+    end_login,
+    session_of,
+    show_csrf,
+    start_login,
+    web_state,
+)
+from node.web.throttle import TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
 StateFilter = Annotated[JobState | None, Query()]
@@ -31,16 +44,18 @@ def viewer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Pr
 
 def _page(request: Request, template: str, principal: Principal | None, **context: Any) -> Response:
     """Render with what every page needs: who, the CSRF token, messages to show once."""
-    web = web_state(request)
-    session = ensure_session(request)
-    flash, session.flash = session.flash, []
+    web, session = web_state(request), session_of(request)
+    flash = session.flash
+    if flash:
+        session.flash = []
+        session.changed.add(FLASH_COOKIE)
     return web.templates.TemplateResponse(
         request,
         template,
         {
             "principal": principal,
             "login_required": web.login_required,
-            "csrf": session.csrf,
+            "csrf": show_csrf(request),
             "flash": flash,
             "node_name": web.ctx.settings.ae_title,
             "format_time": overview.format_time,
@@ -118,13 +133,38 @@ def preview(
     job_id: JobId,
     kind: Literal["soft", "lung", "diff"],
     web: Annotated[WebState, Depends(web_state)],
-    _: Annotated[Principal, Depends(viewer)],
+    principal: Annotated[Principal, Depends(viewer)],
 ) -> Response:
     try:
         path = preview_png(web.ctx, job_id, kind)
     except (PreviewUnavailable, overview.JobNotFound) as exc:
         raise HTTPException(404, str(exc)) from exc
+    audit_read(principal, f"preview {kind}", [job_id])
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/jobs/{job_id}/forget")
+def job_forget(
+    request: Request,
+    job_id: JobId,
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(viewer)],
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Forget a finished job and its series, so the scanner's resend starts clean."""
+    session = session_of(request)
+    check_post(request, session, csrf_token)
+    principal.require_admin()
+    try:
+        forgotten = forget(web.ctx, job_id, principal.actor)
+    except overview.JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except overview.ActionRefused as exc:
+        session.say("error", str(exc))
+        return RedirectResponse(request.url_for("job_page", job_id=job_id), status_code=303)
+    files = len(forgotten.spool_paths)
+    session.say("ok", f"job {job_id} forgotten ({files} spool files): the series may be resent")
+    return RedirectResponse(request.url_for("dashboard"), status_code=303)
 
 
 @router.post("/jobs/{job_id}/{action}")
@@ -138,16 +178,16 @@ def job_action(
     destination: Annotated[str | None, Form()] = None,
 ) -> Response:
     """A button on the job page: act, then show the job again with what happened."""
-    session = ensure_session(request)
+    session = session_of(request)
     check_post(request, session, csrf_token)
     principal.require_admin()
     try:
         job = overview.act(web.ctx, action, job_id, principal.actor, destination)
-        session.flash.append(("ok", f"{action}: job {job_id} is now {job.state}"))
+        session.say("ok", f"{action}: job {job_id} is now {job.state}")
     except overview.JobNotFound as exc:
         raise HTTPException(404, str(exc)) from exc
     except overview.ActionRefused as exc:
-        session.flash.append(("error", str(exc)))
+        session.say("error", str(exc))
     return RedirectResponse(request.url_for("job_page", job_id=job_id), status_code=303)
 
 
@@ -178,21 +218,23 @@ def login(
     csrf_token: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "/",
 ) -> Response:
-    web, session = web_state(request), ensure_session(request)
+    web, session = web_state(request), session_of(request)
     check_post(request, session, csrf_token)
-    principal = web.accounts.authenticate(username, password)
-    if principal is None:
-        session.flash.append(("error", "unknown user or wrong password"))
+    try:
+        principal = web.accounts.authenticate(username, password, client_address(request))
+    except TooManyAttempts as refused:
+        wait = max(1, math.ceil(refused.retry_after))
+        session.say("error", f"too many failed logins: try again in {wait} s")
         return RedirectResponse(request.url_for("login_page"), status_code=303)
-    ensure_session(request, principal)
+    if principal is None:
+        session.say("error", "unknown user or wrong password")
+        return RedirectResponse(request.url_for("login_page"), status_code=303)
+    start_login(request, principal)
     return RedirectResponse(_local(next), status_code=303)
 
 
 @router.post("/logout")
 def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
-    session = ensure_session(request)
-    check_post(request, session, csrf_token)
-    web_state(request).sessions.drop(session.token)
-    response = RedirectResponse(request.url_for("login_page"), status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
-    return response
+    check_post(request, session_of(request), csrf_token)
+    end_login(request)
+    return RedirectResponse(request.url_for("login_page"), status_code=303)

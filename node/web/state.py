@@ -7,20 +7,38 @@ top level and no router imports the application.
 
 from __future__ import annotations
 
+import logging
+import math
+import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
+from fastapi import HTTPException, Request
 from fastapi import Path as PathParameter
-from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from node import overview
 from node.context import NodeContext
 from node.overview import DestinationCheck
-from node.web.auth import Accounts, Principal, Sessions, WebSession, login_required
+from node.web.auth import (
+    CSRF_COOKIE,
+    FLASH_COOKIE,
+    SESSION_COOKIE,
+    Accounts,
+    Principal,
+    WebSession,
+    client_address,
+    decode_flash,
+    login_csrf,
+    login_required,
+    throttle_policy,
+)
+from node.web.logins import LoginStore
+from node.web.throttle import LoginThrottle, TooManyAttempts
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 LOCAL_ADMIN = Principal("local", "admin", "local")
 ECHO_CACHE_SECONDS = 10.0
@@ -39,8 +57,10 @@ class WebState:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.login_required = login_required(ctx.settings)
-        self.accounts = Accounts(ctx.settings.web_users)
-        self.sessions = Sessions()
+        self.accounts = Accounts(
+            ctx.settings.web_users, LoginThrottle(throttle_policy(ctx.settings))
+        )
+        self.logins = LoginStore(ctx.engine, ctx.settings.web_session_seconds)
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self._echo: tuple[float, list[DestinationCheck]] | None = None
         self._echo_lock = threading.Lock()
@@ -52,15 +72,51 @@ class WebState:
                 self._echo = (time.monotonic(), overview.check_destinations(self.ctx))
             return self._echo[1]
 
+    def load_session(self, request: Request) -> WebSession:
+        """The browser's login (a database read, only when it sends a login cookie)."""
+        token = request.cookies.get(SESSION_COOKIE)
+        flash = decode_flash(request.cookies.get(FLASH_COOKIE))
+        name = self.logins.user_of(token) if token and self.login_required else None
+        principal = self.accounts.login_of(name) if name else None
+        if token and principal:
+            return WebSession(login_csrf(token), principal, token, flash)
+        csrf = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
+        session = WebSession(csrf, flash=flash)
+        if token:
+            session.changed.add(SESSION_COOKIE)  # expired or revoked: clear it
+        return session
+
     def principal(self, request: Request) -> Principal | None:
-        """The local admin on 127.0.0.1; else the session's user or HTTP Basic credentials."""
+        """The local admin on 127.0.0.1; else the login's user or HTTP Basic credentials."""
         if not self.login_required:
             return LOCAL_ADMIN
-        session: WebSession | None = request.state.session
-        if session is not None and session.principal is not None:
+        session: WebSession = request.state.session
+        if session.principal is not None:
             return session.principal
         header = request.headers.get("authorization")
-        return self.accounts.basic(header) if header else None
+        if not header:
+            return None
+        try:
+            return self.accounts.basic(header, client_address(request))
+        except TooManyAttempts as refused:
+            raise too_many(refused) from refused
+
+
+def audit_read(principal: Principal, action: str, job_ids: list[int]) -> None:
+    """Who looked at which jobs' patient data: user and job ids only, never the data."""
+    log.info(
+        "%s: %s of job(s) %s",
+        principal.actor,
+        action,
+        ",".join(map(str, job_ids)) or "none",
+        extra={"audit": True, "actor": principal.actor, "action": action, "job_ids": job_ids},
+    )
+
+
+def too_many(refused: TooManyAttempts) -> HTTPException:
+    """429 with the seconds to wait: scripts back off, browsers show it."""
+    wait = max(1, math.ceil(refused.retry_after))
+    return HTTPException(429, str(refused), headers={"Retry-After": str(wait)})
 
 
 def web_state(request: Request) -> WebState:
@@ -68,12 +124,32 @@ def web_state(request: Request) -> WebState:
     return web
 
 
-def ensure_session(request: Request, principal: Principal | None = None) -> WebSession:
-    """The browser's session, made (and its cookie set) on first need."""
-    session: WebSession | None = request.state.session
-    if session is None or principal is not None:
-        if session is not None:
-            web_state(request).sessions.drop(session.token)  # a login gets a fresh token
-        session = web_state(request).sessions.new(principal)
-        request.state.session = request.state.new_session = session
+def session_of(request: Request) -> WebSession:
+    session: WebSession = request.state.session
     return session
+
+
+def show_csrf(request: Request) -> str:
+    """The CSRF token for a form; an anonymous browser gets it as a cookie too."""
+    session = session_of(request)
+    if session.token is None and request.cookies.get(CSRF_COOKIE) != session.csrf:
+        session.changed.add(CSRF_COOKIE)
+    return session.csrf
+
+
+def start_login(request: Request, principal: Principal) -> None:
+    """A fresh login token (never the one the browser came with: no fixation)."""
+    session, logins = session_of(request), web_state(request).logins
+    if session.token:
+        logins.revoke(session.token)
+    session.token = logins.create(principal.name)
+    session.principal, session.csrf = principal, login_csrf(session.token)
+    session.changed.add(SESSION_COOKIE)
+
+
+def end_login(request: Request) -> None:
+    session = session_of(request)
+    if session.token:
+        web_state(request).logins.revoke(session.token)
+    session.token = session.principal = None
+    session.changed.add(SESSION_COOKIE)

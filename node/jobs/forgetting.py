@@ -1,0 +1,74 @@
+"""Forget a finished job and its series' rows, so a corrected resend starts clean.
+
+A different copy of an already-received instance keeps the first copy (by design), so a
+series that failed on bad input could never be fixed by the scanner; forgetting drops
+the series, its instances and the job (events, inputs, derived files, deliveries).
+Files are only named here: the caller removes them after the rows are gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.jobs.states import FINAL_STATES, TransitionError
+from node.jobs.tables import (
+    Delivery,
+    DerivedInstance,
+    Instance,
+    Job,
+    JobDestination,
+    JobEvent,
+    JobInstance,
+    Series,
+)
+
+
+@dataclass(frozen=True)
+class ForgottenJob:
+    job_id: int
+    series_instance_uid: str
+    #: spool files no remaining row refers to: the series' instances, the job's derived files
+    spool_paths: list[str]
+
+
+def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
+    """Delete the rows; TransitionError when the job is missing, unfinished or not alone."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise TransitionError(f"job {job_id} does not exist")
+        if job.state not in FINAL_STATES:
+            raise TransitionError(f"job {job_id} is {job.state}: cancel it or let it finish first")
+        series_uid = job.series_instance_uid
+        busy = session.scalar(
+            select(Job.id).where(
+                Job.series_instance_uid == series_uid,
+                Job.id != job_id,
+                Job.state.not_in([state.value for state in FINAL_STATES]),
+            )
+        )
+        if busy is not None:
+            raise TransitionError(f"job {busy} of the same series has not finished")
+        received = session.scalars(
+            select(Instance.spool_path).where(Instance.series_instance_uid == series_uid)
+        ).all()
+        derived = session.scalars(
+            select(DerivedInstance.spool_path).where(DerivedInstance.job_id == job_id)
+        ).all()
+        for table in (JobEvent, JobInstance, DerivedInstance, Delivery, JobDestination):
+            session.execute(delete(table).where(table.job_id == job_id))
+        session.execute(delete(Job).where(Job.id == job_id))
+        session.execute(delete(Instance).where(Instance.series_instance_uid == series_uid))
+        session.execute(delete(Series).where(Series.series_instance_uid == series_uid))
+        candidates = list(dict.fromkeys([*received, *derived]))
+        still_used = {
+            path
+            for table in (DerivedInstance, JobInstance)
+            for path in session.scalars(
+                select(table.spool_path).where(table.spool_path.in_(candidates))
+            )
+        }
+    return ForgottenJob(job_id, series_uid, [p for p in candidates if p not in still_used])
