@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +38,8 @@ CSRF_COOKIE = "denoise_node_csrf"
 FLASH_COOKIE = "denoise_node_flash"
 CSRF_HEADER = "X-CSRF-Token"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+#: Scheduling niceness of the password-hash threads (lowest priority is 19).
+HASH_THREAD_NICE = 10
 Role = Literal["admin", "viewer"]
 
 
@@ -177,7 +181,9 @@ class Accounts:
         self.throttle = throttle
         # Hashes run on these few threads only: scrypt's 16 MiB stay in their arenas
         # instead of in one malloc arena per request thread.
-        self._hasher = ThreadPoolExecutor(throttle.policy.max_hashes, "password-hash")
+        self._hasher = ThreadPoolExecutor(
+            throttle.policy.max_hashes, "password-hash", initializer=_yield_cpu
+        )
 
     def authenticate(self, name: str, password: str, address: str) -> Principal | None:
         user_name = name[:64]
@@ -215,6 +221,17 @@ class Accounts:
             return None
         principal = self.authenticate(name, password, address)
         return Principal(principal.name, principal.role, "basic") if principal else None
+
+
+def _yield_cpu() -> None:
+    """Let a hashing thread give way to every other thread of the node.
+
+    A password hash is meant to be slow; a flood of wrong logins must not slow the
+    health check, the DICOM listener or a worker in the same process.  Linux applies a
+    nice value to one thread when given its thread id; elsewhere nothing changes.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
 
 
 def client_address(request: Request) -> str:
