@@ -139,7 +139,8 @@ def check_pixel_data(ds: Dataset, path: Path, extra: dict[str, Any]) -> None:
 def _pixel_data_problem(ds: Dataset, path: Path) -> str | None:
     if "PixelData" not in ds:
         return "the data set has no PixelData"
-    element = ds.get_item("PixelData")
+    # keep_deferred: a value larger than read_header's defer size stays on disk, unread.
+    element = ds.get_item("PixelData", keep_deferred=True)
     if not isinstance(element, RawDataElement):
         return "PixelData was decoded before its length could be checked"
     frames = _integer(ds.get("NumberOfFrames")) or 1

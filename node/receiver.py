@@ -4,7 +4,8 @@ An instance is answered with success only once it is checked (``node.instance_ch
 fsynced in the spool under a generated name and recorded in the job table; every other
 outcome is a specific failure status so that the sender keeps its copy and retries.
 Received data is streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``, in
-the spool's ``receiving`` folder: ``node.receiving``) and never decoded here: the
+the spool's ``receiving`` folder: ``node.receiving``), renamed into the spool rather
+than copied (each instance's bytes are written once) and never decoded here: the
 header is parsed with large values left on disk, which keeps the receiver's memory
 flat however large the instance.  Who may connect, for how long and with how large a
 PDU is the listener's policy (``node.listener``).
@@ -19,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -95,7 +96,6 @@ HANDLER_FAILED = 0xC211  # Error: an unexpected exception (a bug): see the log
 
 #: Seconds ``stop`` lets running associations finish before aborting them.
 STOP_GRACE_SECONDS = 5.0
-COPY_CHUNK = 1 << 20
 RECEIVING_FOLDER = "receiving"
 
 
@@ -284,7 +284,7 @@ class Receiver:
         uids = checked_uids(ds, request, extra)
         extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
         check_pixel_data(ds, received, extra)
-        relative, digest = self._spool_copy(received, extra)
+        relative, digest, size = self._spool_move(received, extra)
         record = InstanceRecord(
             sop_instance_uid=uids["SOPInstanceUID"],
             series_instance_uid=uids["SeriesInstanceUID"],
@@ -293,7 +293,7 @@ class Receiver:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             spool_path=relative,
             sha256=digest,
-            size_bytes=self.ctx.spool.path(relative).stat().st_size,
+            size_bytes=size,
             header=header,
             calling_ae_title=calling_ae,
             peer_address=str(event.assoc.requestor.address),
@@ -310,16 +310,17 @@ class Receiver:
             log.warning("C-STORE refused: %s", exc, extra=extra)
             raise Refused(SPOOL_FULL, "node spool is full") from exc
 
-    def _spool_copy(self, received: Path, extra: dict[str, Any]) -> tuple[str, str]:
-        """Copy into the spool durably; the relative path and the SHA-256 of the bytes."""
-        relative = self.ctx.spool.new_incoming()
+    def _spool_move(self, received: Path, extra: dict[str, Any]) -> tuple[str, str, int]:
+        """Move pynetdicom's file into the spool durably, written once: the relative
+        path, the SHA-256 of the bytes and their size."""
         digest = hashlib.sha256()
         try:
-            self.ctx.spool.write_atomic(relative, lambda out: _copy_hashing(received, out, digest))
+            size = received.stat().st_size
+            relative = self.ctx.spool.adopt(received, digest)
         except OSError as exc:
             log.error("C-STORE refused: cannot write the spool: %s", exc.strerror, extra=extra)
             raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
-        return relative, digest.hexdigest()
+        return relative, digest.hexdigest(), size
 
     def _record(self, record: InstanceRecord, extra: dict[str, Any]) -> str:
         """One row in the job table; the spool copy is removed unless the row is new."""
@@ -349,13 +350,6 @@ class Receiver:
             extra=extra,
         )
         return "conflicting duplicates"
-
-
-def _copy_hashing(source: Path, out: BinaryIO, digest: Any) -> None:
-    with open(source, "rb") as handle:
-        while chunk := handle.read(COPY_CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:

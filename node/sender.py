@@ -24,10 +24,13 @@ import logging
 import threading
 import time
 from enum import StrEnum
+from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
@@ -272,7 +275,7 @@ class Sender:
                     name, f"derived instance {uid} is missing from the spool", Failure.BROKEN
                 )
             try:
-                status = assoc.send_c_store(path)
+                status = assoc.send_c_store(_payload(path, assoc))
             except (ValueError, AttributeError, InvalidDicomError) as exc:
                 raise DeliveryError(
                     name, f"cannot send derived instance {uid}: {exc}", Failure.BROKEN
@@ -296,6 +299,22 @@ class Sender:
                 Failure.TRANSIENT if is_retryable_status(code) else Failure.REFUSED,
             )
         return sent
+
+
+def _payload(path: Path, assoc: Association) -> Path | Dataset:
+    """The file itself where the peer accepted its transfer syntax (derived instances
+    are Explicit VR Little Endian): pynetdicom then sends the stored bytes as they are,
+    never decoding and encoding them again.  Else the data set, which pynetdicom
+    converts to the syntax the peer accepted."""
+    if any(
+        cx.abstract_syntax == CTImageStorage and cx.transfer_syntax[0] == ExplicitVRLittleEndian
+        for cx in assoc.accepted_contexts
+    ):
+        # Process-wide in pynetdicom; it applies only to C-STOREs given a path, and the
+        # node sends a path nowhere else.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        return path
+    return dcmread(path)
 
 
 def _rejection(name: str, peer: str, assoc: Association) -> DeliveryError:

@@ -2,6 +2,8 @@
 
 A file is written to a temporary name, fsynced, renamed into place and its folder
 fsynced, so a crash leaves either the whole file or no file under the final name.
+A received instance, already on the spool's disk, is adopted the same way without a
+copy: fsync, rename to a generated name, fsync of the folder.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from node.db import utcnow
 
 TMP_SUFFIX = ".partial"
+COPY_CHUNK = 1 << 20
 
 
 class SpoolFull(Exception):
@@ -66,6 +69,27 @@ class Spool:
         os.replace(temporary, final)
         _fsync_dir(final.parent)
         return final
+
+    def adopt(self, source: Path, digest: Any | None = None) -> str:
+        """Move a file already on the spool's disk to a fresh incoming path, durably.
+
+        The file is written once: its data is fsynced (``digest``, if given, is fed the
+        bytes on the same read), it is renamed to a name the node generates and the
+        folder that holds the new name is fsynced.  Returns the new relative path.
+        """
+        relative = self.new_incoming()
+        final = self.path(relative)
+        if not final.parent.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(final.parent.parent)
+        with open(source, "rb") as handle:
+            if digest is not None:
+                while chunk := handle.read(COPY_CHUNK):
+                    digest.update(chunk)
+            os.fsync(handle.fileno())
+        os.replace(source, final)
+        _fsync_dir(final.parent)
+        return relative
 
     def path(self, relative: str) -> Path:
         """The absolute path of a relative spool path; refuses anything outside the root."""

@@ -104,6 +104,21 @@ def test_series_is_spooled_and_recorded(
         assert header["NodeOutput"] is False
 
 
+def test_full_size_slices_are_received(
+    receiver: Receiver, ctx: NodeContext, tmp_path: Path
+) -> None:
+    """512 x 512 PixelData is larger than the header reader's defer size: it stays on disk
+    and is still checked (it was once read while checked, and every such slice refused)."""
+    series = write_phantom_series(tmp_path / "full", PhantomSpec(slices=2, size=512))
+    assert storescu(receiver.port, series) == [0x0000] * 2
+    instances = ctx.queries.series_instances(series_uid(series[0]))
+    assert len(instances) == 2
+    for instance in instances:
+        received = dcmread(ctx.spool.path(instance.spool_path))
+        original = next(p for p in series if dcmread(p).SOPInstanceUID == received.SOPInstanceUID)
+        assert np.array_equal(received.pixel_array, dcmread(original).pixel_array)
+
+
 def test_every_transfer_syntax_is_received(
     receiver: Receiver,
     ctx: NodeContext,

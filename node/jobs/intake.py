@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, literal, select, update
+from sqlalchemy import Engine, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
@@ -61,25 +62,36 @@ class Intake(JobWriter):
         """Record a spooled instance; returns the outcome and the spool path that holds it.
 
         A SOP Instance UID seen before is never overwritten: identical content is a
-        harmless resend, different content keeps the first copy and is reported.
+        harmless resend, different content keeps the first copy and is reported.  A new
+        instance (the common case, once per received instance) takes two plain
+        statements on a connection, committed before this returns, without the ORM's
+        unit of work.
         """
         now = utcnow()
-        with self._sessions.begin() as session:
+        engine: Engine = self._sessions.kw["bind"]
+        new_instance, count_in_series = _recording_statements(engine)
+        with engine.begin() as connection:
             # One INSERT that yields to an existing row, so a concurrent association that
             # stored the same UID a moment earlier leads to the same path as any resend.
-            insert = dialect_of(session).insert(Instance)
-            inserted = session.execute(
-                insert.values(**record.__dict__, received_at=now)
-                .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
-                .returning(Instance.id)
-            ).scalar()
-            if inserted is None:
-                existing = session.scalars(
-                    select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
-                ).one()
-                return self._duplicate(session, existing, record, now)
-            session.execute(self._upsert_series(session, record, now))
-            return RecordOutcome.NEW, record.spool_path
+            row = {**record.__dict__, "received_at": now}
+            if connection.execute(new_instance, row).scalar() is not None:
+                connection.execute(
+                    count_in_series,
+                    {
+                        "series_instance_uid": record.series_instance_uid,
+                        "study_instance_uid": record.study_instance_uid,
+                        "calling_ae_title": record.calling_ae_title,
+                        "instance_count": 1,
+                        "first_received_at": now,
+                        "last_received_at": now,
+                    },
+                )
+                return RecordOutcome.NEW, record.spool_path
+        with self._sessions.begin() as session:
+            existing = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
+            ).one()
+            return self._duplicate(session, existing, record, now)
 
     def _duplicate(
         self, session: Session, existing: Instance, record: InstanceRecord, now: datetime
@@ -106,29 +118,6 @@ class Intake(JobWriter):
                 )
             )
         return RecordOutcome.CONFLICT, existing.spool_path
-
-    @staticmethod
-    def _upsert_series(session: Session, record: InstanceRecord, now: datetime) -> Any:
-        statement = (
-            dialect_of(session)
-            .insert(Series)
-            .values(
-                series_instance_uid=record.series_instance_uid,
-                study_instance_uid=record.study_instance_uid,
-                calling_ae_title=record.calling_ae_title,
-                instance_count=1,
-                first_received_at=now,
-                last_received_at=now,
-            )
-        )
-        return statement.on_conflict_do_update(
-            index_elements=[Series.series_instance_uid],
-            set_={
-                "instance_count": Series.instance_count + 1,
-                "last_received_at": now,
-                "calling_ae_title": record.calling_ae_title,
-            },
-        )
 
     def create_job(self, new: NewJob) -> int | None:
         """Turn a settled series into a queued (or skipped) job, once.
@@ -185,6 +174,29 @@ class Intake(JobWriter):
                 _snapshot_inputs(session, job.id, new.series_instance_uid)
                 _supersede_queued(session, job.id, new.series_instance_uid, now)
             return job.id
+
+
+@functools.cache
+def _recording_statements(engine: Engine) -> tuple[Any, Any]:
+    """The receiver's two statements, built once per engine (their values are bound at
+    each execution): the instance's INSERT that yields to an existing row, and the
+    series' upsert that counts it."""
+    dialect = dialect_of(engine)
+    new_instance = (
+        dialect.insert(Instance)
+        .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+        .returning(Instance.id)
+    )
+    series = dialect.insert(Series)
+    count_in_series = series.on_conflict_do_update(
+        index_elements=[Series.series_instance_uid],
+        set_={
+            "instance_count": Series.instance_count + 1,
+            "last_received_at": series.excluded.last_received_at,
+            "calling_ae_title": series.excluded.calling_ae_title,
+        },
+    )
+    return new_instance, count_in_series
 
 
 def _snapshot_inputs(session: Session, job_id: int, series_instance_uid: str) -> None:

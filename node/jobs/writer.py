@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result, Select, and_, select, update
+from sqlalchemy import CursorResult, Engine, Result, Select, and_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -148,6 +148,7 @@ def rows_changed(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-def dialect_of(session: Session) -> Any:
+def dialect_of(bind: Session | Engine) -> Any:
     """The dialect module whose ``insert`` has ON CONFLICT (PostgreSQL or SQLite)."""
-    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
+    return postgresql if engine.dialect.name == "postgresql" else sqlite

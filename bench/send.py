@@ -1,0 +1,164 @@
+"""Send: the node's sender and DCMTK storescu deliver the same series to Orthanc.
+
+``python -m bench.send [--quick] [--slices N] [--repeat N]``
+
+Each run starts a fresh Orthanc (empty storage).  storescu (``TCP_NODELAY=1``) sends the
+phantom series' files in one association.  The node's sender gets the same files as the
+derived series of a job in ``sending`` on a fresh SQLite job table (made by the job
+table's own verbs, as a worker leaves it), and the time is that of ``Sender.run_once``,
+which claims the job, opens one association, sends every instance, records each
+acknowledgement and concludes the job.  The runs are interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+
+from bench import common
+from devtools.orthanc import OrthancServer
+from node.config import Settings
+from node.context import NodeContext
+from node.db import utcnow
+from node.jobs.manager import DerivedFile, InstanceRecord, NewJob
+from node.sender import Sender
+from node.spool import Spool
+
+HOLDER = "bench-worker"
+
+
+def sending_job(ctx: NodeContext, paths: Sequence[Path]) -> int:
+    """A job in ``sending`` whose derived series is ``paths``, copied into the spool."""
+    manager = ctx.manager
+    for index, path in enumerate(paths):
+        ds = dcmread(path, stop_before_pixels=True)
+        relative = f"incoming/{index:05d}.dcm"
+        ctx.spool.write_atomic(relative, lambda handle, p=path: handle.write(p.read_bytes()))
+        manager.record_instance(
+            InstanceRecord(
+                sop_instance_uid=ds.SOPInstanceUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                study_instance_uid=ds.StudyInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                spool_path=relative,
+                sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                size_bytes=path.stat().st_size,
+                header={},
+                calling_ae_title="BENCH",
+                peer_address="127.0.0.1",
+            )
+        )
+    (series,) = ctx.queries.settled_series(utcnow())
+    job_id = manager.create_job(
+        NewJob(
+            series_instance_uid=series.series_instance_uid,
+            study_instance_uid=series.study_instance_uid,
+            calling_ae_title=series.calling_ae_title,
+            settled_through=series.last_received_at,
+            instance_count=series.instance_count,
+            rule="bench",
+            strength=1.0,
+            destinations=["pacs"],
+        )
+    )
+    assert job_id is not None and manager.claim_next_job(HOLDER) is not None
+    derived = []
+    for index, path in enumerate(paths):
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        relative = Spool.derived(job_id, index)
+        ctx.spool.link(f"incoming/{index:05d}.dcm", relative)
+        derived.append(DerivedFile(uid, uid, None, relative))
+    manager.record_derived(job_id, HOLDER, derived)
+    manager.finish_denoising(job_id, HOLDER, series.series_instance_uid, "bench", "0", "bench")
+    return job_id
+
+
+def node_sender(folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
+    """Seconds for the node's sender to deliver the job's series to ``server``."""
+    settings = Settings(
+        state_dir=folder / "state",
+        database_url=f"sqlite:///{folder / 'state' / 'jobs.sqlite'}",
+        destinations={
+            "pacs": {"ae_title": server.ae_title, "host": server.host, "port": server.dicom_port}
+        },
+        spool_min_free_mb=0,
+    )
+    ctx = NodeContext.open(settings)
+    try:
+        job_id = sending_job(ctx, paths)
+        started = time.perf_counter()
+        Sender(ctx).run_once()
+        seconds = time.perf_counter() - started
+        state = ctx.queries.get_job(job_id).state
+        if state != "done":
+            raise common.CannotRun(f"the sender left the job {state}, not done")
+        return seconds
+    finally:
+        ctx.close()
+
+
+def storescu(_folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
+    return common.storescu(server.dicom_port, paths, server.ae_title)
+
+
+Sender_ = Callable[[Path, OrthancServer, Sequence[Path]], float]
+
+
+def measure(send: Sender_, paths: Sequence[Path]) -> float:
+    """Send the series into a fresh Orthanc; the seconds, checked by Orthanc's count."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-send-") as folder,
+        OrthancServer(Path(folder) / "orthanc") as server,
+    ):
+        seconds = send(Path(folder), server, paths)
+        if server.count_instances() != len(paths):
+            raise common.CannotRun(f"Orthanc holds {server.count_instances()} instances")
+        return seconds
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    count = common.slices(args)
+    repeat = args.repeat or (1 if args.quick else 3)
+    paths = common.phantom_series(count)
+    senders: dict[str, Sender_] = {"DCMTK storescu": storescu, "node's sender": node_sender}
+    runs: dict[str, list[float]] = {name: [] for name in senders}
+    for attempt in range(1, repeat + 1):
+        for name, send in senders.items():
+            common.progress(f"run {attempt}/{repeat}: {count} slices by {name} into Orthanc")
+            runs[name].append(measure(send, paths))
+            common.progress(f"  {runs[name][-1]:.2f} s, {count / runs[name][-1]:.1f} slices/s")
+    storescu_s = statistics.median(runs["DCMTK storescu"])
+    common.print_table(
+        f"Send: {count} slices of {common.SIZE}x{common.SIZE} "
+        f"({common.megabytes(paths):.0f} MB) into Orthanc in one association, median of {repeat}",
+        ["sender", "slices/s", "x storescu", "runs (s)"],
+        [
+            [
+                name,
+                count / statistics.median(seconds),
+                storescu_s / statistics.median(seconds),
+                ", ".join(common.cell(s) for s in seconds),
+            ]
+            for name, seconds in runs.items()
+        ],
+    )
+    common.note("target: the node's sender >= 0.8x storescu")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = common.parser(__doc__.splitlines()[0])
+    options.add_argument("--repeat", type=int, help="runs per sender (default 3, 1 with --quick)")
+    return common.run("Send benchmark", options, benchmark, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
