@@ -72,6 +72,8 @@ class Rule(BaseModel):
     min_slices: int | None = Field(None, ge=1)
     strength: float | None = Field(None, ge=0.0, le=1.0)
     destinations: list[str] | None = None
+    #: jobs of this rule are taken before those of lower priority (default 0)
+    priority: int = 0
 
     @field_validator("series_description", "convolution_kernel")
     @classmethod

@@ -30,7 +30,7 @@ from node.jobs.states import DeliveryState, EventKind
 log = logging.getLogger(__name__)
 
 ECHO_TIMEOUT_SECONDS = 3.0
-Action = Literal["retry", "cancel", "resend"]
+Action = Literal["retry", "cancel", "resend", "priority"]
 
 
 class JobNotFound(LookupError):
@@ -67,6 +67,7 @@ class JobSummary(_View):
 
     id: int
     state: JobState
+    priority: int
     series_instance_uid: str
     study_instance_uid: str
     calling_ae_title: str
@@ -303,9 +304,14 @@ def _require_files(ctx: NodeContext, paths: list[str], what: str, job_id: int) -
 
 
 def act(
-    ctx: NodeContext, action: Action, job_id: int, actor: str, destination: str | None = None
+    ctx: NodeContext,
+    action: Action,
+    job_id: int,
+    actor: str,
+    destination: str | None = None,
+    priority: int | None = None,
 ) -> JobSummary:
-    """Retry, cancel or resend a job on behalf of ``actor``; logged as an audit line.
+    """Retry, cancel, resend or reprioritise a job for ``actor``; logged as an audit line.
 
     Raises JobNotFound, or ActionRefused with a message an administrator can act on.
     """
@@ -318,6 +324,10 @@ def act(
             manager.retry_job(job_id, actor)
         elif action == "cancel":
             manager.cancel_job(job_id, actor)
+        elif action == "priority":
+            if priority is None:
+                raise ActionRefused(f"job {job_id}: say which priority (an integer)")
+            manager.set_priority(job_id, priority, actor)
         else:
             if destination not in ctx.settings.destinations:
                 known = ", ".join(sorted(ctx.settings.destinations)) or "none"
@@ -337,7 +347,8 @@ def act(
         job_id,
         actor,
         extra={"audit": True, "actor": actor, "action": action, "job_id": job_id}
-        | ({"destination": destination} if destination else {}),
+        | ({"destination": destination} if destination else {})
+        | ({"priority": priority} if action == "priority" else {}),
     )
     return JobSummary.model_validate(ctx.queries.get_job(job_id))
 

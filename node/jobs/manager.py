@@ -19,8 +19,8 @@ from node.jobs.delivery import Deliveries
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
 from node.jobs.records import JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
-from node.jobs.tables import Delivery, DerivedInstance, Job, JobDestination
-from node.jobs.writer import LostClaim, rows_changed
+from node.jobs.tables import Delivery, DerivedInstance, Job, JobDestination, JobEvent
+from node.jobs.writer import PRIORITY_ORDER, LostClaim, rows_changed
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
 
@@ -43,7 +43,7 @@ class JobManager(Intake, Deliveries):
     """Verbs on the job table: record, settle, claim, heartbeat, finish, retry, cancel."""
 
     def claim_next_job(self, worker: str) -> JobView | None:
-        """Atomically take the oldest runnable queued job for ``worker``.
+        """Atomically take the runnable queued job of highest priority, then oldest.
 
         PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so workers never wait on each other.
         SQLite: the write lock taken at BEGIN serialises claims; the conditional
@@ -54,7 +54,7 @@ class JobManager(Intake, Deliveries):
             select(Job.id)
             .where(Job.state == JobState.QUEUED)
             .where(or_(Job.run_after.is_(None), Job.run_after <= now))
-            .order_by(Job.id)
+            .order_by(*PRIORITY_ORDER)
             .limit(1)
             .with_for_update(skip_locked=True)
         )
@@ -305,6 +305,24 @@ class JobManager(Intake, Deliveries):
             finished_at=None,
             _also=lambda session: _forget_deliveries(session, job_id, destination),
         )
+
+    def set_priority(self, job_id: int, priority: int, actor: str) -> int:
+        """Change a job's priority in any state; returns the old one.  Audited in the timeline."""
+        with self._sessions.begin() as session:
+            old = session.scalar(select(Job.priority).where(Job.id == job_id).with_for_update())
+            if old is None:
+                raise TransitionError(f"job {job_id} does not exist")
+            session.execute(update(Job).where(Job.id == job_id).values(priority=priority))
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    at=utcnow(),
+                    kind=EventKind.ADMIN_ACTION,
+                    actor=actor,
+                    message=f"priority {old} → {priority} set by {actor}",
+                )
+            )
+        return old
 
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
         """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""

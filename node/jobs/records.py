@@ -54,6 +54,7 @@ class JobView:
     study_instance_uid: str
     calling_ae_title: str
     state: str
+    priority: int
     rule: str
     strength: float
     destinations: list[str]

@@ -73,6 +73,8 @@ class Job(Base):
     study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), index=True)
+    #: higher first, then oldest: workers and senders take jobs in this order
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rule: Mapped[str] = mapped_column(String(64))
     strength: Mapped[float] = mapped_column(Float)
     destinations: Mapped[list[str]] = mapped_column(JSON)

@@ -89,9 +89,10 @@ def _act(
     action: overview.Action,
     job_id: int,
     destination: str | None = None,
+    priority: int | None = None,
 ) -> JobSummary:
     try:
-        return overview.act(web.ctx, action, job_id, principal.actor, destination)
+        return overview.act(web.ctx, action, job_id, principal.actor, destination, priority)
     except overview.JobNotFound as exc:
         raise HTTPException(404, str(exc)) from exc
     except overview.UnknownDestination as exc:
@@ -118,6 +119,21 @@ def cancel(
 ) -> JobSummary:
     """Stop a job that has not finished."""
     return _act(web, principal, "cancel", job_id)
+
+
+class PriorityRequest(BaseModel):
+    priority: int = Field(description="higher first, then oldest; 0 unless a rule says")
+
+
+@_routes.post("/jobs/{job_id}/priority", response_model=JobSummary, responses=ACTION_ERRORS)
+def set_priority(
+    job_id: JobId,
+    request: Annotated[PriorityRequest, Body()],
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(admin)],
+) -> JobSummary:
+    """Change the job's priority: workers and senders take higher priority first."""
+    return _act(web, principal, "priority", job_id, priority=request.priority)
 
 
 @_routes.get("/status", response_model=NodeStatus, tags=["node"])
