@@ -232,7 +232,17 @@ def _status_text(status: overview.NodeStatus) -> str:
         f"Spool         {spool.path}: {format_bytes(spool.free_bytes)} free of "
         f"{format_bytes(spool.total_bytes)} (refuses below {format_bytes(spool.min_free_bytes)})"
     )
+    lines.append(f"Housekeeping  {_housekeeping_text(status.housekeeping)}")
     return "\n".join(lines)
+
+
+def _housekeeping_text(run: overview.HousekeepingSummary | None) -> str:
+    if run is None:
+        return "never ran"
+    return (
+        f"{format_time(run.at)} by {run.actor}: {run.jobs} jobs purged, {run.files} files "
+        f"({run.orphan_files} orphaned), {format_bytes(run.bytes)} freed"
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -259,8 +269,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     print(
         f"{len(report.jobs)} finished jobs older than {args.older_than:g} days: {verb} "
-        f"{report.derived_files} derived and {report.received_files} received files "
-        f"({format_bytes(report.bytes)})"
+        f"{report.derived_files} derived and {report.received_files} received files, "
+        f"{report.orphan_files} orphaned files ({format_bytes(report.bytes)})"
     )
     return 0
 

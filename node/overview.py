@@ -145,6 +145,17 @@ class SpoolView(BaseModel):
     min_free_bytes: int
 
 
+class HousekeepingSummary(_View):
+    """What the spool's housekeeping (or ``denoise-node purge``) last did."""
+
+    at: UtcDatetime
+    actor: str
+    jobs: int
+    files: int
+    orphan_files: int
+    bytes: int
+
+
 class NodeStatus(BaseModel):
     """Everything ``denoise-node status`` and the dashboard header show."""
 
@@ -155,6 +166,7 @@ class NodeStatus(BaseModel):
     workers: list[WorkerView]
     destinations: list[DestinationCheck]
     spool: SpoolView
+    housekeeping: HousekeepingSummary | None
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -288,7 +300,13 @@ def node_status(ctx: NodeContext, destinations: list[DestinationCheck] | None = 
         workers=worker_views(ctx),
         destinations=check_destinations(ctx) if destinations is None else destinations,
         spool=spool_view(ctx),
+        housekeeping=_housekeeping(ctx),
     )
+
+
+def _housekeeping(ctx: NodeContext) -> HousekeepingSummary | None:
+    run = ctx.queries.last_housekeeping()
+    return None if run is None else HousekeepingSummary.model_validate(run)
 
 
 # -- steering ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Reads live in ``node.jobs.queries``, the process registry in ``node.jobs.registr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -17,9 +17,17 @@ from sqlalchemy.orm import Session
 from node.db import utcnow
 from node.jobs.delivery import Deliveries
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
-from node.jobs.records import JobView
+from node.jobs.records import HousekeepingView, JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
-from node.jobs.tables import Delivery, DerivedInstance, Job, JobDestination, JobEvent
+from node.jobs.tables import (
+    LAST_HOUSEKEEPING,
+    Delivery,
+    DerivedInstance,
+    HousekeepingRun,
+    Job,
+    JobDestination,
+    JobEvent,
+)
 from node.jobs.writer import PRIORITY_ORDER, LostClaim, rows_changed
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
@@ -323,6 +331,11 @@ class JobManager(Intake, Deliveries):
                 )
             )
         return old
+
+    def record_housekeeping(self, run: HousekeepingView) -> None:
+        """Keep what housekeeping did last, for ``status`` and the dashboard."""
+        with self._sessions.begin() as session:
+            session.merge(HousekeepingRun(name=LAST_HOUSEKEEPING, **asdict(run)))
 
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
         """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""

@@ -183,6 +183,24 @@ class JobDestination(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+#: The key of the one ``housekeeping_runs`` row.
+LAST_HOUSEKEEPING = "last"
+
+
+class HousekeepingRun(Base):
+    """What the spool's housekeeping last did: one row, overwritten by every run."""
+
+    __tablename__ = "housekeeping_runs"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    actor: Mapped[str] = mapped_column(String(128))
+    jobs: Mapped[int] = mapped_column(Integer)
+    files: Mapped[int] = mapped_column(Integer)
+    orphan_files: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
 class Worker(Base):
     """A running process of the node, with its role and last sign of life."""
 
