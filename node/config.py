@@ -54,6 +54,10 @@ class Destination(BaseModel):
         return value
 
 
+#: Job priorities an administrator or a rule may set (the column is a 32-bit integer).
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
+
+
 class Rule(BaseModel):
     """Which series are denoised, how strongly and where the result goes.
 
@@ -75,7 +79,7 @@ class Rule(BaseModel):
     strength: float | None = Field(None, ge=0.0, le=1.0)
     destinations: list[str] | None = None
     #: jobs of this rule are taken before those of lower priority (default 0)
-    priority: int = 0
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
     @field_validator("series_description", "convolution_kernel")
     @classmethod

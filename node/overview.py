@@ -20,7 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node import __version__
-from node.config import Destination
+from node.config import PRIORITY_MAX, PRIORITY_MIN, Destination
 from node.context import NodeContext
 from node.db import utcnow
 from node.dicom_tls import TLSSetupError, client_tls_args
@@ -343,8 +343,10 @@ def act(
         elif action == "cancel":
             manager.cancel_job(job_id, actor)
         elif action == "priority":
-            if priority is None:
-                raise ActionRefused(f"job {job_id}: say which priority (an integer)")
+            if priority is None or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+                raise ActionRefused(
+                    f"job {job_id}: a priority is an integer from {PRIORITY_MIN} to {PRIORITY_MAX}"
+                )
             manager.set_priority(job_id, priority, actor)
         else:
             if destination not in ctx.settings.destinations:

@@ -161,3 +161,12 @@ def test_api_and_dashboard_change_the_priority(admin_node: AdminNode, web_url: s
     messages = [e.message for e in admin_node.ctx.queries.job_events(job_id)]
     assert "priority 0 → 4 set by web:local" in messages
     assert "priority 4 → -2 set by web:local" in messages
+
+
+def test_a_priority_out_of_range_is_refused(
+    admin_node: AdminNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = admin_node.jobs["queued"]
+    assert main(["--config", str(admin_node.config), "jobs", "priority", str(job_id), "5000"]) == 1
+    assert "from -1000 to 1000" in capsys.readouterr().err
+    assert admin_node.ctx.queries.get_job(job_id).priority == 0

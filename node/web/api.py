@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from node import overview
-from node.config import AE_TITLE
+from node.config import AE_TITLE, PRIORITY_MAX, PRIORITY_MIN
 from node.jobs import JobState
 from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
 from node.web.auth import CSRF_HEADER, Principal, check_post
@@ -122,10 +122,18 @@ def cancel(
 
 
 class PriorityRequest(BaseModel):
-    priority: int = Field(description="higher first, then oldest; 0 unless a rule says")
+    priority: int = Field(
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="higher first, then oldest; 0 unless a rule says",
+    )
 
 
-@_routes.post("/jobs/{job_id}/priority", response_model=JobSummary, responses=ACTION_ERRORS)
+@_routes.post(
+    "/jobs/{job_id}/priority",
+    response_model=JobSummary,
+    responses={**ACTION_ERRORS, 400: {"model": Problem, "description": "the body is not JSON"}},
+)
 def set_priority(
     job_id: JobId,
     request: Annotated[PriorityRequest, Body()],
