@@ -73,6 +73,8 @@ def test_retention_removes_only_files_of_finished_jobs(admin_node: AdminNode) ->
 
     housekeeper.run_once()
     assert len(purged(admin_node, "done")) == 1, "a purged job is purged once"
+    admin_node.ctx.manager.record_purge(admin_node.jobs["done"], "second-housekeeper", "0 files")
+    assert len(purged(admin_node, "done")) == 1, "two housekeepers write one event"
 
 
 def test_high_water_mark_purges_recent_jobs_oldest_first(admin_node: AdminNode) -> None:

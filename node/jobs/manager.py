@@ -338,8 +338,31 @@ class JobManager(Intake, Deliveries):
             session.merge(HousekeepingRun(name=LAST_HOUSEKEEPING, **asdict(run)))
 
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
-        """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""
-        self.add_event(job_id, actor, EventKind.PURGED, f"spool purged: {detail}")
+        """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards.
+
+        Once per purge: of two housekeepers (two processes) that removed the files, the
+        second finds the first's event under the job row's lock and writes none.
+        """
+        with self._sessions.begin() as session:
+            finished = session.scalar(
+                select(Job.finished_at).where(Job.id == job_id).with_for_update()
+            )
+            already = session.scalar(
+                select(func.count())
+                .select_from(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.kind == EventKind.PURGED)
+                .where(JobEvent.at >= finished)
+            )
+            if finished is not None and not already:
+                session.add(
+                    JobEvent(
+                        job_id=job_id,
+                        at=utcnow(),
+                        kind=EventKind.PURGED,
+                        actor=actor,
+                        message=f"spool purged: {detail}",
+                    )
+                )
 
 
 def _inherit_deliveries(session: Session, job_id: int, reused: list[DerivedFile]) -> None:
