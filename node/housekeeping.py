@@ -120,8 +120,10 @@ def _purgeable(ctx: NodeContext, finished_before: datetime) -> list[JobView]:
 
 
 def spool_used_percent(ctx: NodeContext) -> float:
+    """How full the spool's disk is, as ``df`` says it (blocks reserved for root left out)."""
     usage = shutil.disk_usage(ctx.spool.root)
-    return 100.0 * (usage.total - usage.free) / usage.total if usage.total else 0.0
+    available = usage.used + usage.free
+    return 100.0 * usage.used / available if available else 0.0
 
 
 def _relieve_spool(ctx: NodeContext, actor: str, report: PurgeReport) -> None:
