@@ -1,6 +1,6 @@
 """Admin sub-commands of ``denoise-node``: look at and steer the job table from a terminal.
 
-``jobs list|show|retry|cancel|resend``, ``status``, ``purge`` and ``web hash-password``.
+``jobs list|show|retry|cancel|resend|priority``, ``status``, ``purge`` and ``web hash-password``.
 Tables fit 100 columns; ``--json`` prints the same data as the REST API for scripts.
 Exit codes: 0 done, 1 refused (unknown job, impossible action, unreachable destination).
 """
@@ -14,14 +14,14 @@ import logging
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
-from node import overview
+from node import housekeeping, overview
 from node.config import load_settings
 from node.context import NodeContext
 from node.db import utcnow
@@ -36,7 +36,6 @@ from node.overview import (
     format_time,
     naive_utc,
 )
-from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -120,23 +119,25 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         (
             str(job.id),
             job.state,
+            str(job.priority),
             f"{job.created_at:%m-%d %H:%M:%S}",
             job.calling_ae_title,
             f"{job.denoised_count}/{job.instance_count}",
-            _tail(job.series_instance_uid, 14),
+            _tail(job.series_instance_uid, 9),
             job.last_error or job.reason or f"attempt {job.attempts}/{job.max_attempts}",
         )
         for job in jobs
     ]
-    headers = ("ID", "STATE", "CREATED (UTC)", "AE", "SLICES", "SERIES", "NOTE")
-    print(_table(headers, (5, 9, 14, 16, 7, 14), rows) if rows else "no jobs")
+    headers = ("ID", "STATE", "PRIO", "CREATED (UTC)", "AE", "SLICES", "SERIES", "NOTE")
+    print(_table(headers, (5, 9, 4, 14, 16, 7, 9), rows) if rows else "no jobs")
     return 0
 
 
 def _show(job: overview.JobDetail) -> str:
     sent = ", ".join(f"{name} {count}/{job.denoised_count}" for name, count in job.sent.items())
     lines = [
-        f"Job {job.id}  {job.state}  rule {job.rule!r}, strength {job.strength:g}",
+        f"Job {job.id}  {job.state}  priority {job.priority}  rule {job.rule!r}, "
+        f"strength {job.strength:g}",
         f"Series     {job.series_instance_uid}",
         f"Study      {job.study_instance_uid}",
         f"From       {job.calling_ae_title}",
@@ -181,11 +182,14 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 def _action(action: overview.Action) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         with _context(args) as ctx:
-            job = overview.act(ctx, action, args.id, cli_actor(), getattr(args, "to", None))
+            job = overview.act(
+                ctx, action, args.id, cli_actor(), getattr(args, "to", None), args.priority
+            )
         if args.json:
             _print_json(job)
         else:
-            print(f"job {job.id}: {action} done, now {job.state}")
+            extra = f", priority {job.priority}" if action == "priority" else ""
+            print(f"job {job.id}: {action} done, now {job.state}{extra}")
         return 0
 
     return command
@@ -229,7 +233,17 @@ def _status_text(status: overview.NodeStatus) -> str:
         f"Spool         {spool.path}: {format_bytes(spool.free_bytes)} free of "
         f"{format_bytes(spool.total_bytes)} (refuses below {format_bytes(spool.min_free_bytes)})"
     )
+    lines.append(f"Housekeeping  {_housekeeping_text(status.housekeeping)}")
     return "\n".join(lines)
+
+
+def _housekeeping_text(run: overview.HousekeepingSummary | None) -> str:
+    if run is None:
+        return "never ran"
+    return (
+        f"{format_time(run.at)} by {run.actor}: {run.jobs} jobs purged, {run.files} files "
+        f"({run.orphan_files} orphaned), {format_bytes(run.bytes)} freed"
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -247,84 +261,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- purge -------------------------------------------------------------------------------
 
 
-@dataclass
-class PurgeReport:
-    jobs: list[int] = field(default_factory=list)
-    received_files: int = 0
-    derived_files: int = 0
-    bytes: int = 0
-
-
-def _remove(ctx: NodeContext, paths: list[str], dry_run: bool) -> tuple[int, int]:
-    """Remove spool files; returns (files, bytes) removed (or that would be)."""
-    files = freed = 0
-    for relative in paths:
-        path = ctx.spool.path(relative)
-        try:
-            freed += path.stat().st_size
-            if not dry_run:
-                path.unlink()
-        except FileNotFoundError:
-            continue
-        files += 1
-    return files, freed
-
-
-def purge_spool(
-    ctx: NodeContext, older_than_days: float, actor: str, dry_run: bool = False
-) -> PurgeReport:
-    """Remove spool files of jobs final for longer than the retention; never of others.
-
-    A job's derived files go once the job is final and old; the received instances of
-    its series only when every job of the series is (a late instance would need them).
-    Each purge is written to the job's timeline.
-    """
-    from node.web.preview import drop_previews
-
-    queries = ctx.queries
-    cutoff = utcnow() - timedelta(days=older_than_days)
-    report = PurgeReport()
-    for job in queries.purgeable_jobs(cutoff):
-        derived = [d.spool_path for d in queries.derived_instances(job.id)]
-        received = []
-        if queries.series_finished_before(job.series_instance_uid, cutoff):
-            received = [i.spool_path for i in queries.series_instances(job.series_instance_uid)]
-        derived_files, derived_bytes = _remove(ctx, derived, dry_run)
-        received_files, received_bytes = _remove(ctx, received, dry_run)
-        report.jobs.append(job.id)
-        report.derived_files += derived_files
-        report.received_files += received_files
-        report.bytes += derived_bytes + received_bytes
-        if dry_run:
-            continue
-        drop_previews(ctx.settings, job.id)
-        with suppress(OSError):  # the receiver may still write into a date folder: keep those
-            ctx.spool.path(Spool.derived(job.id, 0)).parent.rmdir()
-        detail = (
-            f"{derived_files} derived and {received_files} received files, "
-            f"{format_bytes(derived_bytes + received_bytes)} (retention {older_than_days:g} days)"
-        )
-        ctx.manager.record_purge(job.id, actor, detail)
-        log.info(
-            "purged spool of job %s: %s",
-            job.id,
-            detail,
-            extra={"audit": True, "actor": actor, "action": "purge", "job_id": job.id},
-        )
-    return report
-
-
 def cmd_purge(args: argparse.Namespace) -> int:
     with _context(args) as ctx:
-        report = purge_spool(ctx, args.older_than, cli_actor(), args.dry_run)
+        report = housekeeping.purge_spool(ctx, args.older_than, cli_actor(), args.dry_run)
     if args.json:
         _print_json(asdict(report))
         return 0
     verb = "would remove" if args.dry_run else "removed"
     print(
         f"{len(report.jobs)} finished jobs older than {args.older_than:g} days: {verb} "
-        f"{report.derived_files} derived and {report.received_files} received files "
-        f"({format_bytes(report.bytes)})"
+        f"{report.derived_files} derived and {report.received_files} received files, "
+        f"{report.orphan_files} orphaned files ({format_bytes(report.bytes)})"
     )
     return 0
 
@@ -390,9 +337,31 @@ def _states(text: str) -> list[str]:
     return states
 
 
+def _add_actions(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``jobs retry|cancel|resend|priority``: the verbs that change a job."""
+    actions: tuple[tuple[overview.Action, str], ...] = (
+        ("retry", "run a finished, failed, skipped or cancelled job again"),
+        ("cancel", "stop a job that has not finished"),
+        ("resend", "send a job's derived series (again) to a destination"),
+        ("priority", "set a job's priority: higher first, then oldest"),
+    )
+    for action, text in actions:
+        verb = verbs.add_parser(action, help=text)
+        verb.add_argument("id", type=int)
+        if action == "resend":
+            verb.add_argument("--to", required=True, metavar="DEST", help="destination name")
+        verb.set_defaults(priority=None)
+        if action == "priority":
+            verb.add_argument("priority", type=int, help="the new priority (default of jobs: 0)")
+        _json_flag(verb)
+        verb.set_defaults(func=_refusals(_action(action)))
+
+
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``jobs``, ``status``, ``purge`` and ``web`` to ``denoise-node``'s sub-commands."""
-    jobs = subparsers.add_parser("jobs", help="list, show, retry, cancel, resend or forget jobs")
+    jobs = subparsers.add_parser(
+        "jobs", help="list, show, retry, cancel, resend, reprioritise or forget jobs"
+    )
     verbs = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
 
     listing = verbs.add_parser("list", help="the newest jobs, filtered")
@@ -409,18 +378,8 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     show.add_argument("id", type=int)
     _json_flag(show)
     show.set_defaults(func=_refusals(cmd_jobs_show))
-    actions: tuple[tuple[overview.Action, str], ...] = (
-        ("retry", "run a finished, failed, skipped or cancelled job again"),
-        ("cancel", "stop a job that has not finished"),
-        ("resend", "send a job's derived series (again) to a destination"),
-    )
-    for action, text in actions:
-        verb = verbs.add_parser(action, help=text)
-        verb.add_argument("id", type=int)
-        if action == "resend":
-            verb.add_argument("--to", required=True, metavar="DEST", help="destination name")
-        _json_flag(verb)
-        verb.set_defaults(func=_refusals(_action(action)))
+
+    _add_actions(verbs)
     add_forget_command(verbs, _context, cli_actor, _refusals)
 
     status = subparsers.add_parser(

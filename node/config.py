@@ -43,6 +43,8 @@ class Destination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
+    #: the destination confirms storage (commitment); until it has, retention keeps the files
+    storage_commitment: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -50,6 +52,10 @@ class Destination(BaseModel):
         if not AE_TITLE.match(value) or not value.strip():
             raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
         return value
+
+
+#: Job priorities an administrator or a rule may set (the column is a 32-bit integer).
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 
 
 class Rule(BaseModel):
@@ -72,6 +78,8 @@ class Rule(BaseModel):
     min_slices: int | None = Field(None, ge=1)
     strength: float | None = Field(None, ge=0.0, le=1.0)
     destinations: list[str] | None = None
+    #: jobs of this rule are taken before those of lower priority (default 0)
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
     @field_validator("series_description", "convolution_kernel")
     @classmethod
@@ -149,6 +157,11 @@ class Settings(BaseSettings):
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # empty: any
     allowed_addresses: list[str] = Field(default_factory=list)  # CIDR networks; empty: any
     spool_min_free_mb: int = Field(200, ge=0)
+    # Housekeeping (in the send role, else the receive role): README: Configuration.
+    retention_days: float = Field(30.0, ge=0.0)  # spool files of jobs finished this long ago go
+    spool_high_water_percent: float = Field(85.0, ge=0.0, le=100.0)  # fuller: oldest go early
+    housekeeping_seconds: float = Field(300.0, gt=0.0)  # interval between runs
+    orphan_grace_seconds: float = Field(86400.0, ge=0.0)  # files no row names, this old, go
     # Listener limits: an attacker may not hold the slots (README: Configuration).
     max_pdu_size: int = Field(1048576, ge=4096, le=1 << 30)  # advertised and enforced
     max_associations: int = Field(64, ge=1)

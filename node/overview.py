@@ -20,7 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node import __version__
-from node.config import Destination
+from node.config import PRIORITY_MAX, PRIORITY_MIN, Destination
 from node.context import NodeContext
 from node.db import utcnow
 from node.dicom_tls import TLSSetupError, client_tls_args
@@ -30,7 +30,7 @@ from node.jobs.states import DeliveryState, EventKind
 log = logging.getLogger(__name__)
 
 ECHO_TIMEOUT_SECONDS = 3.0
-Action = Literal["retry", "cancel", "resend"]
+Action = Literal["retry", "cancel", "resend", "priority"]
 
 
 class JobNotFound(LookupError):
@@ -67,6 +67,7 @@ class JobSummary(_View):
 
     id: int
     state: JobState
+    priority: int
     series_instance_uid: str
     study_instance_uid: str
     calling_ae_title: str
@@ -144,6 +145,17 @@ class SpoolView(BaseModel):
     min_free_bytes: int
 
 
+class HousekeepingSummary(_View):
+    """What the spool's housekeeping (or ``denoise-node purge``) last did."""
+
+    at: UtcDatetime
+    actor: str
+    jobs: int
+    files: int
+    orphan_files: int
+    bytes: int
+
+
 class NodeStatus(BaseModel):
     """Everything ``denoise-node status`` and the dashboard header show."""
 
@@ -154,6 +166,7 @@ class NodeStatus(BaseModel):
     workers: list[WorkerView]
     destinations: list[DestinationCheck]
     spool: SpoolView
+    housekeeping: HousekeepingSummary | None
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -287,7 +300,13 @@ def node_status(ctx: NodeContext, destinations: list[DestinationCheck] | None = 
         workers=worker_views(ctx),
         destinations=check_destinations(ctx) if destinations is None else destinations,
         spool=spool_view(ctx),
+        housekeeping=_housekeeping(ctx),
     )
+
+
+def _housekeeping(ctx: NodeContext) -> HousekeepingSummary | None:
+    run = ctx.queries.last_housekeeping()
+    return None if run is None else HousekeepingSummary.model_validate(run)
 
 
 # -- steering ----------------------------------------------------------------------------
@@ -303,9 +322,14 @@ def _require_files(ctx: NodeContext, paths: list[str], what: str, job_id: int) -
 
 
 def act(
-    ctx: NodeContext, action: Action, job_id: int, actor: str, destination: str | None = None
+    ctx: NodeContext,
+    action: Action,
+    job_id: int,
+    actor: str,
+    destination: str | None = None,
+    priority: int | None = None,
 ) -> JobSummary:
-    """Retry, cancel or resend a job on behalf of ``actor``; logged as an audit line.
+    """Retry, cancel, resend or reprioritise a job for ``actor``; logged as an audit line.
 
     Raises JobNotFound, or ActionRefused with a message an administrator can act on.
     """
@@ -318,6 +342,12 @@ def act(
             manager.retry_job(job_id, actor)
         elif action == "cancel":
             manager.cancel_job(job_id, actor)
+        elif action == "priority":
+            if priority is None or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+                raise ActionRefused(
+                    f"job {job_id}: a priority is an integer from {PRIORITY_MIN} to {PRIORITY_MAX}"
+                )
+            manager.set_priority(job_id, priority, actor)
         else:
             if destination not in ctx.settings.destinations:
                 known = ", ".join(sorted(ctx.settings.destinations)) or "none"
@@ -337,7 +367,8 @@ def act(
         job_id,
         actor,
         extra={"audit": True, "actor": actor, "action": action, "job_id": job_id}
-        | ({"destination": destination} if destination else {}),
+        | ({"destination": destination} if destination else {})
+        | ({"priority": priority} if action == "priority" else {}),
     )
     return JobSummary.model_validate(ctx.queries.get_job(job_id))
 

@@ -28,6 +28,7 @@ class Decision:
     strength: float
     destinations: list[str]
     skip_reason: str | None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def select_series(
             return _skip(rule.name, f"rule {rule.name!r} says skip")
         strength = settings.strength if rule.strength is None else rule.strength
         destinations = rule.destinations or sorted(settings.destinations)
-        return Decision(rule.name, strength, list(destinations), None)
+        return Decision(rule.name, strength, list(destinations), None, rule.priority)
     return _skip("none", "no rule matches: " + "; ".join(mismatches))
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import ConfigError, Settings
 from node.context import NodeContext
+from node.housekeeping import Housekeeper
 from node.receiver import Receiver
 from node.sender import Sender
 from node.settler import SeriesSettler
@@ -86,6 +87,12 @@ def run_sender(sender: Sender, stop: threading.Event) -> None:
     poll_until_stopped(stop, sender.run_once, sender.settings.poll_seconds, "send")
 
 
+def run_housekeeper(housekeeper: Housekeeper, stop: threading.Event) -> None:
+    """Spool retention, in the ``send`` role (else ``receive``): polls ``run_once``."""
+    interval = housekeeper.ctx.settings.housekeeping_seconds
+    poll_until_stopped(stop, housekeeper.run_once, interval, "housekeeping")
+
+
 def _role_loops(
     ctx: NodeContext, roles: list[str], stop: threading.Event
 ) -> dict[str, Callable[[], None]]:
@@ -104,6 +111,9 @@ def _role_loops(
     if "send" in roles:
         sender = Sender(ctx, stop)
         loops["send"] = lambda: run_sender(sender, stop)
+    if "send" in roles or "receive" in roles:
+        housekeeper = Housekeeper(ctx)
+        loops["housekeeping"] = lambda: run_housekeeper(housekeeper, stop)
     if "web" in roles:
         loops["web"] = lambda: serve_web(ctx, stop)
     return loops

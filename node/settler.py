@@ -47,6 +47,7 @@ class SeriesSettler:
                     strength=decision.strength,
                     destinations=decision.destinations,
                     skip_reason=decision.skip_reason,
+                    priority=decision.priority,
                 )
             )
             if job_id is None:

@@ -42,7 +42,7 @@ def test_jobs_list_fits_a_terminal_and_filters(admin_node: AdminNode, capsys) ->
     jobs = admin_node.jobs
     code, out, _ = run(admin_node, capsys, "jobs", "list")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split()[:3] == ["ID", "STATE", "CREATED"]
+    assert code == 0 and lines[0].split()[:4] == ["ID", "STATE", "PRIO", "CREATED"]
     assert max(len(line) for line in lines) <= 100
     assert [int(line.split()[0]) for line in lines[1:]] == sorted(jobs.values(), reverse=True)
     assert "model output has NaN values" in out and "SeriesDescription LOCALIZER" in out

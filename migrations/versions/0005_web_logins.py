@@ -1,6 +1,6 @@
 """Dashboard logins in the database: ``web_logins`` (they survive restarts).
 
-Revision ID: 0005_web_logins
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-07 04:45:00.000000
 """
@@ -8,7 +8,7 @@ Create Date: 2026-12-07 04:45:00.000000
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_web_logins"
+revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None

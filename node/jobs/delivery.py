@@ -16,7 +16,7 @@ from node.db import utcnow
 from node.jobs.records import DestinationView, JobView, from_row
 from node.jobs.states import DeliveryState, EventKind, JobState
 from node.jobs.tables import Delivery, Job, JobDestination, JobEvent
-from node.jobs.writer import JobWriter
+from node.jobs.writer import PRIORITY_ORDER, JobWriter
 
 
 class Deliveries(JobWriter):
@@ -117,7 +117,7 @@ class Deliveries(JobWriter):
             .where(Job.state == JobState.SENDING)
             .where(or_(Job.claimed_by.is_(None), Job.heartbeat_at < stale))
             .where(or_(Job.run_after.is_(None), Job.run_after <= now))
-            .order_by(Job.id)
+            .order_by(*PRIORITY_ORDER)
             .limit(1)
             .with_for_update(skip_locked=True)
         )

@@ -53,6 +53,7 @@ class NewJob:
     strength: float
     destinations: list[str]
     skip_reason: str | None = None
+    priority: int = 0
 
 
 class Intake(JobWriter):
@@ -143,6 +144,7 @@ class Intake(JobWriter):
                 study_instance_uid=new.study_instance_uid,
                 calling_ae_title=new.calling_ae_title,
                 state=state,
+                priority=new.priority,
                 rule=new.rule,
                 strength=new.strength,
                 destinations=new.destinations,

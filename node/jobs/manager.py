@@ -7,7 +7,7 @@ Reads live in ``node.jobs.queries``, the process registry in ``node.jobs.registr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -18,10 +18,18 @@ from node.db import utcnow
 from node.jobs.delivery import Deliveries
 from node.jobs.forgetting import ForgottenJob, forget_job
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
-from node.jobs.records import JobView
+from node.jobs.records import HousekeepingView, JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
-from node.jobs.tables import Delivery, DerivedInstance, Job, JobDestination
-from node.jobs.writer import LostClaim, rows_changed
+from node.jobs.tables import (
+    LAST_HOUSEKEEPING,
+    Delivery,
+    DerivedInstance,
+    HousekeepingRun,
+    Job,
+    JobDestination,
+    JobEvent,
+)
+from node.jobs.writer import PRIORITY_ORDER, LostClaim, rows_changed
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
 
@@ -44,7 +52,7 @@ class JobManager(Intake, Deliveries):
     """Verbs on the job table: record, settle, claim, heartbeat, finish, retry, cancel."""
 
     def claim_next_job(self, worker: str) -> JobView | None:
-        """Atomically take the oldest runnable queued job for ``worker``.
+        """Atomically take the runnable queued job of highest priority, then oldest.
 
         PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so workers never wait on each other.
         SQLite: the write lock taken at BEGIN serialises claims; the conditional
@@ -55,7 +63,7 @@ class JobManager(Intake, Deliveries):
             select(Job.id)
             .where(Job.state == JobState.QUEUED)
             .where(or_(Job.run_after.is_(None), Job.run_after <= now))
-            .order_by(Job.id)
+            .order_by(*PRIORITY_ORDER)
             .limit(1)
             .with_for_update(skip_locked=True)
         )
@@ -311,9 +319,55 @@ class JobManager(Intake, Deliveries):
         """Drop a finished job and its series' rows (``node.jobs.forgetting``)."""
         return forget_job(self._sessions, job_id)
 
+    def set_priority(self, job_id: int, priority: int, actor: str) -> int:
+        """Change a job's priority in any state; returns the old one.  Audited in the timeline."""
+        with self._sessions.begin() as session:
+            old = session.scalar(select(Job.priority).where(Job.id == job_id).with_for_update())
+            if old is None:
+                raise TransitionError(f"job {job_id} does not exist")
+            session.execute(update(Job).where(Job.id == job_id).values(priority=priority))
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    at=utcnow(),
+                    kind=EventKind.ADMIN_ACTION,
+                    actor=actor,
+                    message=f"priority {old} → {priority} set by {actor}",
+                )
+            )
+        return old
+
+    def record_housekeeping(self, run: HousekeepingView) -> None:
+        """Keep what housekeeping did last, for ``status`` and the dashboard."""
+        with self._sessions.begin() as session:
+            session.merge(HousekeepingRun(name=LAST_HOUSEKEEPING, **asdict(run)))
+
     def record_purge(self, job_id: int, actor: str, detail: str) -> None:
-        """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards."""
-        self.add_event(job_id, actor, EventKind.PURGED, f"spool purged: {detail}")
+        """Write the purge into the timeline; ``purgeable_jobs`` skips the job afterwards.
+
+        Once per purge: of two housekeepers (two processes) that removed the files, the
+        second finds the first's event under the job row's lock and writes none.
+        """
+        with self._sessions.begin() as session:
+            finished = session.scalar(
+                select(Job.finished_at).where(Job.id == job_id).with_for_update()
+            )
+            already = session.scalar(
+                select(func.count())
+                .select_from(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.kind == EventKind.PURGED)
+                .where(JobEvent.at >= finished)
+            )
+            if finished is not None and not already:
+                session.add(
+                    JobEvent(
+                        job_id=job_id,
+                        at=utcnow(),
+                        kind=EventKind.PURGED,
+                        actor=actor,
+                        message=f"spool purged: {detail}",
+                    )
+                )
 
 
 def _inherit_deliveries(session: Session, job_id: int, reused: list[DerivedFile]) -> None:

@@ -6,16 +6,18 @@ never ORM rows.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select, union
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.jobs.records import (
     DerivedView,
     DestinationView,
     EventView,
+    HousekeepingView,
     InstanceView,
     JobInputView,
     JobView,
@@ -23,10 +25,12 @@ from node.jobs.records import (
     SeriesView,
     from_row,
 )
-from node.jobs.states import FINAL_STATES, EventKind, JobState, TransitionError
+from node.jobs.states import FINAL_STATES, DeliveryState, EventKind, JobState, TransitionError
 from node.jobs.tables import (
+    LAST_HOUSEKEEPING,
     Delivery,
     DerivedInstance,
+    HousekeepingRun,
     Instance,
     Job,
     JobDestination,
@@ -251,12 +255,25 @@ class JobQueries:
                 seconds[job_id] = (at - started[job_id]).total_seconds()
         return [(seconds[job_id], slices[job_id]) for job_id in sorted(seconds)]
 
-    def purgeable_jobs(self, finished_before: datetime) -> list[JobView]:
-        """Final jobs finished before ``finished_before`` whose spool was not purged since."""
+    def purgeable_jobs(
+        self, finished_before: datetime, committing: Collection[str] = ()
+    ) -> list[JobView]:
+        """Final jobs finished before ``finished_before`` whose spool was not purged since,
+        oldest first.
+
+        A job delivered to a destination in ``committing`` (one that asks for storage
+        commitment) stays until that destination is committed: the archive has not yet
+        said it holds the instances.
+        """
         purged = select(JobEvent.id).where(
             JobEvent.job_id == Job.id,
             JobEvent.kind == EventKind.PURGED,
             JobEvent.at >= Job.finished_at,
+        )
+        uncommitted = select(JobDestination.id).where(
+            JobDestination.job_id == Job.id,
+            JobDestination.destination.in_(list(committing)),
+            JobDestination.state.in_([DeliveryState.PENDING, DeliveryState.ACKNOWLEDGED]),
         )
         return self._all(
             JobView,
@@ -264,8 +281,29 @@ class JobQueries:
             .where(Job.state.in_(list(FINAL_STATES)))
             .where(Job.finished_at < finished_before)
             .where(~purged.exists())
-            .order_by(Job.id),
+            .where(~uncommitted.exists())
+            .order_by(Job.finished_at, Job.id),
         )
+
+    def spool_paths_in_use(self) -> set[str]:
+        """Every spool path a row names: received instances, job inputs, derived instances."""
+        named = union(
+            select(Instance.spool_path),
+            select(JobInstance.spool_path),
+            select(DerivedInstance.spool_path),
+        )
+        with self._sessions() as session:
+            return set(session.scalars(named))
+
+    def unfinished_job_ids(self) -> set[int]:
+        """Jobs whose folder of derived files may still grow."""
+        with self._sessions() as session:
+            return set(session.scalars(select(Job.id).where(Job.state.not_in(list(FINAL_STATES)))))
+
+    def last_housekeeping(self) -> HousekeepingView | None:
+        with self._sessions() as session:
+            row = session.get(HousekeepingRun, LAST_HOUSEKEEPING)
+            return None if row is None else from_row(HousekeepingView, row)
 
     def series_finished_before(self, series_instance_uid: str, finished_before: datetime) -> bool:
         """True when the series is settled and every one of its jobs is final and old.

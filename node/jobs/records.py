@@ -54,6 +54,7 @@ class JobView:
     study_instance_uid: str
     calling_ae_title: str
     state: str
+    priority: int
     rule: str
     strength: float
     destinations: list[str]
@@ -127,3 +128,15 @@ class WorkerView:
     started_at: datetime
     heartbeat_at: datetime
     stopped_at: datetime | None
+
+
+@dataclass(frozen=True)
+class HousekeepingView:
+    """One housekeeping run: jobs purged, files removed (orphans among them), bytes freed."""
+
+    at: datetime
+    actor: str
+    jobs: int
+    files: int
+    orphan_files: int
+    bytes: int

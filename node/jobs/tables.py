@@ -73,6 +73,8 @@ class Job(Base):
     study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), index=True)
+    #: higher first, then oldest: workers and senders take jobs in this order
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rule: Mapped[str] = mapped_column(String(64))
     strength: Mapped[float] = mapped_column(Float)
     destinations: Mapped[list[str]] = mapped_column(JSON)
@@ -179,6 +181,24 @@ class JobDestination(Base):
     failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+#: The key of the one ``housekeeping_runs`` row.
+LAST_HOUSEKEEPING = "last"
+
+
+class HousekeepingRun(Base):
+    """What the spool's housekeeping last did: one row, overwritten by every run."""
+
+    __tablename__ = "housekeeping_runs"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    actor: Mapped[str] = mapped_column(String(128))
+    jobs: Mapped[int] = mapped_column(Integer)
+    files: Mapped[int] = mapped_column(Integer)
+    orphan_files: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 class Worker(Base):

@@ -20,6 +20,9 @@ from node.jobs.records import JobView, from_row
 from node.jobs.states import EventKind, JobState, TransitionError, check_transition
 from node.jobs.tables import Job, JobEvent
 
+#: The order in which workers and senders take jobs: higher priority first, then oldest.
+PRIORITY_ORDER = (Job.priority.desc(), Job.id)
+
 
 class LostClaim(TransitionError):
     """The job is no longer held by this process (cancelled, or taken after a stall)."""

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from node import overview
-from node.config import AE_TITLE
+from node.config import AE_TITLE, PRIORITY_MAX, PRIORITY_MIN
 from node.jobs import JobState
 from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
 from node.web.auth import CSRF_HEADER, Principal, check_post
@@ -93,9 +93,10 @@ def _act(
     action: overview.Action,
     job_id: int,
     destination: str | None = None,
+    priority: int | None = None,
 ) -> JobSummary:
     try:
-        return overview.act(web.ctx, action, job_id, principal.actor, destination)
+        return overview.act(web.ctx, action, job_id, principal.actor, destination, priority)
     except overview.JobNotFound as exc:
         raise HTTPException(404, str(exc)) from exc
     except overview.UnknownDestination as exc:
@@ -122,6 +123,29 @@ def cancel(
 ) -> JobSummary:
     """Stop a job that has not finished."""
     return _act(web, principal, "cancel", job_id)
+
+
+class PriorityRequest(BaseModel):
+    priority: int = Field(
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="higher first, then oldest; 0 unless a rule says",
+    )
+
+
+@_routes.post(
+    "/jobs/{job_id}/priority",
+    response_model=JobSummary,
+    responses={**ACTION_ERRORS, 400: {"model": Problem, "description": "the body is not JSON"}},
+)
+def set_priority(
+    job_id: JobId,
+    request: Annotated[PriorityRequest, Body()],
+    web: Annotated[WebState, Depends(web_state)],
+    principal: Annotated[Principal, Depends(admin)],
+) -> JobSummary:
+    """Change the job's priority: workers and senders take higher priority first."""
+    return _act(web, principal, "priority", job_id, priority=request.priority)
 
 
 @_routes.get("/status", response_model=NodeStatus, tags=["node"])

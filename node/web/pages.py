@@ -176,13 +176,14 @@ def job_action(
     principal: Annotated[Principal, Depends(viewer)],
     csrf_token: Annotated[str, Form()] = "",
     destination: Annotated[str | None, Form()] = None,
+    priority: Annotated[int | None, Form()] = None,
 ) -> Response:
     """A button on the job page: act, then show the job again with what happened."""
     session = session_of(request)
     check_post(request, session, csrf_token)
     principal.require_admin()
     try:
-        job = overview.act(web.ctx, action, job_id, principal.actor, destination)
+        job = overview.act(web.ctx, action, job_id, principal.actor, destination, priority)
         session.say("ok", f"{action}: job {job_id} is now {job.state}")
     except overview.JobNotFound as exc:
         raise HTTPException(404, str(exc)) from exc
