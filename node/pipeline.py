@@ -59,7 +59,8 @@ class SeriesResult:
     provider: str = ""
     #: derived instances taken over from an earlier job instead of denoised again
     reused: int = 0
-    #: each denoised slice's noise figure, None where it has no flat soft tissue
+    #: each derived slice's noise figure (a reused one's as its job measured it), None where
+    #: the slice has no flat soft tissue
     noise_slices: list[NoiseFigure | None] = field(default_factory=list)
 
     @property
