@@ -233,7 +233,8 @@ class JobQueries:
             .limit(limit)
         )
         with self._sessions() as session:
-            return [1.0 - after / before for before, after in session.execute(query)]
+            rows = session.execute(query).all()
+        return [1.0 - (after or 0.0) / (before or 1.0) for before, after in rows]
 
     def denoise_timings(self, limit: int = 1000) -> list[tuple[float, int]]:
         """(seconds, slices) of the last denoising of the ``limit`` newest denoised jobs.
