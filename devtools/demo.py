@@ -5,8 +5,8 @@ SQLite and CPU, the shipped model), sends a simulated low-dose copy of a real he
 (or a generated phantom) with DCMTK ``storescu``, waits until Orthanc holds the derived
 series and prints what a person wants to know: slices, seconds per stage, the noise drop
 the job recorded (flat soft tissue, median over slices), the noise in one uniform region
-before and after (with the full-dose figure where there is one), and where to look.  Everything it started is stopped
-again, also on Ctrl-C.
+before and after (with the full-dose figure where there is one), and where to look.
+Everything it started is stopped again, also on Ctrl-C.
 """
 
 from __future__ import annotations
