@@ -75,6 +75,8 @@ class Denoiser:
         self.version: str = metadata.get("version") or "unknown"
         #: input noise (HU, flat soft tissue) the model was trained on; None: not checked
         self.trained_noise_hu = parse_noise_range(metadata.get("trained_noise_hu"))
+        if self.trained_noise_hu is None and metadata.get("trained_noise_hu"):
+            log.warning("model metadata trained_noise_hu is not LOW-HIGH in HU: not checked")
         self.provider: str = self._session.get_providers()[0]
         log.info(
             "model %s %s loaded from %s on %s",
