@@ -78,6 +78,7 @@ class SeriesResult:
             f"(read {self.read_seconds:.1f} s, infer {self.infer_seconds:.1f} s, "
             f"write {self.write_seconds:.1f} s) on {self.provider}"
             + (f"; {self.reused} reused from earlier jobs" if self.reused else "")
+            + (f"; {self.noise.comment()}" if self.noise else "")
         )
 
 

@@ -361,6 +361,8 @@ def test_the_job_records_the_series_noise_and_each_slice_s(
     assert figure.before_hu > 20 and figure.drop > 0.2
     assert "4 of 4 slices measurable" in job.noise_report
     assert warnings_of(context, job_id) == []
+    (denoised,) = [e for e in context.queries.job_events(job_id) if e.kind == EventKind.DENOISED]
+    assert figure.comment() in denoised.message
     for item in context.queries.derived_instances(job_id):
         ds = pydicom.dcmread(context.spool.path(item.spool_path))
         assert item.noise is not None and ds.ImageComments == item.noise.comment()
