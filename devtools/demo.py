@@ -3,9 +3,10 @@
 It starts a real Orthanc and a real node process (``serve --roles receive,work,send``,
 SQLite and CPU, the shipped model), sends a simulated low-dose copy of a real head CT
 (or a generated phantom) with DCMTK ``storescu``, waits until Orthanc holds the derived
-series and prints what a person wants to know: slices, seconds per stage, noise in a
-uniform region before and after, and where to look.  Everything it started is stopped
-again, also on Ctrl-C.
+series and prints what a person wants to know: slices, seconds per stage, the noise drop
+the job recorded (flat soft tissue, median over slices), the noise in one uniform region
+before and after (with the full-dose figure where there is one), and where to look.
+Everything it started is stopped again, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ class Demo:
             f"  input     {label}, {slices} slices\n"
             f"  model     {job.model_name} {job.model_version}, strength {job.strength:g}, CPU\n"
             f"  stages    {self.stages.line()}\n"
-            f"  noise     std in a {ROI}x{ROI} region ({noise.where}, mean {noise.mean:.0f} HU):"
+            f"  noise     {job.noise_report} (as the job records it)\n"
+            f"  region    std in a {ROI}x{ROI} region ({noise.where}, mean {noise.mean:.0f} HU):"
             f" input {noise.before:.1f} HU -> denoised {noise.after:.1f} HU ({change:+.0f} %)"
             f"{reference}\n"
             f'  derived   "{description}", {len(derived)} instances in Orthanc\n'

@@ -155,6 +155,7 @@ def _show(job: overview.JobDetail) -> str:
         lines.append(f"Model      {job.model_name} {job.model_version}")
     if job.output_series_uid:
         lines.append(f"Output     {job.output_series_uid}")
+    lines.append(f"Noise      {job.noise_report}")
     if job.reason:
         lines.append(f"Reason     {job.reason}")
     if job.last_error:

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     # Slices per inference call: 1 is fastest and leanest on a CPU (bench.inference, model
     # 2.2.0: 12.8 vs 12.6 slices/s and 294 vs 659 MiB at 4); a GPU wants more (compose uses 8).
     batch_size: int = Field(1, ge=1, le=256)
+    # A series whose noise in flat soft tissue drops by less than this (0.2 = 20 %) gets a
+    # warning event on its job; it is still sent.
+    noise_warn_drop: float = Field(0.2, ge=0.0, le=1.0)
     max_attempts: int = Field(3, ge=1)
     retry_seconds: float = Field(30.0, gt=0.0)
     heartbeat_seconds: float = Field(5.0, gt=0.0)

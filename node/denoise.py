@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from node.noise import parse_noise_range
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "hu"
@@ -71,6 +73,10 @@ class Denoiser:
         metadata = self._session.get_modelmeta().custom_metadata_map
         self.name: str = metadata.get("name") or self.model_path.stem
         self.version: str = metadata.get("version") or "unknown"
+        #: input noise (HU, flat soft tissue) the model was trained on; None: not checked
+        self.trained_noise_hu = parse_noise_range(metadata.get("trained_noise_hu"))
+        if self.trained_noise_hu is None and metadata.get("trained_noise_hu"):
+            log.warning("model metadata trained_noise_hu is not LOW-HIGH in HU: not checked")
         self.provider: str = self._session.get_providers()[0]
         log.info(
             "model %s %s loaded from %s on %s",

@@ -49,6 +49,7 @@ MODEL_NAME = "ct-denoise-node"
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as generate_uid uses by default
 LO_MAX = 64
 ST_MAX = 1024
+LT_MAX = 10240
 
 #: Transfer syntaxes whose decoded pixels are exactly what the scanner produced.
 _LOSSLESS = {
@@ -121,12 +122,22 @@ class DerivationSpec:
 
 
 def derived_series_uid(source_series_uid: str, spec: DerivationSpec) -> str:
-    """The derived series' UID: the same source, model version and strength give the same UID."""
+    """The derived series' UID: the same source, model version and strength give the same UID.
+
+    UIDs follow the pixels: a derived UID is made from everything its pixels depend on, so
+    the same UID never carries different pixels.  Today a slice's output depends on that
+    slice, the model (name and version) and the strength only (the network sees one slice).
+    A model whose output also depends on more (a series-level noise description,
+    neighbouring slices) must add that to ``DerivationSpec._entropy`` or to the names below.
+    """
     return generate_uid(UID_PREFIX, ["series", source_series_uid, *spec._entropy])
 
 
 def derived_sop_uid(source_sop_uid: str, spec: DerivationSpec, frame: int | None = None) -> str:
     """A derived instance's UID: a resend is the same object, not a duplicate.
+
+    The same rule as ``derived_series_uid``: source slice, model and strength, nothing more,
+    because nothing more reaches the slice's pixels.
 
     ``frame`` (1-based) tells the slices derived from one multi-frame instance apart.
     """
@@ -168,6 +179,7 @@ def derive_instance(
     spec: DerivationSpec,
     now: datetime | None = None,
     frame: int | None = None,
+    comment: str | None = None,
 ) -> Dataset:
     """The denoised single-frame CT instance of ``source`` with stored values ``pixels``.
 
@@ -175,6 +187,7 @@ def derive_instance(
     frame of an Enhanced CT instance with ``frame`` its number, which the derived
     instance then references.  ``pixels`` has the source's stored dtype and shape
     (Rows, Columns).  ``now`` is the instance creation time (default: now, local).
+    ``comment`` becomes ImageComments (the slice's noise figure), which every viewer shows.
     """
     rows, columns = int(source.Rows), int(source.Columns)
     if pixels.shape != (rows, columns):
@@ -197,6 +210,8 @@ def derive_instance(
     ds.SeriesNumber = int(source.get("SeriesNumber") or 0) + spec.series_number_offset
     ds.SeriesDescription = _with_suffix(str(source.get("SeriesDescription", "")), spec)
     ds.DerivationDescription = spec.description[:ST_MAX]
+    if comment:
+        ds.ImageComments = comment[:LT_MAX]
     ds.DerivationCodeSequence = Sequence([_code_item(codes.DCM.Smoothing)])
     ds.SourceImageSequence = Sequence([_source_reference(source, frame)])
     ds.ContributingEquipmentSequence = Sequence(

@@ -3,10 +3,11 @@
 A radiologist and an admin need to see, series by series, what the denoiser did, without a
 full-dose reference.  The measure is the global noise level of Christianson et al. (AJR 2015,
 "Automated technique to measure noise in clinical CT examinations"): the standard deviation
-in a small window (about 5 mm) around every soft-tissue pixel (0-100 HU), and the mode of
-their histogram.  Most soft tissue is flat at that scale, so the mode is the noise of flat
-tissue while edges and texture sit in the histogram's tail.  The same pixels are measured in
-the input and in the output, so the two figures compare like with like.
+in a small window (about 5 mm) around every soft-tissue pixel (0-100 HU there, -50 to 150
+HU here, see SOFT_TISSUE_HU), and the mode of their histogram.  Most soft tissue is flat
+at that scale, so the mode is the noise of flat tissue while edges and texture sit in the
+histogram's tail.  The same pixels are measured in the input and in the output, so the two
+figures compare like with like.
 
 The window is small, so noise grain coarser than the window is partly missed; the figure is
 an index for comparing before and after on one series, not an absolute noise that compares
@@ -18,16 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import binary_erosion, gaussian_filter, uniform_filter
+from scipy.ndimage import gaussian_filter, minimum_filter, uniform_filter
 
-#: Soft tissue (HU) whose local standard deviation is measured.
-SOFT_TISSUE_HU = (0.0, 100.0)
+#: Soft tissue (HU) whose local standard deviation is measured.  Christianson's band is
+#: 0-100 HU; it is widened here because water (0 HU: phantoms, fluid, bladder) sat on its
+#: edge, so half of a flat water region fell out of the mask and how much did depended on
+#: the noise itself.  Fat (-100 HU) and bone stay out.
+SOFT_TISSUE_HU = (-50.0, 150.0)
 #: Side of the local window in mm (odd number of pixels, at least 5).
 WINDOW_MM = 5.0
 #: A slice needs this many soft-tissue pixels away from edges for a figure.
 MIN_PIXELS = 2000
 #: Bins of the local-SD histogram whose mode is the noise.
 HISTOGRAM_BINS = 200
+#: What ImageComments and the job say where a slice or series has no flat soft tissue.
+NOT_MEASURABLE = "denoised: noise not measurable (no flat soft tissue)"
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,59 @@ class NoiseFigure:
         )
 
 
+def slice_comment(figure: NoiseFigure | None) -> str:
+    """ImageComments of a derived slice: its own figure, or that it has none."""
+    return figure.comment() if figure is not None else NOT_MEASURABLE
+
+
+def pixel_size_mm(pixel_spacing: object) -> float:
+    """The mean pixel size of a PixelSpacing value; 1 mm where the header has none usable."""
+    try:
+        sizes = [float(v) for v in pixel_spacing]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return 1.0
+    usable = [v for v in sizes if np.isfinite(v) and v > 0]
+    return float(np.mean(usable)) if usable else 1.0
+
+
+def parse_noise_range(text: str | None) -> tuple[float, float] | None:
+    """The model's trained input-noise range from its ONNX metadata (``"3-60"``, HU), or None.
+
+    A model without the entry (or with one that does not parse) is not checked.
+    """
+    if not text:
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high))
+    except ValueError:
+        return None
+    return bounds if sep and 0 <= bounds[0] < bounds[1] else None
+
+
+def noise_warnings(
+    figure: NoiseFigure | None, warn_drop: float, trained: tuple[float, float] | None
+) -> list[str]:
+    """What an operator should be told about a series' noise figure (the series is still sent).
+
+    No warning where nothing was measurable: the job says "not measurable" instead.
+    """
+    if figure is None:
+        return []
+    warnings = []
+    if figure.drop < warn_drop:
+        warnings.append(
+            f"noise dropped by {figure.drop:.0%} only ({figure.before_hu:.0f} -> "
+            f"{figure.after_hu:.0f} HU in flat soft tissue), less than the expected {warn_drop:.0%}"
+        )
+    if trained is not None and not trained[0] <= figure.before_hu <= trained[1]:
+        warnings.append(
+            f"input noise {figure.before_hu:.0f} HU lies outside what the model was trained on "
+            f"({trained[0]:g}-{trained[1]:g} HU): check the result"
+        )
+    return warnings
+
+
 def window_pixels(pixel_mm: float) -> int:
     """The local window's side in pixels for this pixel size: odd, at least 5."""
     side = max(5, int(round(WINDOW_MM / max(pixel_mm, 1e-3))))
@@ -64,17 +123,24 @@ def soft_tissue_mask(hu: np.ndarray, keep: np.ndarray, side: int) -> np.ndarray:
     smooth = gaussian_filter(hu.astype(np.float32), sigma=1.0)
     low, high = SOFT_TISSUE_HU
     tissue = (smooth >= low) & (smooth <= high) & ~keep
-    eroded: np.ndarray = binary_erosion(tissue, structure=np.ones((side, side), dtype=bool))
+    # a square erosion as a separable minimum filter: the same mask, twice as fast
+    eroded: np.ndarray = minimum_filter(tissue.view(np.uint8), side, mode="constant") > 0
     return eroded
 
 
 def local_sd(hu: np.ndarray, side: int) -> np.ndarray:
-    """Standard deviation of every ``side`` x ``side`` window, unbiased."""
-    x = hu.astype(np.float64)
+    """Standard deviation of every ``side`` x ``side`` window, unbiased.
+
+    In float32 (half the time of float64: it runs for every slice in the worker's writer
+    stage), centred on the soft-tissue band so that the squares stay small: within the
+    band the result is within 0.001 HU of float64's.
+    """
+    x = hu.astype(np.float32) - np.float32(sum(SOFT_TISSUE_HU) / 2)
     mean = uniform_filter(x, side, mode="nearest")
     mean_sq = uniform_filter(x * x, side, mode="nearest")
     n = side * side
-    sd: np.ndarray = np.sqrt(np.clip(mean_sq - mean * mean, 0.0, None) * n / (n - 1))
+    variance = np.clip(mean_sq - mean * mean, 0.0, None) * np.float32(n / (n - 1))
+    sd: np.ndarray = np.sqrt(variance)
     return sd
 
 

@@ -84,6 +84,13 @@ class JobSummary(_View):
     model_name: str | None
     model_version: str | None
     output_series_uid: str | None
+    #: the series' noise in flat soft tissue (HU), before and after; see ``noise_report``
+    noise_before_hu: float | None
+    noise_after_hu: float | None
+    #: measurable slices behind the figure: 0 when none was, None when not measured
+    noise_slices: int | None
+    noise_drop: float | None
+    noise_report: str
     created_at: UtcDatetime
     updated_at: UtcDatetime
     started_at: UtcDatetime | None

@@ -30,6 +30,7 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from node.config import Settings
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derive_instance, derived_series_uid, frame_view
+from node.noise import NoiseFigure, measure_slice, pixel_size_mm, slice_comment, summarise_series
 from node.pixels import PixelCodec, blend, model_input
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,14 @@ class SeriesResult:
     provider: str = ""
     #: derived instances taken over from an earlier job instead of denoised again
     reused: int = 0
+    #: each derived slice's noise figure (a reused one's as its job measured it), None where
+    #: the slice has no flat soft tissue
+    noise_slices: list[NoiseFigure | None] = field(default_factory=list)
+
+    @property
+    def noise(self) -> NoiseFigure | None:
+        """The series' noise figure: medians over its measurable slices, None if none is."""
+        return summarise_series(self.noise_slices)
 
     @property
     def slices_per_second(self) -> float:
@@ -69,6 +78,7 @@ class SeriesResult:
             f"(read {self.read_seconds:.1f} s, infer {self.infer_seconds:.1f} s, "
             f"write {self.write_seconds:.1f} s) on {self.provider}"
             + (f"; {self.reused} reused from earlier jobs" if self.reused else "")
+            + (f"; {self.noise.comment()}" if self.noise else "")
         )
 
 
@@ -217,13 +227,23 @@ class _SeriesRun:
                 t0 = time.perf_counter()
                 mixed = blend(item.hu, out, spec.strength)
                 stored = item.codec.to_stored(mixed, item.stored, item.keep)
-                derived = derive_instance(item.source, stored, spec, self.now, item.frame)
+                noise = _measure(item, mixed)
+                result.noise_slices.append(noise)
+                derived = derive_instance(
+                    item.source, stored, spec, self.now, item.frame, slice_comment(noise)
+                )
                 self.write(item.index, derived)
                 result.instances.append((derived.SOPInstanceUID, item.source.SOPInstanceUID))
                 result.slices += 1
                 result.write_seconds += time.perf_counter() - t0
                 if self.progress is not None:
                     self.progress(result.slices, self.expected)
+
+
+def _measure(item: _Slice, output_hu: np.ndarray) -> NoiseFigure | None:
+    """The slice's noise before and after: the source HU and the blended output HU."""
+    pixel_mm = pixel_size_mm(item.source.get("PixelSpacing"))
+    return measure_slice(item.hu, output_hu, item.keep, pixel_mm)
 
 
 def _batches(stages: _Stages, size: int) -> Iterator[list[_Slice]]:

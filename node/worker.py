@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
@@ -26,7 +27,8 @@ from node.denoise import Denoiser
 from node.derive import DerivationSpec, derived_series_uid, derived_sop_uid
 from node.jobs.manager import DerivedFile, LostClaim
 from node.jobs.records import JobInputView, JobView
-from node.jobs.states import JobState
+from node.jobs.states import EventKind, JobState
+from node.noise import noise_warnings
 from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
 from node.spool import Spool
 
@@ -89,6 +91,7 @@ class Worker:
         try:
             with self._heartbeat(job.id) as lost:
                 result = self._denoise(job, lost)
+            self._warn_about_noise(job.id, result)
             handed_over = self.manager.finish_denoising(
                 job.id,
                 self.name,
@@ -96,6 +99,7 @@ class Worker:
                 self._model.name,
                 self._model.version,
                 result.summary(),
+                result.noise_slices,
             )
         except _Interrupted as exc:
             self._outcome(job, started, logging.INFO, "released", str(exc))
@@ -165,9 +169,19 @@ class Worker:
         else:
             series_uid = derived_series_uid(job.series_instance_uid, spec)
             result = SeriesResult(job.series_instance_uid, series_uid, provider=model.provider)
+        measured = [replace(f, noise=n) for f, n in zip(written, result.noise_slices, strict=True)]
         result.reused = len(reused)
-        self.manager.record_derived(job.id, self.name, reused + written)
+        result.noise_slices = [f.noise for f in reused + measured]
+        self.manager.record_derived(job.id, self.name, reused + measured)
         return result
+
+    def _warn_about_noise(self, job_id: int, result: SeriesResult) -> None:
+        """A warning event for a weak drop or an input noise the model was not trained on."""
+        warnings = noise_warnings(
+            result.noise, self.settings.noise_warn_drop, self._model.trained_noise_hu
+        )
+        for warning in warnings:
+            self.manager.add_event(job_id, self.name, EventKind.WARNING, warning)
 
     def _reuse(
         self, job_id: int, inputs: list[JobInputView], spec: DerivationSpec
@@ -188,7 +202,14 @@ class Worker:
             relative = Spool.reused(job_id, position[source.sop_instance_uid])
             self.ctx.spool.link(derived.spool_path, relative)
             files.append(
-                DerivedFile(uid, source.sop_instance_uid, source.sha256, relative, derived.job_id)
+                DerivedFile(
+                    uid,
+                    source.sop_instance_uid,
+                    source.sha256,
+                    relative,
+                    derived.job_id,
+                    derived.noise,
+                )
             )
         return files
 

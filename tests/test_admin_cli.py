@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,10 +65,16 @@ def test_jobs_show_has_timeline_counts_and_error(admin_node: AdminNode, capsys) 
     assert "received 5 (settled 5), denoised 5, sent pacs 5/5" in out
     assert out.index("→ queued") < out.index("→ running") < out.index("→ done")
     assert "Model      tiny-mean 0.0.1" in out
+    assert re.search(
+        r"^Noise      [\d.]+ -> [\d.]+ HU in flat soft tissue \(\d+% less, 5 of 5 slices", out, re.M
+    )
     _, out, _ = run(admin_node, capsys, "jobs", "show", str(admin_node.jobs["failed"]))
     assert "Error      model output has NaN values" in out
+    assert "Noise      not measured" in out
     _, out, _ = run(admin_node, capsys, "jobs", "show", str(admin_node.jobs["done"]), "--json")
-    assert json.loads(out)["sent"] == {"pacs": 5}
+    shown = json.loads(out)
+    assert shown["sent"] == {"pacs": 5}
+    assert shown["noise_slices"] == 5 and 0 < shown["noise_drop"] < 1
     code, _, err = run(admin_node, capsys, "jobs", "show", "999999")
     assert code == 1 and "job 999999 does not exist" in err
 

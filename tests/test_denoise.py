@@ -37,6 +37,28 @@ def test_metadata_falls_back_to_file_stem(tmp_path: Path) -> None:
     assert (denoiser.name, denoiser.version) == ("plain-model", "unknown")
 
 
+def with_trained_range(tiny_model: Path, folder: Path, text: str) -> Path:
+    """The tiny model with a ``trained_noise_hu`` metadata entry, as an export would write."""
+    model = onnx.load(tiny_model)
+    helper.set_model_props(
+        model, {"name": TINY_NAME, "version": TINY_VERSION, "trained_noise_hu": text}
+    )
+    path = folder / "ranged.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_the_trained_noise_range_comes_from_the_metadata(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert Denoiser(tiny_model, PROVIDERS).trained_noise_hu is None, "absent: not checked"
+    ranged = Denoiser(with_trained_range(tiny_model, tmp_path, "3-60"), PROVIDERS)
+    assert ranged.trained_noise_hu == (3.0, 60.0)
+    with caplog.at_level(logging.WARNING, logger="node.denoise"):
+        garbled = Denoiser(with_trained_range(tiny_model, tmp_path, "low to high"), PROVIDERS)
+    assert garbled.trained_noise_hu is None and "trained_noise_hu" in caplog.text
+
+
 @pytest.mark.parametrize("count,batch_size", [(1, 4), (7, 3), (8, 4)])
 def test_batches_give_the_same_result_as_one_call(
     tiny_model: Path, count: int, batch_size: int

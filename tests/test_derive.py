@@ -16,6 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from node.derive import DerivationSpec, derive_instance, derived_series_uid, derived_sop_uid
+from node.noise import NoiseFigure
 
 SPEC = DerivationSpec(
     model_name="ct-denoise",
@@ -55,10 +56,17 @@ def test_spec_is_validated_early(change: dict, message: str) -> None:
 
 
 def test_uids_are_deterministic_and_depend_on_model_version_and_strength() -> None:
+    """UIDs follow the pixels: same source, model and strength, same UID; any change, a new one."""
     series, sop = "1.2.3.4", "1.2.3.4.5"
     assert derived_series_uid(series, SPEC) == derived_series_uid(series, SPEC)
     assert derived_sop_uid(sop, SPEC) == derived_sop_uid(sop, SPEC)
-    others = [replace(SPEC, strength=0.5), replace(SPEC, model_version="1.3.0")]
+    same = replace(SPEC, series_number_offset=7, description_suffix=" [dn]", node_ae_title="X")
+    assert derived_sop_uid(sop, same) == derived_sop_uid(sop, SPEC), "labels do not change pixels"
+    others = [
+        replace(SPEC, strength=0.5),
+        replace(SPEC, model_version="1.3.0"),
+        replace(SPEC, model_name="other-model"),
+    ]
     for other in others:
         assert derived_series_uid(series, other) != derived_series_uid(series, SPEC)
         assert derived_sop_uid(sop, other) != derived_sop_uid(sop, SPEC)
@@ -148,6 +156,13 @@ def test_drops_what_would_lie_about_the_new_pixels(source: Dataset) -> None:
     assert not any(element.tag.is_private for element in derived)
 
 
+def test_the_noise_comment_is_what_a_viewer_shows(source: Dataset) -> None:
+    comment = NoiseFigure(before_hu=21.0, after_hu=10.0, support=4000).comment()
+    derived = derive_instance(source, source.pixel_array, SPEC, comment=comment)
+    assert derived.ImageComments == "denoised: noise 21 -> 10 HU in flat soft tissue (52% less)"
+    assert "ImageComments" not in derive(source), "no comment given, none written"
+
+
 def test_lossy_history_is_kept(source: Dataset) -> None:
     assert "LossyImageCompression" not in derive(source)
     source.LossyImageCompression = "00"
@@ -188,7 +203,9 @@ def dciodvfy_errors(path: Path) -> set[str]:
 def _assert_no_new_dciodvfy_errors(source_path: Path, tmp_path: Path) -> None:
     source = pydicom.dcmread(source_path)
     derived_path = tmp_path / "derived.dcm"
-    derive(source).save_as(derived_path, enforce_file_format=True)
+    comment = NoiseFigure(before_hu=21.0, after_hu=10.0, support=4000).comment()
+    derived = derive_instance(source, source.pixel_array, SPEC, comment=comment)
+    derived.save_as(derived_path, enforce_file_format=True)
     new = dciodvfy_errors(derived_path) - dciodvfy_errors(source_path)
     assert not new, f"dciodvfy errors not on the source: {sorted(new)}"
 

@@ -8,6 +8,7 @@ A tiny mean-filter ONNX model stands in for the CNN so that the test measures th
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,18 @@ def test_scanner_series_comes_back_denoised_in_the_pacs(
     assert abs(bone_edge_position(after) - noiseless_edge) <= 1.0
     outside = before == -2048
     assert outside.any() and (after[outside] == -2048).all()
+
+    # The job's noise figure and each slice's own, as a viewer shows it in the PACS.
+    figure = job.noise
+    assert figure is not None and job.noise_slices == len(phantom_series)
+    assert figure.before_hu > 20 and figure.drop > 0.3, job.noise_report
+    comment = re.compile(r"^denoised: noise (\d+) -> (\d+) HU in flat soft tissue \((\d+)% less\)$")
+    drops = []
+    for ds in derived:
+        match = comment.match(ds.ImageComments)
+        assert match, ds.ImageComments
+        drops.append(int(match.group(3)))
+    assert abs(float(np.median(drops)) - 100 * figure.drop) <= 5, (drops, figure)
 
 
 def test_compressed_input_is_received_and_denoised(

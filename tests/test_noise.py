@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from node.noise import NoiseFigure, measure_slice, summarise_series, window_pixels
+from node.noise import (
+    NOT_MEASURABLE,
+    NoiseFigure,
+    measure_slice,
+    noise_warnings,
+    parse_noise_range,
+    pixel_size_mm,
+    slice_comment,
+    summarise_series,
+    window_pixels,
+)
 
 
 def _disc_slice(sigma: float, seed: int = 0, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -61,3 +71,60 @@ def test_series_figure_is_the_median_of_measurable_slices() -> None:
     assert series == NoiseFigure(25.0, 11.0, 2)
     assert summarise_series([None, None]) is None
     assert series.comment() == "denoised: noise 25 -> 11 HU in flat soft tissue (56% less)"
+
+
+def test_flat_water_at_zero_hu_is_measurable() -> None:
+    """Water sits at 0 HU: with noise, half of it falls below 0 and must still count."""
+    yy, xx = np.mgrid[:256, :256]
+    inside = (yy - 128) ** 2 + (xx - 128) ** 2 < 100**2
+    clean = np.where(inside, 0.0, -1000.0)
+    noisy = clean + np.random.default_rng(3).normal(0.0, 40.0, clean.shape)
+    figure = measure_slice(noisy, clean, np.zeros_like(inside), pixel_mm=0.8)
+    assert figure is not None
+    assert figure.before_hu == pytest.approx(40.0, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("3-60", (3.0, 60.0)),
+        ("2.5-40.5", (2.5, 40.5)),
+        (None, None),
+        ("", None),
+        ("60-3", None),
+        ("lots", None),
+        ("5", None),
+    ],
+)
+def test_trained_range_from_model_metadata(
+    text: str | None, expected: tuple[float, float] | None
+) -> None:
+    assert parse_noise_range(text) == expected
+
+
+def test_warns_when_the_drop_is_small_or_the_input_noise_is_untrained() -> None:
+    good = NoiseFigure(before_hu=20.0, after_hu=10.0, support=5)
+    weak = NoiseFigure(before_hu=20.0, after_hu=17.0, support=5)
+    loud = NoiseFigure(before_hu=80.0, after_hu=30.0, support=5)
+    assert noise_warnings(good, 0.2, (3.0, 60.0)) == []
+    assert noise_warnings(good, 0.2, None) == []
+    [drop] = noise_warnings(weak, 0.2, (3.0, 60.0))
+    assert "15%" in drop and "20%" in drop
+    [untrained] = noise_warnings(loud, 0.2, (3.0, 60.0))
+    assert "80 HU" in untrained and "3-60" in untrained
+    assert noise_warnings(loud, 0.2, None) == []
+    assert len(noise_warnings(NoiseFigure(80.0, 79.0, 3), 0.2, (3.0, 60.0))) == 2
+
+
+def test_nothing_measurable_gives_no_warning_and_says_so() -> None:
+    assert noise_warnings(None, 0.2, (3.0, 60.0)) == []
+    assert slice_comment(None) == NOT_MEASURABLE
+    figure = NoiseFigure(before_hu=21.0, after_hu=10.0, support=4000)
+    assert slice_comment(figure) == "denoised: noise 21 -> 10 HU in flat soft tissue (52% less)"
+
+
+def test_pixel_size_from_the_header() -> None:
+    assert pixel_size_mm([0.5, 0.7]) == pytest.approx(0.6)
+    assert pixel_size_mm(None) == 1.0
+    assert pixel_size_mm(["x", "y"]) == 1.0
+    assert pixel_size_mm([0.0, -1.0]) == 1.0

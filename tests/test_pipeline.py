@@ -16,6 +16,7 @@ from devtools.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom
 from node.config import Settings
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derived_series_uid
+from node.noise import NOT_MEASURABLE
 from node.pipeline import BadInput, SeriesResult, denoise_folder, denoise_series
 from tests.fixtures.dicom import CompressedCopy
 from tests.fixtures.onnx_models import ScriptedDenoiser
@@ -339,3 +340,31 @@ def test_real_ct_outside_field_of_view_is_unchanged(shared_ct: Path, tiny_model:
     assert outside.any() and "PixelPaddingValue" not in pydicom.dcmread(paths[0])
     np.testing.assert_array_equal(result[outside], source[outside])
     assert (result[~outside] != source[~outside]).any()
+
+
+def test_each_slice_carries_its_own_noise_figure_in_image_comments(
+    phantom_series: list[Path], tiny_model: Path
+) -> None:
+    result, derived = run(phantom_series, Denoiser(tiny_model, PROVIDERS))
+    assert len(result.noise_slices) == len(derived)
+    for figure, ds in zip(result.noise_slices, derived, strict=True):
+        assert figure is not None, "the phantom's water is flat soft tissue"
+        assert ds.ImageComments == figure.comment()
+        assert ds.ImageComments.startswith("denoised: noise ")
+        assert figure.after_hu < figure.before_hu
+    series = result.noise
+    assert series is not None and series.support == len(derived) and series.drop > 0.2
+
+
+def test_a_slice_without_flat_soft_tissue_says_not_measurable(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    paths = write_phantom_series(tmp_path / "air", PhantomSpec(slices=2, size=64))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        air = np.rint((-1000.0 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+        ds.PixelData = np.full((ds.Rows, ds.Columns), air, ds.pixel_array.dtype).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    result, derived = run(paths, Denoiser(tiny_model, PROVIDERS))
+    assert result.noise_slices == [None, None] and result.noise is None
+    assert {ds.ImageComments for ds in derived} == {NOT_MEASURABLE}

@@ -70,9 +70,15 @@ def test_job_detail_has_timeline_counts_and_error(admin_node: AdminNode) -> None
     ]
     assert done["received_count"] == done["denoised_count"] == SLICES
     assert done["sent"] == {"pacs": SLICES}
+    assert done["noise_slices"] == SLICES and done["noise_after_hu"] < done["noise_before_hu"]
+    assert done["noise_drop"] == pytest.approx(1 - done["noise_after_hu"] / done["noise_before_hu"])
+    assert f"{SLICES} of {SLICES} slices measurable" in done["noise_report"]
+    listed = {job["id"]: job for job in api.get("/api/v1/jobs").json()}
+    assert listed[jobs["done"]]["noise_drop"] == done["noise_drop"]
     failed = api.get(f"/api/v1/jobs/{jobs['failed']}").json()
     assert failed["last_error"] == "model output has NaN values"
     assert failed["sent"] == {"pacs": 0}
+    assert (failed["noise_slices"], failed["noise_report"]) == (None, "not measured")
     missing = api.get("/api/v1/jobs/999999")
     assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
 
@@ -131,6 +137,11 @@ def test_dashboard_pages_filter_and_act(admin_node: AdminNode) -> None:
     failed_only = web.get("/partials/dashboard?state=failed").text
     assert f'href="/jobs/{jobs["failed"]}"' in failed_only
     assert f'href="/jobs/{jobs["done"]}"' not in failed_only
+    done = web.get(f"/api/v1/jobs/{jobs['done']}").json()
+    drop = f"({100 * done['noise_drop']:.0f}% less)"
+    assert f"{done['noise_before_hu']:.0f} → {done['noise_after_hu']:.0f} {drop}" in home.text
+    done_page = web.get(f"/jobs/{jobs['done']}").text
+    assert re.search(r'id="job-noise">[\d.]+ -&gt; [\d.]+ HU in flat soft tissue', done_page)
     page = web.get(f"/jobs/{jobs['failed']}")
     assert "model output has NaN values" in page.text and "No preview" in page.text
     acted = web.post(f"/jobs/{jobs['failed']}/retry", data={"csrf_token": csrf_of(page.text)})
@@ -177,6 +188,9 @@ def test_status_and_metrics(admin_node: AdminNode) -> None:
     ):
         assert line in metrics, line
     assert re.search(r"^denoise_node_oldest_queued_job_age_seconds \d", metrics, re.M)
+    assert "denoise_node_noise_drop_ratio_count 1.0" in metrics, "the one measured job"
+    assert 'denoise_node_noise_drop_ratio_bucket{le="0.0"} 0.0' in metrics
+    assert 'denoise_node_noise_drop_ratio_bucket{le="1.0"} 1.0' in metrics
 
 
 def test_health_and_readiness(admin_node: AdminNode, broken_model: Path) -> None:

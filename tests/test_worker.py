@@ -337,3 +337,75 @@ def test_a_running_job_with_a_newer_one_denoises_but_does_not_send(
     assert job.state == JobState.CANCELLED and job.reason.startswith(f"superseded by job {second}")
     assert context.queries.job_events(first)[-1].kind == EventKind.SUPERSEDED
     assert context.queries.get_job(second).state == JobState.QUEUED
+
+
+@pytest.fixture
+def measurable_series(tmp_path: Path) -> list[Path]:
+    """A phantom big enough to hold flat soft tissue (its water) on every slice."""
+    return write_phantom_series(tmp_path / "measurable", PhantomSpec(slices=4, size=128))
+
+
+def warnings_of(ctx: NodeContext, job_id: int) -> list[str]:
+    return [e.message for e in ctx.queries.job_events(job_id) if e.kind == EventKind.WARNING]
+
+
+def test_the_job_records_the_series_noise_and_each_slice_s(
+    context: NodeContext, measurable_series: list[Path]
+) -> None:
+    job_id = queue_series(context, measurable_series)
+    assert Worker(context).run_once() is True
+    job = context.queries.get_job(job_id)
+    assert job.state == JobState.SENDING, job.last_error
+    figure = job.noise
+    assert figure is not None and job.noise_slices == 4 and figure.support == 4
+    assert figure.before_hu > 20 and figure.drop > 0.2
+    assert "4 of 4 slices measurable" in job.noise_report
+    assert warnings_of(context, job_id) == []
+    (denoised,) = [e for e in context.queries.job_events(job_id) if e.kind == EventKind.DENOISED]
+    assert figure.comment() in denoised.message
+    for item in context.queries.derived_instances(job_id):
+        ds = pydicom.dcmread(context.spool.path(item.spool_path))
+        assert item.noise is not None and ds.ImageComments == item.noise.comment()
+
+
+def test_a_weak_drop_and_untrained_input_noise_warn_but_the_series_is_sent(
+    context: NodeContext, measurable_series: list[Path]
+) -> None:
+    model = ScriptedDenoiser()  # returns its input: nothing removed
+    model.trained_noise_hu = (3.0, 10.0)  # the phantom's 40 HU lies outside
+    job_id = queue_series(context, measurable_series)
+    assert Worker(context, denoiser=model).run_once() is True  # type: ignore[arg-type]
+    job = context.queries.get_job(job_id)
+    assert job.state == JobState.SENDING, "a warning never holds the series back"
+    assert job.noise is not None and job.noise.drop < 0.05
+    drop, untrained = warnings_of(context, job_id)
+    assert "less than the expected 20%" in drop
+    assert "outside what the model was trained on (3-10 HU)" in untrained
+
+
+def test_a_series_without_flat_soft_tissue_is_not_measurable_and_not_warned_about(
+    context: NodeContext, series: list[Path]
+) -> None:
+    job_id = queue_series(context, series)  # 64 x 64: too little water for a figure
+    assert Worker(context, denoiser=ScriptedDenoiser()).run_once() is True  # type: ignore[arg-type]
+    job = context.queries.get_job(job_id)
+    assert job.state == JobState.SENDING
+    assert (job.noise_slices, job.noise) == (0, None)
+    assert job.noise_report.startswith("not measurable")
+    assert warnings_of(context, job_id) == []
+
+
+def test_reused_slices_keep_the_noise_their_job_measured(
+    context: NodeContext, measurable_series: list[Path]
+) -> None:
+    first = queue_series(context, measurable_series[:3])
+    worker = Worker(context)
+    assert worker.run_once() is True
+    second = queue_series(context, measurable_series[3:])
+    assert worker.run_once() is True
+    earlier = {d.sop_instance_uid: d.noise for d in context.queries.derived_instances(first)}
+    later = context.queries.derived_instances(second)
+    assert all(
+        d.noise == earlier[d.sop_instance_uid] for d in later if d.sop_instance_uid in earlier
+    )
+    assert context.queries.get_job(second).noise_slices == 4

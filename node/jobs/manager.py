@@ -30,6 +30,7 @@ from node.jobs.tables import (
     JobEvent,
 )
 from node.jobs.writer import PRIORITY_ORDER, LostClaim, rows_changed
+from node.noise import NoiseFigure, summarise_series
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
 
@@ -46,6 +47,8 @@ class DerivedFile:
     source_sha256: str | None
     spool_path: str
     reused_from: int | None = None
+    #: the slice's noise figure; None where it has no flat soft tissue
+    noise: NoiseFigure | None = None
 
 
 class JobManager(Intake, Deliveries):
@@ -106,6 +109,8 @@ class JobManager(Intake, Deliveries):
                             source_sop_instance_uid=file.source_sop_instance_uid,
                             source_sha256=file.source_sha256,
                             spool_path=file.spool_path,
+                            noise_before_hu=file.noise.before_hu if file.noise else None,
+                            noise_after_hu=file.noise.after_hu if file.noise else None,
                         )
                     )
             _inherit_deliveries(session, job_id, [f for f in files if f.reused_from is not None])
@@ -123,8 +128,12 @@ class JobManager(Intake, Deliveries):
         model_name: str,
         model_version: str,
         message: str,
+        noise: list[NoiseFigure | None] | None = None,
     ) -> JobState:
         """running → sending: the derived series is complete in the spool.
+
+        ``noise`` holds each derived slice's figure (None: no flat soft tissue); the job
+        records their median and how many were measurable.  Without it: not measured.
 
         When a newer job of the series exists (a late instance), running → cancelled
         instead: the newer job reuses what this one made and sends the whole series.
@@ -135,6 +144,7 @@ class JobManager(Intake, Deliveries):
             "model_name": model_name,
             "model_version": model_version,
             "last_error": None,
+            **_noise_columns(noise),
         }
         newer = self._newer_job(job_id)
         if newer is None:
@@ -368,6 +378,18 @@ class JobManager(Intake, Deliveries):
                         message=f"spool purged: {detail}",
                     )
                 )
+
+
+def _noise_columns(noise: list[NoiseFigure | None] | None) -> dict[str, Any]:
+    """The job's noise columns for the slices' figures; all NULL when nothing was measured."""
+    if noise is None:
+        return {"noise_before_hu": None, "noise_after_hu": None, "noise_slices": None}
+    series = summarise_series(noise)
+    return {
+        "noise_before_hu": series.before_hu if series else None,
+        "noise_after_hu": series.after_hu if series else None,
+        "noise_slices": series.support if series else 0,
+    }
 
 
 def _inherit_deliveries(session: Session, job_id: int, reused: list[DerivedFile]) -> None:

@@ -226,6 +226,20 @@ class JobQueries:
             ).all()
         return received, derived, {destination: count for destination, count in rows}
 
+    def noise_drops(self, limit: int = 1000) -> list[float]:
+        """Relative noise drops of the ``limit`` newest measured jobs (cancelled ones left out:
+        a superseded job's series is counted by the job that replaced it)."""
+        query = (
+            select(Job.noise_before_hu, Job.noise_after_hu)
+            .where(Job.noise_before_hu > 0, Job.noise_after_hu.is_not(None))
+            .where(Job.state != JobState.CANCELLED)
+            .order_by(Job.id.desc())
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+        return [1.0 - (after or 0.0) / (before or 1.0) for before, after in rows]
+
     def denoise_timings(self, limit: int = 1000) -> list[tuple[float, int]]:
         """(seconds, slices) of the last denoising of the ``limit`` newest denoised jobs.
 

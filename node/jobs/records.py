@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
+from node.noise import NoiseFigure
+
 Record = TypeVar("Record")
 
 
@@ -70,10 +72,39 @@ class JobView:
     model_name: str | None
     model_version: str | None
     output_series_uid: str | None
+    noise_before_hu: float | None
+    noise_after_hu: float | None
+    noise_slices: int | None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+    @property
+    def noise(self) -> NoiseFigure | None:
+        """The series' noise figure; None when not measured or not measurable."""
+        if self.noise_before_hu is None or self.noise_after_hu is None:
+            return None
+        return NoiseFigure(self.noise_before_hu, self.noise_after_hu, self.noise_slices or 0)
+
+    @property
+    def noise_drop(self) -> float | None:
+        """The relative drop of the series' noise (0.4: 40 % less), None without a figure."""
+        figure = self.noise
+        return figure.drop if figure is not None else None
+
+    @property
+    def noise_report(self) -> str:
+        """The noise figure as ``jobs show`` and the dashboard print it."""
+        if self.noise_slices is None:
+            return "not measured"
+        figure = self.noise
+        if figure is None:
+            return "not measurable (no flat soft tissue)"
+        return (
+            f"{figure.before_hu:.1f} -> {figure.after_hu:.1f} HU in flat soft tissue "
+            f"({figure.drop:.0%} less, {figure.support} of {self.denoised_count} slices measurable)"
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +136,15 @@ class DerivedView:
     source_sop_instance_uid: str
     source_sha256: str | None
     spool_path: str
+    noise_before_hu: float | None
+    noise_after_hu: float | None
+
+    @property
+    def noise(self) -> NoiseFigure | None:
+        """The slice's noise figure, None where it had no flat soft tissue."""
+        if self.noise_before_hu is None or self.noise_after_hu is None:
+            return None
+        return NoiseFigure(self.noise_before_hu, self.noise_after_hu, 1)
 
 
 @dataclass(frozen=True)

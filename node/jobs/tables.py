@@ -90,6 +90,11 @@ class Job(Base):
     model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     output_series_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    #: the series' noise in flat soft tissue (HU, median over measurable slices)
+    noise_before_hu: Mapped[float | None] = mapped_column(Float, nullable=True)
+    noise_after_hu: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: measurable slices behind the figure; 0: none measurable; NULL: not measured
+    noise_slices: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -149,6 +154,9 @@ class DerivedInstance(Base):
     #: the source's content when it was denoised: a later job reuses the file only for this
     source_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spool_path: Mapped[str] = mapped_column(String(255))
+    #: the slice's noise figure (HU); NULL where it has no flat soft tissue
+    noise_before_hu: Mapped[float | None] = mapped_column(Float, nullable=True)
+    noise_after_hu: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Delivery(Base):
