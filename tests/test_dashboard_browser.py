@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import urlopen
 
 import pytest
 from PIL import Image
 
-from devtools.tools import free_port
-from node.web import serve_web
 from tests.fixtures.admin import AdminNode, receive_series, settle
 
 pytestmark = pytest.mark.browser
@@ -50,25 +44,9 @@ def browser() -> Iterator[sync_api.Browser]:
 
 
 @pytest.fixture
-def base_url(admin_node: AdminNode) -> Iterator[str]:
-    """The web role of the node, on a free port, as ``serve`` runs it."""
-    port = free_port()
-    admin_node.ctx.settings = admin_node.settings.model_copy(update={"web_port": port})
-    stop = threading.Event()
-    thread = threading.Thread(target=serve_web, args=(admin_node.ctx, stop), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urlopen(f"{url}/healthz", timeout=1).close()
-            break
-        except URLError:
-            assert time.monotonic() < deadline, "the web server did not start"
-            time.sleep(0.1)
-    yield url
-    stop.set()
-    thread.join(10)
+def base_url(admin_web_url: str) -> str:
+    """The node's web role on a free port (tests.fixtures.admin)."""
+    return admin_web_url
 
 
 @pytest.fixture

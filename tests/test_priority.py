@@ -5,23 +5,17 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import re
-import threading
-import time
-from collections.abc import Iterator
-from urllib.error import URLError
 from urllib.parse import urlencode
 from urllib.request import HTTPCookieProcessor, Request, build_opener, urlopen
 
 import pytest
 
-from devtools.tools import free_port
 from node.cli import main
 from node.config import Rule, Settings
 from node.jobs import JobManager, JobQueries, JobState
 from node.jobs.manager import DerivedFile
 from node.jobs.states import EventKind
 from node.rules import select_series
-from node.web import serve_web
 from tests.fixtures.admin import AdminNode
 from tests.fixtures.jobs import instance_record, settle_series
 
@@ -114,25 +108,9 @@ def test_cli_changes_and_shows_the_priority(
 
 
 @pytest.fixture
-def web_url(admin_node: AdminNode) -> Iterator[str]:
-    """The node's web role served by uvicorn on a real port."""
-    port = free_port()
-    admin_node.ctx.settings = admin_node.settings.model_copy(update={"web_port": port})
-    stop = threading.Event()
-    thread = threading.Thread(target=serve_web, args=(admin_node.ctx, stop), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urlopen(f"{url}/healthz", timeout=2).close()
-            break
-        except URLError:
-            assert time.monotonic() < deadline, "the web server did not start"
-            time.sleep(0.1)
-    yield url
-    stop.set()
-    thread.join(10)
+def web_url(admin_web_url: str) -> str:
+    """The node's web role on a free port (tests.fixtures.admin)."""
+    return admin_web_url
 
 
 def test_api_and_dashboard_change_the_priority(admin_node: AdminNode, web_url: str) -> None:
