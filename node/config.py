@@ -46,6 +46,18 @@ class Destination(BaseModel):
     #: the destination confirms storage (commitment); until it has, retention keeps the files
     storage_commitment: bool = False
 
+    @field_validator("storage_commitment")
+    @classmethod
+    def _commitment_not_yet(cls, value: bool) -> bool:
+        # Nothing requests commitment yet, so no delivery would ever be committed and
+        # retention would keep every file of this destination until the spool is full.
+        if value:
+            raise ValueError(
+                "storage commitment is not requested by this version of the node: "
+                "remove storage_commitment or set it to false"
+            )
+        return value
+
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +34,8 @@ class Spool:
         self.root = root.resolve()
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.root.mkdir(parents=True, exist_ok=True)
+        self._durable_folders: set[Path] = set()
+        self._folders_lock = threading.Lock()
 
     def new_incoming(self) -> str:
         """A fresh relative path for a received instance (date folder, random name)."""
@@ -79,9 +82,7 @@ class Spool:
         """
         relative = self.new_incoming()
         final = self.path(relative)
-        if not final.parent.is_dir():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(final.parent.parent)
+        self._durable_folder(final.parent)
         with open(source, "rb") as handle:
             if digest is not None:
                 while chunk := handle.read(COPY_CHUNK):
@@ -90,6 +91,22 @@ class Spool:
         os.replace(source, final)
         _fsync_dir(final.parent)
         return relative
+
+    def _durable_folder(self, folder: Path) -> None:
+        """Create ``folder`` with its entries fsynced up to the root, once per process.
+
+        Under a lock: another thread must not put a file into a folder whose own entry
+        is not on disk yet, or a power loss could take an acknowledged file with it.
+        """
+        with self._folders_lock:
+            if folder in self._durable_folders:
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            for parent in (folder.parent, *folder.parent.parents):
+                _fsync_dir(parent)
+                if parent == self.root:
+                    break
+            self._durable_folders.add(folder)
 
     def path(self, relative: str) -> Path:
         """The absolute path of a relative spool path; refuses anything outside the root."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, Destination, load_settings
 
 
 def test_defaults_run_on_a_laptop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,3 +73,10 @@ def test_invalid_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
         load_settings(broken)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "absent.toml")
+
+
+def test_storage_commitment_is_refused_until_the_node_requests_it() -> None:
+    """Nothing would ever mark a delivery committed, so retention would keep every file."""
+    with pytest.raises(ValidationError, match="storage commitment is not requested"):
+        Destination(ae_title="PACS", host="127.0.0.1", port=104, storage_commitment=True)
+    assert not Destination(ae_title="PACS", host="127.0.0.1", port=104).storage_commitment

@@ -128,6 +128,19 @@ def test_skipped_job_is_final_with_reason(manager: JobManager, queries: JobQueri
     assert manager.claim_next_job("w1") is None
 
 
+def test_a_retried_skipped_job_gets_its_series_as_input(
+    manager: JobManager, queries: JobQueries
+) -> None:
+    for uid in ("1.1", "1.2"):
+        manager.record_instance(record(uid))
+    job_id = settle(manager, queries, skip="only 2 slices; the minimum is 10 (min_slices)")
+    assert queries.job_inputs(job_id) == []
+    manager.retry_job(job_id, "admin")
+    assert sorted(i.sop_instance_uid for i in queries.job_inputs(job_id)) == ["1.1", "1.2"]
+    claimed = manager.claim_next_job("w1")
+    assert claimed is not None and claimed.id == job_id
+
+
 def test_failures_retry_until_max_attempts(manager: JobManager, queries: JobQueries) -> None:
     manager.record_instance(record("1.1"))
     job_id = settle(manager, queries)

@@ -173,7 +173,7 @@ class Intake(JobWriter):
                 )
             )
             if state is JobState.QUEUED:
-                _snapshot_inputs(session, job.id, new.series_instance_uid)
+                snapshot_inputs(session, job.id, new.series_instance_uid)
                 _supersede_queued(session, job.id, new.series_instance_uid, now)
             return job.id
 
@@ -201,8 +201,11 @@ def _recording_statements(engine: Engine) -> tuple[Any, Any]:
     return new_instance, count_in_series
 
 
-def _snapshot_inputs(session: Session, job_id: int, series_instance_uid: str) -> None:
-    """Copy the series' instances into ``job_instances``: what the worker will denoise."""
+def snapshot_inputs(session: Session, job_id: int, series_instance_uid: str) -> None:
+    """Copy the series' instances into ``job_instances``: what the worker will denoise.
+
+    Written when a job is queued; a skipped job has none until an admin retries it.
+    """
     session.execute(
         insert(JobInstance).from_select(
             ["job_id", "sop_instance_uid", "sha256", "spool_path"],

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from node.db import utcnow
 from node.jobs.delivery import Deliveries
 from node.jobs.forgetting import ForgottenJob, forget_job
-from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome
+from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome, snapshot_inputs
 from node.jobs.records import HousekeepingView, JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
 from node.jobs.tables import (
@@ -28,6 +28,7 @@ from node.jobs.tables import (
     Job,
     JobDestination,
     JobEvent,
+    JobInstance,
 )
 from node.jobs.writer import PRIORITY_ORDER, LostClaim, rows_changed
 from node.noise import NoiseFigure, summarise_series
@@ -290,7 +291,7 @@ class JobManager(Intake, Deliveries):
             run_after=None,
             finished_at=None,
             denoised_count=0,
-            _also=lambda session: _forget_deliveries(session, job_id),
+            _also=lambda session: _restart(session, job_id),
         )
 
     def cancel_job(self, job_id: int, actor: str) -> None:
@@ -390,6 +391,15 @@ def _noise_columns(noise: list[NoiseFigure | None] | None) -> dict[str, Any]:
         "noise_after_hu": series.after_hu if series else None,
         "noise_slices": series.support if series else 0,
     }
+
+
+def _restart(session: Session, job_id: int) -> None:
+    """What a retry resets: the deliveries, and the input set of a job that had none (skipped)."""
+    _forget_deliveries(session, job_id)
+    has_inputs = session.scalar(select(JobInstance.id).where(JobInstance.job_id == job_id).limit(1))
+    if has_inputs is None:
+        series = session.scalar(select(Job.series_instance_uid).where(Job.id == job_id))
+        snapshot_inputs(session, job_id, str(series))
 
 
 def _inherit_deliveries(session: Session, job_id: int, reused: list[DerivedFile]) -> None:
