@@ -30,7 +30,7 @@ from node.jobs.tables import (
     JobEvent,
     JobInstance,
 )
-from node.jobs.writer import PRIORITY_ORDER, LostClaim, rows_changed
+from node.jobs.writer import PRIORITY_ORDER, LostClaim, event_row, rows_changed
 from node.noise import NoiseFigure, summarise_series
 
 __all__ = ["DerivedFile", "InstanceRecord", "JobManager", "LostClaim", "NewJob", "RecordOutcome"]
@@ -337,15 +337,8 @@ class JobManager(Intake, Deliveries):
             if old is None:
                 raise TransitionError(f"job {job_id} does not exist")
             session.execute(update(Job).where(Job.id == job_id).values(priority=priority))
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=utcnow(),
-                    kind=EventKind.ADMIN_ACTION,
-                    actor=actor,
-                    message=f"priority {old} → {priority} set by {actor}",
-                )
-            )
+            message = f"priority {old} → {priority} set by {actor}"
+            session.add(event_row(job_id, actor, EventKind.ADMIN_ACTION, message))
         return old
 
     def record_housekeeping(self, run: HousekeepingView) -> None:
@@ -370,15 +363,8 @@ class JobManager(Intake, Deliveries):
                 .where(JobEvent.at >= finished)
             )
             if finished is not None and not already:
-                session.add(
-                    JobEvent(
-                        job_id=job_id,
-                        at=utcnow(),
-                        kind=EventKind.PURGED,
-                        actor=actor,
-                        message=f"spool purged: {detail}",
-                    )
-                )
+                message = f"spool purged: {detail}"
+                session.add(event_row(job_id, actor, EventKind.PURGED, message))
 
 
 def _noise_columns(noise: list[NoiseFigure | None] | None) -> dict[str, Any]:

@@ -28,6 +28,11 @@ class LostClaim(TransitionError):
     """The job is no longer held by this process (cancelled, or taken after a stall)."""
 
 
+def event_row(job_id: int, actor: str, kind: EventKind, message: str) -> JobEvent:
+    """A timeline row that changes no state, stamped now, for the caller's session."""
+    return JobEvent(job_id=job_id, at=utcnow(), kind=kind, actor=actor, message=message)
+
+
 class JobWriter:
     """Owns the session factory; subclasses add the verbs of one stage each."""
 
@@ -38,9 +43,7 @@ class JobWriter:
     def add_event(self, job_id: int, actor: str, kind: EventKind, message: str) -> None:
         """A timeline row that changes no state."""
         with self._sessions.begin() as session:
-            session.add(
-                JobEvent(job_id=job_id, at=utcnow(), kind=kind, actor=actor, message=message)
-            )
+            session.add(event_row(job_id, actor, kind, message))
 
     def _claim(
         self,
