@@ -10,6 +10,10 @@ need=()
 for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools gdcmconv:libgdcm-tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
+# Orthanc's own plugins: the PACS speaks DICOMweb (STOW-RS) and shows the derived series.
+for pair in libOrthancDicomWeb:orthanc-dicomweb libOrthancWebViewer:orthanc-webviewer; do
+  [ -e "/usr/share/orthanc/plugins/${pair%%:*}.so" ] || need+=("${pair##*:}")
+done
 if [ "$mode" = test ] && ! command -v chromium >/dev/null 2>&1; then need+=(chromium); fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
