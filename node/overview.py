@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node import __version__
+from node.association_request import request_association
 from node.config import PRIORITY_MAX, PRIORITY_MIN, Destination
 from node.context import NodeContext
 from node.db import utcnow
@@ -238,13 +239,13 @@ def echo_destination(ctx: NodeContext, name: str, destination: Destination) -> D
     try:
         # The sender's TLS setup, so the check proves what sending needs.
         tls_args = client_tls_args(ctx.settings, destination)
-        assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        assoc, rejection = request_association(
+            ae, destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
         )
     except (TLSSetupError, OSError) as exc:
         return _check(name, destination, False, str(exc))
     if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else "not reachable"
+        why = f"rejected the association ({rejection.words})" if rejection else "not reachable"
         return _check(name, destination, False, why)
     try:
         status = assoc.send_c_echo()

@@ -34,6 +34,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from node.association_request import request_association
 from node.config import Destination
 from node.context import NodeContext
 from node.dicom_tls import TLSSetupError, client_tls_args
@@ -235,17 +236,20 @@ class Sender:
             tls_args = client_tls_args(self.settings, destination)
         except TLSSetupError as exc:
             raise DeliveryError(name, str(exc), Failure.BROKEN) from exc
-        assoc = ae.associate(
+        assoc, rejection = request_association(
+            ae,
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
             max_pdu=self.settings.max_pdu_size,
             tls_args=tls_args,
         )
-        if assoc.is_rejected:
-            raise _rejection(name, peer, assoc)
+        if rejection is not None:
+            # rejected-permanent (an unknown AE title, say) will not change by retrying
+            failure = Failure.REFUSED if rejection.permanent else Failure.TRANSIENT
+            message = f"{peer} rejected the association ({rejection.words})"
+            raise DeliveryError(name, message, failure)
         if not assoc.is_established:
-            # pynetdicom reports a refused connection as an abort: one message for both.
             reason = "could not be reached (connection refused, aborted or timed out)"
             raise DeliveryError(name, f"{peer} {reason}", Failure.TRANSIENT)
         if not any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts):
@@ -315,15 +319,3 @@ def _payload(path: Path, assoc: Association) -> Path | Dataset:
         _config.STORE_SEND_CHUNKED_DATASET = True
         return path
     return dcmread(path)
-
-
-def _rejection(name: str, peer: str, assoc: Association) -> DeliveryError:
-    """The peer's A-ASSOCIATE-RJ in words; rejected-permanent counts as a refusal."""
-    answer = assoc.acceptor.primitive
-    result = getattr(answer, "result", None)
-    try:
-        reason = f"{answer.result_str}, {answer.source_str}: {answer.reason_str}"  # type: ignore[union-attr]
-    except (AttributeError, KeyError, ValueError):
-        reason = "no reason given"
-    failure = Failure.REFUSED if result == 0x01 else Failure.TRANSIENT
-    return DeliveryError(name, f"{peer} rejected the association ({reason})", failure)

@@ -22,6 +22,7 @@ from pynetdicom import AE
 from devtools.orthanc import OrthancServer
 from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
+from node.association_request import request_association
 from node.config import ConfigError, load_settings
 from node.jobs import JobState
 from node.receiver import PIXEL_DATA_INVALID
@@ -55,12 +56,15 @@ def associate_from(port: int, calling_ae: str, source: str) -> bool:
     """Whether an association from ``source`` (a loopback address) as ``calling_ae`` opens."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DENOISE", bind_address=(source, 0))
+    assoc, rejection = request_association(
+        ae, "127.0.0.1", port, ae_title="DENOISE", bind_address=(source, 0)
+    )
     established = assoc.is_established
     if established:
         assoc.release()
     else:
-        assert assoc.is_rejected, "refused callers get an A-ASSOCIATE-RJ, not a dropped socket"
+        assert rejection, "refused callers get an A-ASSOCIATE-RJ, not a dropped socket"
+        assert rejection.permanent and "Service User" in rejection.words
     return established
 
 
