@@ -5,7 +5,7 @@ The scanner sends a phantom series to the PACS (Orthanc) and to the node (a real
 ``denoise-node serve`` process with the tiny mean-filter model); the node sends the
 derived series back to the PACS.  The test opens the study in Orthanc Explorer, opens each
 series in the web viewer from the explorer's own button, scrolls both to the same slice
-and reads the pixels the viewer drew.  The side-by-side screenshot goes to the test's
+and reads the pixels the viewer drew, in its default quality (8-bit JPEG) and lossless.  The side-by-side screenshot goes to the test's
 folder (printed); ``DENOISE_NODE_SCREENSHOTS=docs`` also writes ``docs/viewer.png``.
 """
 
@@ -42,14 +42,18 @@ VIEWPORT = {"width": 680, "height": 680}
 SCREENSHOTS = os.environ.get("DENOISE_NODE_SCREENSHOTS")
 #: Water (0 HU) in the phantom's window (centre 40, width 400), as an 8-bit gray level.
 WATER_GRAY = (0 - (40 - 400 / 2)) / 400 * 255
-IMAGE_SHOWN = """(imageId) => {
+IMAGE_SHOWN = """([imageId, compression]) => {
     try {
         const image = cornerstone.getEnabledElement(document.getElementById('dicomImage')).image;
-        return image !== undefined && (imageId === null || image.imageId === imageId);
+        return image !== undefined && (imageId === null || image.imageId === imageId)
+            && (compression === null || image.Orthanc.Compression === compression);
     } catch (error) {
         return false;
     }
 }"""
+#: The viewer's default quality sends each slice as an 8-bit JPEG (95 %) of the slice's
+#: whole range; its toolbar's "Best quality (lossless)" sends the stored values (deflate).
+QUALITIES = {"default (JPEG 95 %)": "Jpeg", "lossless": "Deflate"}
 #: The gray levels the viewer drew for an image region (cornerstone maps image pixels to
 #: canvas pixels; the rendered canvas is what the radiologist sees).
 REGION_GRAYS = """async ([top, left, bottom, right]) => {
@@ -91,13 +95,25 @@ class Viewer:
         """Slices the viewer's slider offers."""
         return int(self.page.evaluate("$('#slider').slider('option', 'max')")) + 1
 
-    def scroll_to(self, index: int, image_id: str) -> None:
-        """Scroll with the mouse wheel over the image, as a radiologist pages through."""
+    def scroll_to(self, index: int, image_id: str, compression: str) -> None:
+        """Page with the mouse wheel over the image, as a radiologist does, to slice ``index``."""
         self.page.locator("#dicomImage canvas").hover()
-        for _ in range(index):
-            self.page.mouse.wheel(0, 120)
-        self.page.wait_for_function(IMAGE_SHOWN, arg=image_id)
+        current = int(self.page.evaluate("$('#slider').slider('value')"))
+        for _ in range(abs(index - current)):
+            self.page.mouse.wheel(0, 120 if index > current else -120)
+        self.page.wait_for_function(IMAGE_SHOWN, arg=[image_id, compression])
         assert self.page.evaluate("$('#slider').slider('value')") == index
+
+    def best_quality(self) -> None:
+        """The toolbar's "Best quality (lossless)" button; the toolbar is closed again.
+
+        The viewer loads the slice again but redraws the canvas only for another slice:
+        page away and back to see it.
+        """
+        self.page.locator("#open-toolbar").click()
+        self.page.locator(".jsPanel button[title='Best quality (lossless)']").click()
+        self.page.wait_for_function(IMAGE_SHOWN, arg=[None, QUALITIES["lossless"]])
+        self.page.locator("#open-toolbar").click()
 
     def region_grays(self, rows: slice, cols: slice) -> np.ndarray:
         box = [rows.start, cols.start, rows.stop, cols.stop]
@@ -115,7 +131,7 @@ def open_in_viewer(explorer: sync_api.Page, study_id: str, description: str) -> 
     with explorer.context.expect_page() as opened:
         explorer.locator("#series a", has_text="Orthanc Web Viewer").click()
     viewer = Viewer(opened.value)
-    viewer.page.wait_for_function(IMAGE_SHOWN, arg=None)
+    viewer.page.wait_for_function(IMAGE_SHOWN, arg=[None, None])
     return viewer
 
 
@@ -185,10 +201,14 @@ def test_radiologist_sees_the_derived_series_beside_the_original(
             sync_api.expect(viewer.page.locator("#topright")).to_contain_text(title)
             assert viewer.slice_count() == SLICES
             slices = orthanc.get(f"/web-viewer/series/{record['ID']}")["Slices"]
-            viewer.scroll_to(middle, slices[middle])
+            viewer.scroll_to(middle, slices[middle], QUALITIES["default (JPEG 95 %)"])
             positions[name] = slice_position(orthanc, slices[middle])
             sync_api.expect(viewer.page.locator("#bottomleft")).to_have_text("WW/WL:400/40")
-            grays[name] = viewer.region_grays(rows, cols)
+            grays[name, "default (JPEG 95 %)"] = viewer.region_grays(rows, cols)
+            viewer.best_quality()
+            viewer.scroll_to(middle + 1, slices[middle + 1], QUALITIES["lossless"])
+            viewer.scroll_to(middle, slices[middle], QUALITIES["lossless"])
+            grays[name, "lossless"] = viewer.region_grays(rows, cols)
             assert viewer.alerts == []
 
         shot = tmp_path / "viewer.png"
@@ -201,11 +221,13 @@ def test_radiologist_sees_the_derived_series_beside_the_original(
         context.close()
 
     assert positions["original"] == positions["derived"]  # the same slice, side by side
-    before, after = grays["original"], grays["derived"]
-    print(
-        f"soft tissue gray: original {before.mean():.1f} ± {before.std():.1f}, "
-        f"derived {after.mean():.1f} ± {after.std():.1f} ({before.size} canvas pixels)"
-    )
-    assert before.size > 1000
-    assert abs(before.mean() - WATER_GRAY) < 6 and abs(after.mean() - before.mean()) < 3
-    assert after.std() < 0.5 * before.std()
+    for quality in QUALITIES:
+        before, after = grays["original", quality], grays["derived", quality]
+        print(
+            f"soft tissue gray, {quality}: original {before.mean():.1f} ± {before.std():.1f}, "
+            f"derived {after.mean():.1f} ± {after.std():.1f} ({before.size} canvas pixels; "
+            f"{len(set(before))} and {len(set(after))} distinct grays)"
+        )
+        assert before.size > 1000
+        assert abs(before.mean() - WATER_GRAY) < 6 and abs(after.mean() - before.mean()) < 3
+        assert after.std() < 0.5 * before.std()
