@@ -5,8 +5,9 @@ The scanner sends a phantom series to the PACS (Orthanc) and to the node (a real
 ``denoise-node serve`` process with the tiny mean-filter model); the node sends the
 derived series back to the PACS.  The test opens the study in Orthanc Explorer, opens each
 series in the web viewer from the explorer's own button, scrolls both to the same slice
-and reads the pixels the viewer drew, in its default quality (8-bit JPEG) and lossless.  The side-by-side screenshot goes to the test's
-folder (printed); ``DENOISE_NODE_SCREENSHOTS=docs`` also writes ``docs/viewer.png``.
+and reads the pixels the viewer drew, in its default quality (8-bit JPEG) and lossless.
+The side-by-side screenshot goes to the test's folder (printed);
+``DENOISE_NODE_SCREENSHOTS=docs`` also writes ``docs/viewer.png``.
 """
 
 from __future__ import annotations
