@@ -6,7 +6,9 @@ SQLite and CPU, the shipped model), sends a simulated low-dose copy of a real he
 series and prints what a person wants to know: slices, seconds per stage, the noise drop
 the job recorded (flat soft tissue, median over slices), the noise in one uniform region
 before and after (with the full-dose figure where there is one), and where to look.
-Everything it started is stopped again, also on Ctrl-C.
+Everything it started is stopped again, also on Ctrl-C.  With ``--keep`` Orthanc loads the
+Orthanc Web Viewer plugin, also receives the input series (as a scanner would archive it)
+and stays up until Ctrl-C, and the demo prints the viewer's address of both series.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import pydicom
 
 from devtools.node_process import NodeExited, NodeProcess, write_config
-from devtools.orthanc import OrthancServer
+from devtools.orthanc import WEB_VIEWER_PLUGIN, OrthancServer
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node import db
 from node.jobs import FINAL_STATES, JobQueries, JobState
@@ -79,7 +81,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=900.0, help="give up after this many seconds"
     )
     parser.add_argument(
-        "--keep", action="store_true", help="keep Orthanc running until Ctrl-C to look at it"
+        "--keep",
+        action="store_true",
+        help="keep Orthanc running until Ctrl-C, with the input and the derived series "
+        "in its web viewer (prints both addresses)",
     )
 
 
@@ -138,7 +143,11 @@ class Demo:
             node_port = free_port()
             self.say("starting Orthanc (the PACS)")
             orthanc = stack.enter_context(
-                OrthancServer(work / "orthanc", node=(NODE_AE, "127.0.0.1", node_port))
+                OrthancServer(
+                    work / "orthanc",
+                    node=(NODE_AE, "127.0.0.1", node_port),
+                    plugins=viewer_plugins(self.args.keep),
+                )
             )
             self.say(f"starting the node on port {node_port} (SQLite, CPU)")
             node = stack.enter_context(self._node(work, node_port, orthanc))
@@ -156,10 +165,7 @@ class Demo:
             self._summary(label, len(inputs), job, noise, derived, orthanc)
             if self.args.keep:
                 node.close()
-                self.say(f"Orthanc keeps running: {orthanc.explorer_url}  (Ctrl-C to stop)")
-                with contextlib.suppress(KeyboardInterrupt):
-                    while True:
-                        time.sleep(3600)
+                self._keep(orthanc, inputs, job)
             return 0
 
     # -- steps ---------------------------------------------------------------------------
@@ -221,24 +227,7 @@ class Demo:
         series_uid = pydicom.dcmread(inputs[0], stop_before_pixels=True).SeriesInstanceUID
         self.say(f"sending {len(inputs)} slices to the node with DCMTK storescu")
         begin = time.monotonic()
-        result = subprocess.run(
-            [
-                dcmtk_tool("storescu"),
-                "-aet",
-                DEMO_AE,
-                "-aec",
-                NODE_AE,
-                "127.0.0.1",
-                str(node.port),
-                *map(str, inputs),
-            ],
-            env=DCMTK_ENV,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise DemoError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+        store(inputs, NODE_AE, node.port)
         self.stages.send = time.monotonic() - begin
         self.sent_at = db.utcnow()
         self.say(f"sent; waiting {self.args.settle_seconds:g} s for the series to settle")
@@ -268,6 +257,17 @@ class Demo:
                     return job
             time.sleep(0.5)
         raise DemoError(f"no derived series after {self.args.timeout:.0f} s:\n{node.log_tail()}")
+
+    def _keep(self, orthanc: OrthancServer, inputs: list[Path], job: JobView) -> None:
+        """Archive the input in Orthanc too, print where to look at both, wait for Ctrl-C."""
+        self.say(f"sending the {len(inputs)} input slices to Orthanc too, to compare them")
+        store(inputs, orthanc.ae_title, orthanc.dicom_port)
+        source_uid = pydicom.dcmread(inputs[0], stop_before_pixels=True).SeriesInstanceUID
+        print(viewer_addresses(orthanc, source_uid, job.output_series_uid or ""), flush=True)
+        self.say("Orthanc keeps running (Ctrl-C to stop)")
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
 
     def _read_stages(self, queries: JobQueries, job: JobView) -> None:
         """Seconds per stage from the job's timeline (the node's own clock, UTC)."""
@@ -311,6 +311,43 @@ class Demo:
             + ("" if self.args.keep else "  (stopped now; --keep keeps it running)"),
             flush=True,
         )
+
+
+def store(paths: list[Path], called_ae: str, port: int) -> None:
+    """Send ``paths`` to 127.0.0.1:``port`` with DCMTK storescu, as the demo's scanner."""
+    result = subprocess.run(
+        [dcmtk_tool("storescu"), "-aet", DEMO_AE, "-aec", called_ae, "127.0.0.1", str(port)]
+        + [str(path) for path in paths],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DemoError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+
+
+def viewer_plugins(keep: bool) -> tuple[Path, ...]:
+    """The web viewer plugin where the demo keeps Orthanc for a person to look (if installed)."""
+    return (WEB_VIEWER_PLUGIN,) if keep and WEB_VIEWER_PLUGIN.is_file() else ()
+
+
+def viewer_addresses(orthanc: OrthancServer, source_uid: str, derived_uid: str) -> str:
+    """Where to look at the input and the derived series: the web viewer, else the explorer."""
+    lines = []
+    for label, series_uid in (("input", source_uid), ("denoised", derived_uid)):
+        found = {record["ParentSeries"] for record in orthanc.series_instances(series_uid)}
+        if len(found) != 1:
+            raise DemoError(f"Orthanc does not hold the {label} series {series_uid}")
+        series_id = found.pop()
+        if WEB_VIEWER_PLUGIN in orthanc.plugins:
+            address = orthanc.web_viewer_url(series_id)
+        else:
+            address = f"{orthanc.explorer_url}#series?uuid={series_id}"
+        lines.append(f"  {label:<9} {address}")
+    if WEB_VIEWER_PLUGIN not in orthanc.plugins:
+        lines.append("  (apt-get install orthanc-webviewer for the web viewer)")
+    return "\n".join(["\nOpen the series side by side:", *lines])
 
 
 @dataclass

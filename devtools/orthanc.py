@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,9 @@ from devtools.tools import free_port
 ORTHANC_AE = "ORTHANC"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+PLUGINS = Path("/usr/share/orthanc/plugins")
+#: Debian's orthanc-webviewer: a radiologist's view of a series in the browser.
+WEB_VIEWER_PLUGIN = PLUGINS / "libOrthancWebViewer.so"
 
 
 class OrthancError(Exception):
@@ -44,6 +48,7 @@ class OrthancServer:
     The ports are chosen once, so a restarted Orthanc is the same PACS at the same
     address with the same stored instances.  ``node`` is the (AE title, host, port) of
     the node, listed in ``DicomModalities`` so that Orthanc could route series back.
+    ``plugins`` are shared libraries Orthanc loads (e.g. ``WEB_VIEWER_PLUGIN``).
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class OrthancServer:
         node: tuple[str, str, int] = ("DENOISE", "127.0.0.1", 11112),
         dicom_port: int | None = None,
         http_port: int | None = None,
+        plugins: Sequence[Path] = (),
     ) -> None:
         self._own_folder = folder is None
         self.folder = Path(folder or tempfile.mkdtemp(prefix="orthanc-"))
@@ -60,6 +66,7 @@ class OrthancServer:
         self.http_port = http_port or free_port()
         self.host = "127.0.0.1"
         self.ae_title = ORTHANC_AE
+        self.plugins = tuple(plugins)
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- process -------------------------------------------------------------------------
@@ -71,6 +78,10 @@ class OrthancServer:
     @property
     def explorer_url(self) -> str:
         return f"{self.url}/app/explorer.html"
+
+    def web_viewer_url(self, series_id: str) -> str:
+        """The Orthanc Web Viewer's page of one series (its Orthanc id, not its UID)."""
+        return f"{self.url}/web-viewer/app/viewer.html?series={series_id}"
 
     @property
     def log_file(self) -> Path:
@@ -91,7 +102,7 @@ class OrthancServer:
             "OverwriteInstances": False,
             "DicomCheckCalledAet": False,
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": [str(plugin) for plugin in self.plugins],
             "DicomModalities": {"denoise": [ae_title, host, port]},
         }
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import (
     BaseModel,
@@ -28,6 +30,8 @@ ENV_PREFIX = "DENOISE_NODE_"
 #: ``pip install`` and in the image), the default ``model_path``.  ``models/`` writes it.
 SHIPPED_MODEL = Path(__file__).resolve().parent / "model" / "ct_denoise.onnx"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+#: The placeholders a destination's ``viewer_url`` may use.
+VIEWER_URL_FIELDS = frozenset({"study_uid", "series_uid"})
 
 
 class ConfigError(Exception):
@@ -45,6 +49,9 @@ class Destination(BaseModel):
     tls: bool = False
     #: the destination confirms storage (commitment); until it has, retention keeps the files
     storage_commitment: bool = False
+    #: where its viewer shows a series, e.g. "https://pacs/viewer?study={study_uid}"; the
+    #: job page links the derived series there once this destination has acknowledged it
+    viewer_url: str | None = None
 
     @field_validator("storage_commitment")
     @classmethod
@@ -64,6 +71,26 @@ class Destination(BaseModel):
         if not AE_TITLE.match(value) or not value.strip():
             raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
         return value
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("a viewer URL starts with https:// or http://")
+        fields = {field for _, field, _, _ in string.Formatter().parse(value) if field is not None}
+        if not fields <= VIEWER_URL_FIELDS:
+            raise ValueError(f"a viewer URL may only use {{study_uid}} and {{series_uid}}: {value}")
+        return value
+
+    def viewer_link(self, study_uid: str, series_uid: str) -> str | None:
+        """This destination's viewer address of one series (None: no viewer configured)."""
+        if self.viewer_url is None:
+            return None
+        return self.viewer_url.format(
+            study_uid=quote(study_uid, safe=""), series_uid=quote(series_uid, safe="")
+        )
 
 
 #: Job priorities an administrator or a rule may set (the column is a 32-bit integer).

@@ -22,12 +22,13 @@ pytest_plugins = [
     "tests.fixtures.orthanc",
     "tests.fixtures.node",
     "tests.fixtures.admin",
+    "tests.fixtures.browser",
 ]
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
-ORTHANC_FIXTURES = {"orthanc", "shared_orthanc"}
+ORTHANC_FIXTURES = {"orthanc", "shared_orthanc", "web_viewer_orthanc"}
 HERE = Path(__file__).resolve().parent
 
 

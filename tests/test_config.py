@@ -41,6 +41,9 @@ def test_environment_overrides_the_file_including_nested_destinations(
     assert (pacs.ae_title, pacs.host, pacs.port) == ("ORTHANC", "10.0.0.9", 4242)
 
 
+PACS = '[destinations.pacs]\nae_title = "X"\nhost = "h"\nport = 1\n'
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -50,6 +53,8 @@ def test_environment_overrides_the_file_including_nested_destinations(
         ('[destinations.pacs]\nae_title = "X"\nhost = "h"\nport = 0', "destinations.pacs.port"),
         ("no_such_key = 1", "no_such_key"),
         ('[[rules]]\nname = "r"\nseries_description = "("', "rules.0.series_description"),
+        (PACS + 'viewer_url = "https://v/{name}"', "destinations.pacs.viewer_url"),
+        (PACS + 'viewer_url = "javascript:x"', "destinations.pacs.viewer_url"),
     ],
 )
 def test_a_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -5,42 +5,22 @@ Set ``DENOISE_NODE_SCREENSHOTS=docs`` to (re)write ``docs/dashboard.png`` and ``
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from tests.fixtures.admin import AdminNode, receive_series, settle
+from tests.fixtures.browser import save_png
 
 pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = os.environ.get("DENOISE_NODE_SCREENSHOTS")
 PREVIEWS_LOADED = """() => ['soft', 'lung', 'diff'].every((kind) => {
     const image = document.getElementById('preview-' + kind);
     return image && image.complete && image.naturalWidth > 0;
 })"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[sync_api.Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed: apt-get install -y chromium")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -59,13 +39,9 @@ def page(browser: sync_api.Browser, base_url: str) -> Iterator[sync_api.Page]:
 
 
 def screenshot(page: sync_api.Page, name: str) -> None:
-    """A full-page PNG in 64 colours: small enough to commit (the page is mostly grey)."""
+    """A full-page PNG (see ``save_png``) where ``DENOISE_NODE_SCREENSHOTS`` asks for one."""
     if SCREENSHOTS:
-        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
-        image.quantize(colors=64, method=Image.Quantize.FASTOCTREE).save(
-            Path(SCREENSHOTS) / name, optimize=True
-        )
+        save_png(page.screenshot(full_page=True), Path(SCREENSHOTS) / name)
 
 
 def test_dashboard_shows_jobs_filters_and_refreshes_itself(

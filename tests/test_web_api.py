@@ -22,7 +22,7 @@ from devtools.tools import free_port
 from node.config import WebUser
 from node.web import create_app, serve_web
 from node.web.auth import hash_password, verify_password
-from tests.fixtures.admin import SLICES, AdminNode
+from tests.fixtures.admin import SLICES, AdminNode, deliver
 
 LOCAL = "http://127.0.0.1:8080"
 
@@ -148,6 +148,25 @@ def test_dashboard_pages_filter_and_act(admin_node: AdminNode) -> None:
     assert acted.status_code == 303
     assert "is now queued" in web.get(acted.headers["location"]).text
     assert web.get("/jobs/999999").status_code == 404
+
+
+def test_job_page_links_the_derived_series_to_a_configured_viewer(admin_node: AdminNode) -> None:
+    jobs, settings = admin_node.jobs, admin_node.ctx.settings
+    template = "https://pacs.test/view?study={study_uid}&series={series_uid}"
+    pacs = settings.destinations["pacs"].model_copy(update={"viewer_url": template})
+    admin_node.ctx.settings = settings.model_copy(update={"destinations": {"pacs": pacs}})
+    web, manager = client(admin_node), admin_node.ctx.manager
+    assert 'id="viewer-' not in web.get(f"/jobs/{jobs['failed']}").text  # nothing derived
+    manager.resend_job(jobs["done"], "pacs", "test")
+    deliver(admin_node.ctx, jobs["done"], acknowledge=True)
+    done = web.get(f"/api/v1/jobs/{jobs['done']}").json()
+    link = template.format(
+        study_uid=done["study_instance_uid"], series_uid=done["output_series_uid"]
+    )
+    page = web.get(f"/jobs/{jobs['done']}").text
+    assert f'id="viewer-pacs" href="{link.replace("&", "&amp;")}"' in page
+    manager.resend_job(jobs["done"], "pacs", "test")  # pacs is pending again: no link
+    assert 'id="viewer-' not in web.get(f"/jobs/{jobs['done']}").text
 
 
 def test_preview_pngs_are_rendered_and_cached(admin_node: AdminNode) -> None:

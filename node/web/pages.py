@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from node import overview
 from node.forget import forget
 from node.jobs import FINAL_STATES, JobState
+from node.jobs.states import DeliveryState
 from node.web.auth import FLASH_COOKIE, Principal, check_post, client_address
 from node.web.preview import WINDOWS, PreviewUnavailable, preview_png
 from node.web.state import (
@@ -33,6 +34,8 @@ from node.web.throttle import TooManyAttempts
 router = APIRouter(include_in_schema=False)
 StateFilter = Annotated[JobState | None, Query()]
 PAGE_SIZE = 200
+#: Delivery states in which the destination holds the derived series (a viewer can show it).
+HELD = frozenset({DeliveryState.ACKNOWLEDGED, DeliveryState.COMMITTED})
 
 
 def viewer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
@@ -105,7 +108,21 @@ def _job(web: WebState, job_id: int) -> dict[str, Any]:
         "final": job.state in FINAL_STATES,
         "windows": WINDOWS,
         "destinations": sorted(web.ctx.settings.destinations),
+        "viewers": _viewer_links(web, job),
     }
+
+
+def _viewer_links(web: WebState, job: overview.JobDetail) -> dict[str, str]:
+    """The derived series in the viewer of each destination that holds it and has one."""
+    links = {}
+    for delivery in job.delivery:
+        destination = web.ctx.settings.destinations.get(delivery.destination)
+        if destination is None or job.output_series_uid is None or delivery.state not in HELD:
+            continue
+        link = destination.viewer_link(job.study_instance_uid, job.output_series_uid)
+        if link is not None:
+            links[delivery.destination] = link
+    return links
 
 
 @router.get("/jobs/{job_id}")
