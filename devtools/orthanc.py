@@ -44,6 +44,8 @@ class OrthancServer:
     The ports are chosen once, so a restarted Orthanc is the same PACS at the same
     address with the same stored instances.  ``node`` is the (AE title, host, port) of
     the node, listed in ``DicomModalities`` so that Orthanc could route series back.
+    ``extra_config`` is merged over the generated configuration (plugins and their
+    sections, e.g. ``DicomWeb``).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class OrthancServer:
         node: tuple[str, str, int] = ("DENOISE", "127.0.0.1", 11112),
         dicom_port: int | None = None,
         http_port: int | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self._own_folder = folder is None
         self.folder = Path(folder or tempfile.mkdtemp(prefix="orthanc-"))
@@ -60,6 +63,7 @@ class OrthancServer:
         self.http_port = http_port or free_port()
         self.host = "127.0.0.1"
         self.ae_title = ORTHANC_AE
+        self.extra_config = extra_config or {}
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- process -------------------------------------------------------------------------
@@ -93,6 +97,7 @@ class OrthancServer:
             "StorageCompression": False,
             "Plugins": [],
             "DicomModalities": {"denoise": [ae_title, host, port]},
+            **self.extra_config,
         }
 
     def start(self) -> None:
