@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ def multipart(parts: list[bytes]) -> bytes:
 
 def stow(
     node: NodeProcess,
-    body: bytes,
+    body: bytes | Iterator[bytes],
     *,
     user: str | None = "scanner",
     password: str = PASSWORD,
@@ -219,10 +219,22 @@ def test_requests_that_are_not_stow_bodies(node_factory, phantom_series: list[Pa
     assert stow(node, cut_off).status_code == 400
     assert stow(node, b"no multipart here at all").status_code == 400
     assert stow(node, multipart([part] * 40)).status_code == 413
+    chunked = (multipart([part] * 40)[i : i + 65536] for i in range(0, 40 * len(part), 65536))
+    assert stow(node, chunked).status_code == 413  # no Content-Length: counted as it streams
     assert stow(node, multipart([part]), path="/dicomweb/studies/not-a-uid").status_code == 400
     assert node.queries.list_jobs() == []
     assert not list((node.state_dir / "spool").glob("**/*.dcm"))
     assert not list((node.state_dir / "spool" / "stow").iterdir())
+
+
+@SQLITE_ONLY
+def test_addresses_outside_the_allow_list_may_not_store(
+    node_factory, phantom_series: list[Path]
+) -> None:
+    node = start_stow_node(node_factory, roles="web", allowed_addresses=["10.0.0.0/8"])
+    answer = stow(node, multipart([phantom_series[0].read_bytes()]), user="alice")
+    assert answer.status_code == 403
+    assert "address not in allowed_addresses" in node.log_text()
 
 
 def test_orthanc_pushes_a_study_that_comes_back_denoised(
