@@ -23,6 +23,7 @@ from devtools.orthanc import OrthancServer
 from devtools.tools import free_port
 from node.jobs import JobState
 from node.web.auth import hash_password
+from node.web.multipart import MAX_PARTS, BodyTooLarge, PartsToFiles
 
 PASSWORD = "stow-secret"
 TOKEN = "scanner-token-0123456789abcdef"
@@ -282,3 +283,12 @@ def test_orthanc_pushes_a_study_that_comes_back_denoised(
         assert len(derived) == len(phantom_series)
         assert orthanc.count_instances() == 2 * len(phantom_series)
         assert "STOW-RS from web:scanner" in node.log_text()
+
+
+def test_a_body_of_too_many_parts_is_refused_before_it_makes_their_files(tmp_path: Path) -> None:
+    parts = PartsToFiles(tmp_path / "stow", BOUNDARY.encode(), max_bytes=2**30)
+    with pytest.raises(BodyTooLarge, match="parts"):
+        parts.write(multipart([b"x"] * (MAX_PARTS + 1)))
+    assert len(list((tmp_path / "stow").iterdir())) == MAX_PARTS
+    parts.close()
+    assert not list((tmp_path / "stow").iterdir())

@@ -3,7 +3,8 @@
 STOW-RS posts instances as the parts of one ``multipart/related`` body.  The body is
 fed chunk by chunk to python-multipart's parser, whose callbacks write each part's bytes
 to its own file in a folder on the spool's disk (so that an accepted part is renamed into
-the spool, not copied).  The body is bounded: past ``max_bytes`` it is refused.  A body
+the spool, not copied).  The body is bounded: past ``max_bytes`` or ``MAX_PARTS`` it is
+refused.  A body
 that breaks the multipart syntax, or ends before its closing boundary, is malformed.
 """
 
@@ -18,6 +19,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
 from node.spool import TMP_SUFFIX
+
+#: Parts per request: each is a file, so a body of tiny parts cannot make millions.
+MAX_PARTS = 10_000
 
 
 class MalformedBody(ValueError):
@@ -91,6 +95,8 @@ class PartsToFiles:
 
     def _part_begin(self) -> None:
         self._close_handle()
+        if len(self.parts) >= MAX_PARTS:
+            raise BodyTooLarge(f"the request has more than {MAX_PARTS} parts")
         part = Part(self.folder / f"{uuid.uuid4().hex}{TMP_SUFFIX}")
         self.parts.append(part)
         try:

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from node import storing
 from node.context import NodeContext
@@ -120,6 +121,9 @@ async def _stow(
         raise HTTPException(400, str(exc)) from exc
     except BodyTooLarge as exc:
         raise HTTPException(413, str(exc)) from exc
+    except ClientDisconnect:
+        log.warning("STOW-RS from %s: the client left before the body ended", principal.actor)
+        return Response(status_code=400)  # nobody reads it; nothing was stored
     finally:
         await run_in_threadpool(parts.close)
     return answer
