@@ -238,6 +238,7 @@ def test_addresses_outside_the_allow_list_may_not_store(
     assert "address not in allowed_addresses" in node.log_text()
 
 
+@pytest.mark.orthanc  # starts its own Orthanc (with the DICOMweb plugin)
 def test_orthanc_pushes_a_study_that_comes_back_denoised(
     node_factory, phantom_series: list[Path], tmp_path: Path
 ) -> None:
