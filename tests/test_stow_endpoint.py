@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 SOP_INSTANCE, FAILURE_REASON = "00081155", "00081197"
 SPOOL_FULL, DATASET_MISMATCH = 0xA700, 0xA900
 SOP_CLASS_NOT_SUPPORTED, PIXEL_DATA_INVALID = 0x0122, 0xC212
+BODY_MB = 64
 
 
 def web_users() -> list[dict[str, str]]:
@@ -226,6 +228,36 @@ def test_requests_that_are_not_stow_bodies(node_factory, phantom_series: list[Pa
     assert node.queries.list_jobs() == []
     assert not list((node.state_dir / "spool").glob("**/*.dcm"))
     assert not list((node.state_dir / "spool" / "stow").iterdir())
+
+
+@SQLITE_ONLY
+def test_a_large_body_streams_to_disk_not_into_memory(
+    node_factory, phantom_series: list[Path]
+) -> None:
+    """64 MB posted without Content-Length (chunked): the node's peak memory grows by far
+    less than the body, so the body never was in memory whole."""
+    node = start_stow_node(node_factory)
+    part = multipart([phantom_series[0].read_bytes()])
+    warm = stow(node, part)  # imports and connections are not what is measured
+    assert warm.status_code == 200
+    assert node.process is not None
+    before = peak_rss_bytes(node.process.pid)
+    copies = BODY_MB * 2**20 // len(part)
+    single = part.removesuffix(b"--" + BOUNDARY.encode() + b"--\r\n")
+    chunks = (single for _ in range(copies))
+    answer = stow(node, itertools.chain(chunks, [b"--" + BOUNDARY.encode() + b"--\r\n"]))
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(referenced(answer)) == copies  # the same instance, stored once, listed each time
+    growth = peak_rss_bytes(node.process.pid) - before
+    print(f"peak RSS growth for a {BODY_MB} MB body: {growth / 2**20:.1f} MiB")
+    assert growth < BODY_MB // 2 * 2**20
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
 
 
 @SQLITE_ONLY
