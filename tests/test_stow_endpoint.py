@@ -25,6 +25,7 @@ from devtools.tools import free_port
 from node.jobs import JobState
 from node.web.auth import hash_password
 from node.web.multipart import MAX_PARTS, BodyTooLarge, PartsToFiles
+from tests.test_web_guard import Browser, csrf_of
 
 PASSWORD = "stow-secret"
 TOKEN = "scanner-token-0123456789abcdef"
@@ -193,6 +194,14 @@ def test_who_may_store(node_factory, phantom_series: list[Path]) -> None:
     page = requests.get(f"http://127.0.0.1:{port}/", auth=("scanner", PASSWORD))
     assert page.status_code == 403
     assert requests.get(f"http://127.0.0.1:{port}/api/v1/jobs", auth=("vera", PASSWORD)).ok
+    browser = Browser(port)
+    form = browser.get("/login")
+    entered = browser.post(
+        "/login",
+        data={"username": "scanner", "password": PASSWORD, "csrf_token": csrf_of(form.text)},
+    )
+    assert entered.status_code == 303 and entered.headers["location"].endswith("/login")
+    assert "denoise_node_session" not in browser.cookies
 
 
 @SQLITE_ONLY

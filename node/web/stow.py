@@ -5,10 +5,13 @@ and job table under the same rule: an instance is listed in ReferencedSOPSequenc
 once ``node.storing`` has checked it, fsynced it and recorded it; every other part is in
 FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 409: none
 stored.  The body (``multipart/related; type="application/dicom"``) is streamed to files
-part by part (``node.web.multipart``), at most ``stow_max_request_mb``; a malformed body
-stores nothing (400).  Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a
-bearer token (``node.web.auth``), from an address in ``allowed_addresses``.  A request with
-a foreign Origin is refused; there are no browser forms here, so no CSRF token.
+part by part (``node.web.multipart``, into ``<spool>/stow``), at most
+``stow_max_request_mb``; a malformed body stores nothing (400).  What a crash leaves there
+(``*.partial``) goes at the receiver's next start or with housekeeping's orphans.
+
+Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a bearer token
+(``node.web.auth``), from an address in ``allowed_addresses``.  A request with a foreign
+Origin is refused; there are no browser forms here, so no CSRF token.
 
 No ``from __future__ import annotations``: the routes are made per node (their
 dependency reads its allow-list) and FastAPI must see their real annotations.
