@@ -205,17 +205,24 @@ def test_who_may_store(node_factory, phantom_series: list[Path]) -> None:
 
 
 @SQLITE_ONLY
-def test_wrong_basic_passwords_are_throttled(node_factory, phantom_series: list[Path]) -> None:
+def test_wrong_passwords_and_tokens_are_throttled(node_factory, phantom_series: list[Path]) -> None:
     node = start_stow_node(
         node_factory,
         web_login_delay_seconds=30.0,
         web_login_max_delay_seconds=30.0,
     )
     body = multipart([phantom_series[0].read_bytes()])
-    assert stow(node, body, password="wrong").status_code == 401
-    refused = stow(node, body, password="wrong")
+    guess = "guess-7f3a9c"
+    assert stow(node, body, password=guess).status_code == 401
+    refused = stow(node, body, password=guess)
     assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
-    assert "wrong" not in node.log_text().replace("wrong bearer", "")
+    bearer = {"Authorization": f"Bearer {guess}"}
+    assert stow(node, body, user=None, headers=bearer).status_code == 401
+    assert stow(node, body, user=None, headers=bearer).status_code == 429
+    assert (
+        stow(node, body, user=None, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 429
+    )
+    assert guess not in node.log_text()
 
 
 @SQLITE_ONLY
