@@ -76,7 +76,8 @@ class PartsToFiles:
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
-            raise MalformedBody(f"not a multipart body: {exc}") from exc
+            # Not the parser's text: it may quote bytes of the body.
+            raise MalformedBody("not a multipart body (bad boundary or part header)") from exc
 
     def finish(self) -> list[Part]:
         """The parts, once the whole body was read; MalformedBody if it is incomplete."""
