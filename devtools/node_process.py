@@ -40,13 +40,18 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
-    """Write a flat-or-one-level-nested settings dict (``destinations.pacs``) as TOML."""
+    """Write a flat-or-one-level-nested settings dict (``destinations.pacs``) as TOML; a
+    list of dicts (``web_users``) is an array of tables."""
     lines: list[str] = []
     tables: list[str] = []
     for key, value in settings.items():
         if isinstance(value, dict):
             for name, table in value.items():
                 tables.append(f"\n[{key}.{name}]")
+                tables.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for table in value:
+                tables.append(f"\n[[{key}]]")
                 tables.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
         else:
             lines.append(f"{key} = {toml_value(value)}")

@@ -28,6 +28,8 @@ STOP_TIMEOUT = 10.0
 PLUGINS = Path("/usr/share/orthanc/plugins")
 #: Debian's orthanc-webviewer: a radiologist's view of a series in the browser.
 WEB_VIEWER_PLUGIN = PLUGINS / "libOrthancWebViewer.so"
+#: Debian's orthanc-dicomweb: STOW-RS, QIDO-RS and WADO-RS, as a server and as a client.
+DICOMWEB_PLUGIN = PLUGINS / "libOrthancDicomWeb.so"
 
 
 class OrthancError(Exception):
@@ -49,6 +51,8 @@ class OrthancServer:
     address with the same stored instances.  ``node`` is the (AE title, host, port) of
     the node, listed in ``DicomModalities`` so that Orthanc could route series back.
     ``plugins`` are shared libraries Orthanc loads (e.g. ``WEB_VIEWER_PLUGIN``).
+    ``extra_config`` is merged over the generated configuration (a plugin's own section,
+    e.g. ``DicomWeb``).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class OrthancServer:
         dicom_port: int | None = None,
         http_port: int | None = None,
         plugins: Sequence[Path] = (),
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self._own_folder = folder is None
         self.folder = Path(folder or tempfile.mkdtemp(prefix="orthanc-"))
@@ -67,6 +72,7 @@ class OrthancServer:
         self.host = "127.0.0.1"
         self.ae_title = ORTHANC_AE
         self.plugins = tuple(plugins)
+        self.extra_config = extra_config or {}
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- process -------------------------------------------------------------------------
@@ -104,6 +110,7 @@ class OrthancServer:
             "StorageCompression": False,
             "Plugins": [str(plugin) for plugin in self.plugins],
             "DicomModalities": {"denoise": [ae_title, host, port]},
+            **self.extra_config,
         }
 
     def start(self) -> None:

@@ -132,13 +132,26 @@ class Rule(BaseModel):
 
 
 class WebUser(BaseModel):
-    """A dashboard account; ``password_hash`` comes from ``denoise-node web hash-password``."""
+    """A web account; ``password_hash`` comes from ``denoise-node web hash-password``.
+
+    Roles: ``admin`` (look and act, may store), ``viewer`` (look only), ``store`` (a
+    machine client that may only post instances by STOW-RS).  ``token_sha256`` is the
+    hex SHA-256 of a bearer token the account may use instead of its password: only the
+    digest is configured, so the TOML never holds the token itself.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
-    password_hash: str = Field(pattern=r"^(scrypt|pbkdf2_sha256)\$")
-    role: Literal["admin", "viewer"] = "viewer"
+    password_hash: str | None = Field(None, pattern=r"^(scrypt|pbkdf2_sha256)\$")
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    role: Literal["admin", "viewer", "store"] = "viewer"
+
+    @model_validator(mode="after")
+    def _credential(self) -> WebUser:
+        if self.password_hash is None and self.token_sha256 is None:
+            raise ValueError("a web user needs password_hash or token_sha256")
+        return self
 
 
 def _default_state_dir() -> Path:
@@ -222,6 +235,9 @@ class Settings(BaseSettings):
     web_login_max_hashes: int = Field(2, ge=1)  # password hashes computed at once
     web_login_hash_wait_seconds: float = Field(2.0, ge=0.0)  # then 429
     web_session_seconds: float = Field(12 * 3600.0, gt=0.0)  # a login lasts this long
+    # STOW-RS (POST /dicomweb/studies): a larger request body is refused with 413; the
+    # body is spooled to disk part by part, never held in memory whole.
+    stow_max_request_mb: int = Field(2048, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
 

@@ -38,12 +38,14 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 
 
 class Refused(Exception):
-    """A C-STORE cannot be accepted; carries the status and a short comment for the peer."""
+    """An instance cannot be accepted; carries the status and a short comment for the peer,
+    and its (SOP class, SOP instance) UIDs once they were found valid (STOW-RS lists them)."""
 
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
         self.status = status
         self.comment = comment
+        self.uids: tuple[str, str] | None = None
 
 
 def selection_header(ds: Dataset) -> dict[str, Any]:
@@ -91,31 +93,44 @@ def read_header(path: Path, extra: dict[str, Any]) -> tuple[Dataset, dict[str, A
     except Exception as exc:
         # The exception's text may quote a header value: only its kind is logged.
         log.warning(
-            "C-STORE refused: cannot decode the data set (%s)", exc.__class__.__name__, extra=extra
+            "%s refused: cannot decode the data set (%s)",
+            service(extra),
+            exc.__class__.__name__,
+            extra=extra,
         )
         raise Refused(DECODE_FAILED, "data set cannot be decoded") from exc
 
 
-def checked_uids(ds: Dataset, request: tuple[str, str], extra: dict[str, Any]) -> dict[str, str]:
-    """The four UIDs, valid and agreeing with the request's (SOP class, instance), or Refused."""
+def checked_uids(
+    ds: Dataset, request: tuple[str, str] | None, extra: dict[str, Any]
+) -> dict[str, str]:
+    """The four UIDs, valid and agreeing with the request's (SOP class, instance) where
+    the transport names them (C-STORE does, STOW-RS does not), or Refused."""
     uids = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         value = str(ds.get(keyword) or "")
         if not valid_uid(value):
             log.warning(
-                "C-STORE refused: %s %s is missing or not a valid UID",
+                "%s refused: %s %s is missing or not a valid UID",
+                service(extra),
                 keyword,
                 shown_uid(value),
                 extra=extra,
             )
             raise Refused(CANNOT_UNDERSTAND, f"invalid or missing {keyword}")
         uids[keyword] = value
+    if request is None:
+        return uids
     request_class, request_instance = request
     if uids["SOPInstanceUID"] != request_instance:
-        log.warning("C-STORE refused: SOPInstanceUID differs from the request's", extra=extra)
+        log.warning(
+            "%s refused: SOPInstanceUID differs from the request's", service(extra), extra=extra
+        )
         raise Refused(DATASET_MISMATCH, "SOPInstanceUID differs from the request")
     if uids["SOPClassUID"] != request_class:
-        log.warning("C-STORE refused: SOPClassUID differs from the request's", extra=extra)
+        log.warning(
+            "%s refused: SOPClassUID differs from the request's", service(extra), extra=extra
+        )
         raise Refused(DATASET_MISMATCH, "SOPClassUID differs from the request")
     return uids
 
@@ -132,7 +147,7 @@ def check_pixel_data(ds: Dataset, path: Path, extra: dict[str, Any]) -> None:
     except Exception as exc:
         problem = f"PixelData cannot be checked ({exc.__class__.__name__})"
     if problem is not None:
-        log.warning("C-STORE refused: %s", problem, extra=extra)
+        log.warning("%s refused: %s", service(extra), problem, extra=extra)
         raise Refused(PIXEL_DATA_INVALID, "PixelData is not whole for its Rows, Columns, frames")
 
 
@@ -183,6 +198,11 @@ def _fragments_problem(path: Path, offset: int, frames: int) -> str | None:
     if fragments < frames:
         return f"encapsulated PixelData has {fragments} fragments for {frames} frame(s)"
     return None
+
+
+def service(extra: dict[str, Any]) -> str:
+    """What brought the instance, for log lines: ``C-STORE`` unless ``extra`` says."""
+    return str(extra.get("service", "C-STORE"))
 
 
 def shown_uid(value: object) -> str:

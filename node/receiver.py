@@ -13,30 +13,15 @@ PDU is the listener's policy (``node.listener``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
-    EnhancedCTImageStorage,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -44,7 +29,7 @@ from pynetdicom.events import Event, EventHandlerType
 # Verification is made at import time, so mypy cannot see it.
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node import receiving
+from node import receiving, storing
 from node.context import NodeContext
 from node.dicom_tls import server_context
 from node.instance_checks import (
@@ -53,46 +38,38 @@ from node.instance_checks import (
     DECODE_FAILED,
     PIXEL_DATA_INVALID,
     Refused,
-    check_pixel_data,
-    checked_uids,
-    read_header,
     shown,
     shown_uid,
 )
-from node.jobs.manager import InstanceRecord, RecordOutcome
 from node.listener import GuardedServer, ListenerLimits
-from node.spool import SpoolFull
+from node.storing import (
+    DATABASE_UNAVAILABLE,
+    HANDLER_FAILED,
+    SPOOL_FULL,
+    SPOOL_WRITE_FAILED,
+    STORAGE_CLASSES,
+    TRANSFER_SYNTAXES,
+    Arrival,
+    where,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CANNOT_UNDERSTAND",
+    "DATABASE_UNAVAILABLE",
     "DATASET_MISMATCH",
     "DECODE_FAILED",
+    "HANDLER_FAILED",
     "PIXEL_DATA_INVALID",
+    "SPOOL_FULL",
+    "SPOOL_WRITE_FAILED",
+    "STORAGE_CLASSES",
+    "TRANSFER_SYNTAXES",
     "Receiver",
 ]
 
-#: Only CT is accepted; anything else is rejected at presentation-context negotiation.
-STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-]
-
 SUCCESS = 0x0000
-SPOOL_FULL = 0xA700  # Refused: out of resources (free space below the watermark)
-SPOOL_WRITE_FAILED = 0xA701  # Refused: out of resources (the file could not be written)
-DATABASE_UNAVAILABLE = 0xA702  # Refused: out of resources (the job table did not record it)
-HANDLER_FAILED = 0xC211  # Error: an unexpected exception (a bug): see the log
 
 #: Seconds ``stop`` lets running associations finish before aborting them.
 STOP_GRACE_SECONDS = 5.0
@@ -246,7 +223,7 @@ class Receiver:
             log.error(
                 "C-STORE failed unexpectedly: %s at %s",
                 exc.__class__.__name__,
-                _where(exc),
+                where(exc),
                 extra={
                     "calling_ae": calling_ae,
                     "sop_uid": shown_uid(cast(C_STORE, event.request).AffectedSOPInstanceUID),
@@ -278,78 +255,20 @@ class Receiver:
             str(store.AffectedSOPClassUID or ""),
             str(store.AffectedSOPInstanceUID or ""),
         )
-        extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": shown_uid(request[1])}
-        self._check_room(received, extra)
-        ds, header = read_header(received, extra)
-        uids = checked_uids(ds, request, extra)
-        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
-        check_pixel_data(ds, received, extra)
-        relative, digest, size = self._spool_move(received, extra)
-        record = InstanceRecord(
-            sop_instance_uid=uids["SOPInstanceUID"],
-            series_instance_uid=uids["SeriesInstanceUID"],
-            study_instance_uid=uids["StudyInstanceUID"],
-            sop_class_uid=uids["SOPClassUID"],
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            spool_path=relative,
-            sha256=digest,
-            size_bytes=size,
-            header=header,
-            calling_ae_title=calling_ae,
-            peer_address=str(event.assoc.requestor.address),
-        )
-        return self._record(record, extra)
-
-    def _check_room(self, received: Path, extra: dict[str, Any]) -> None:
-        """Out of resources when the data set did not fit or the spool is below its watermark."""
-        try:
-            if self.receiving.write_failed(received):
-                raise SpoolFull("the received data set could not be written in full")
-            self.ctx.spool.check_room(received.stat().st_size)
-        except SpoolFull as exc:
-            log.warning("C-STORE refused: %s", exc, extra=extra)
-            raise Refused(SPOOL_FULL, "node spool is full") from exc
-
-    def _spool_move(self, received: Path, extra: dict[str, Any]) -> tuple[str, str, int]:
-        """Move pynetdicom's file into the spool durably, written once: the relative
-        path, the SHA-256 of the bytes and their size."""
-        digest = hashlib.sha256()
-        try:
-            size = received.stat().st_size
-            relative = self.ctx.spool.adopt(received, digest)
-        except OSError as exc:
-            log.error("C-STORE refused: cannot write the spool: %s", exc.strerror, extra=extra)
-            raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
-        return relative, digest.hexdigest(), size
-
-    def _record(self, record: InstanceRecord, extra: dict[str, Any]) -> str:
-        """One row in the job table; the spool copy is removed unless the row is new."""
-        spool = self.ctx.spool
-        try:
-            outcome, kept = self.ctx.manager.record_instance(record)
-        except Exception as exc:
-            spool.remove(record.spool_path)
-            log.error(
-                "C-STORE refused: the job table did not record the instance: %s: %s",
-                exc.__class__.__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
-                extra=extra,
+        extra = {"calling_ae": calling_ae, "sop_uid": shown_uid(request[1])}
+        if self.receiving.write_failed(received):
+            log.warning(
+                "C-STORE refused: the received data set could not be written in full", extra=extra
             )
-            raise Refused(DATABASE_UNAVAILABLE, "node job table unavailable") from exc
-
-        if outcome is RecordOutcome.NEW:
-            log.debug("instance stored", extra={**extra, "spool_path": record.spool_path})
-            return "stored"
-        spool.remove(record.spool_path)
-        if outcome is RecordOutcome.IDENTICAL:
-            log.debug("instance received again with identical content; stored once", extra=extra)
-            return "already stored"
-        log.warning(
-            "instance received again with DIFFERENT content; the first copy (%s) is kept",
-            kept,
-            extra=extra,
+            raise Refused(SPOOL_FULL, "node spool is full")
+        arrival = Arrival(
+            received,
+            calling_ae,
+            str(event.assoc.requestor.address),
+            request=request,
+            transfer_syntax=str(event.context.transfer_syntax),
         )
-        return "conflicting duplicates"
+        return storing.accept(self.ctx, arrival, extra).outcome
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:
@@ -362,13 +281,3 @@ def _status(status: int, comment: str | None = None) -> Dataset:
 
 def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
-
-
-def _where(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame of ``exc``'s traceback."""
-    trace = exc.__traceback__
-    while trace is not None and trace.tb_next is not None:
-        trace = trace.tb_next
-    if trace is None:
-        return "?"
-    return f"{Path(trace.tb_frame.f_code.co_filename).name}:{trace.tb_lineno}"

@@ -27,6 +27,7 @@ def reader(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Pr
     principal = web.principal(request)
     if principal is None:
         raise HTTPException(401, "login required", headers={"WWW-Authenticate": "Basic"})
+    principal.require_look()
     return principal
 
 

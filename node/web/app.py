@@ -25,7 +25,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from node import __version__
 from node.context import NodeContext
-from node.web import api, metrics, pages
+from node.web import api, metrics, pages, stow
 from node.web.auth import CSRF_COOKIE, FLASH_COOKIE, SESSION_COOKIE, WebSession, encode_flash
 from node.web.state import HERE, LoginRequired, WebState, web_state
 
@@ -150,6 +150,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.router(list(ctx.settings.destinations)))
     app.include_router(pages.router)
+    app.include_router(stow.router(ctx))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

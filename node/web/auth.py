@@ -40,7 +40,9 @@ CSRF_HEADER = "X-CSRF-Token"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 #: Scheduling niceness of the password-hash threads (lowest priority is 19).
 HASH_THREAD_NICE = 10
-Role = Literal["admin", "viewer"]
+Role = Literal["admin", "viewer", "store"]
+#: The bearer scheme's throttle key: a wrong token counts against its address.
+BEARER_USER = "(bearer token)"
 
 
 def _b64(data: bytes) -> str:
@@ -101,7 +103,7 @@ def login_required(settings: Settings) -> bool:
 class Principal:
     name: str
     role: Role
-    via: Literal["local", "session", "basic"]
+    via: Literal["local", "session", "basic", "bearer"]
 
     @property
     def actor(self) -> str:
@@ -111,6 +113,20 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def may_look(self) -> bool:
+        """Admins and viewers see the dashboard and the API; a store account does not."""
+        return self.role in ("admin", "viewer")
+
+    @property
+    def may_store(self) -> bool:
+        """Admins and store accounts may post instances (STOW-RS)."""
+        return self.role in ("admin", "store")
+
+    def require_look(self) -> None:
+        if not self.may_look:
+            raise HTTPException(403, f"{self.name} may only store (role {self.role})")
 
     def require_admin(self) -> None:
         """Viewers may look but not act."""
@@ -193,8 +209,9 @@ class Accounts:
             with self.throttle.hashing():
                 self.throttle.check(address, user_name)  # failures while this one waited
                 user = self._users.get(name)
-                encoded = user.password_hash if user else _dummy_hash()
-                ok = self._hasher.submit(verify_password, password, encoded).result()
+                encoded = user.password_hash if user else None
+                checked = self._hasher.submit(verify_password, password, encoded or _dummy_hash())
+                ok = checked.result() and encoded is not None
         except TooManyAttempts as refused:
             log.warning("web login refused unchecked: %s", refused, extra=audit)
             raise
@@ -221,6 +238,31 @@ class Accounts:
             return None
         principal = self.authenticate(name, password, address)
         return Principal(principal.name, principal.role, "basic") if principal else None
+
+    def bearer(self, token: str, address: str) -> Principal | None:
+        """``Authorization: Bearer ...``: the account whose ``token_sha256`` matches.
+
+        Every account's digest is compared in constant time; a wrong token counts as a
+        failed login of its address (the same throttle, which raises TooManyAttempts).
+        """
+        audit = {"audit": True, "user": BEARER_USER, "address": address}
+        try:
+            self.throttle.check(address, BEARER_USER)
+        except TooManyAttempts as refused:
+            log.warning("bearer token refused unchecked: %s", refused, extra=audit)
+            raise
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        matches = [
+            user
+            for user in self._users.values()
+            if hmac.compare_digest(digest, user.token_sha256 or "")
+        ]
+        if not matches:
+            self.throttle.failed(address, BEARER_USER)
+            log.warning("wrong bearer token from %s", address, extra=audit)
+            return None
+        self.throttle.succeeded(address, BEARER_USER)
+        return Principal(matches[0].name, matches[0].role, "bearer")
 
 
 def _yield_cpu() -> None:

@@ -42,6 +42,7 @@ def viewer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Pr
     principal = web.principal(request)
     if principal is None:
         raise LoginRequired()
+    principal.require_look()
     return principal
 
 
@@ -246,6 +247,9 @@ def login(
         return RedirectResponse(request.url_for("login_page"), status_code=303)
     if principal is None:
         session.say("error", "unknown user or wrong password")
+        return RedirectResponse(request.url_for("login_page"), status_code=303)
+    if not principal.may_look:
+        session.say("error", f"{principal.name} may only store instances (STOW-RS), not log in")
         return RedirectResponse(request.url_for("login_page"), status_code=303)
     start_login(request, principal)
     return RedirectResponse(_local(next), status_code=303)

@@ -87,7 +87,8 @@ class WebState:
         return session
 
     def principal(self, request: Request) -> Principal | None:
-        """The local admin on 127.0.0.1; else the login's user or HTTP Basic credentials."""
+        """The local admin on 127.0.0.1; else the login's user, HTTP Basic credentials or a
+        bearer token."""
         if not self.login_required:
             return LOCAL_ADMIN
         session: WebSession = request.state.session
@@ -96,7 +97,10 @@ class WebState:
         header = request.headers.get("authorization")
         if not header:
             return None
+        scheme, _, token = header.partition(" ")
         try:
+            if scheme.lower() == "bearer":
+                return self.accounts.bearer(token.strip(), client_address(request))
             return self.accounts.basic(header, client_address(request))
         except TooManyAttempts as refused:
             raise too_many(refused) from refused

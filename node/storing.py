@@ -1,0 +1,223 @@
+"""Accepting one received instance, whatever brought it: C-STORE or STOW-RS.
+
+Both the DICOM receiver and the STOW-RS endpoint hand over a data set already written
+to a file on the spool's disk; here it is checked (``node.instance_checks``), moved into
+the spool durably (fsync, rename, fsync of the folder) and recorded in the job table.
+Only when ``accept`` returns is the instance acknowledged; every failure is a Refused
+with its own status, so the sender keeps its copy and retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from node.context import NodeContext
+from node.instance_checks import (
+    DATASET_MISMATCH,
+    Refused,
+    check_pixel_data,
+    checked_uids,
+    read_header,
+    service,
+)
+from node.jobs.manager import InstanceRecord, RecordOutcome
+from node.spool import SpoolFull
+
+log = logging.getLogger(__name__)
+
+#: Only CT is accepted (C-STORE: at presentation-context negotiation already).
+STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+SPOOL_FULL = 0xA700  # Refused: out of resources (free space below the watermark)
+SPOOL_WRITE_FAILED = 0xA701  # Refused: out of resources (the file could not be written)
+DATABASE_UNAVAILABLE = 0xA702  # Refused: out of resources (the job table did not record it)
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # not a CT image storage class
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # STOW-RS: referenced transfer syntax not supported
+HANDLER_FAILED = 0xC211  # Error: an unexpected exception (a bug): see the log
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A received data set in a file on the spool's disk, and what came with it.
+
+    ``request``: the (SOP class, SOP instance) the transport named (C-STORE), which the
+    data set must repeat; ``transfer_syntax``: the negotiated one, else the file
+    meta's; ``study``: the study a STOW-RS request was posted to, if any.
+    """
+
+    path: Path
+    calling_ae_title: str
+    peer_address: str
+    request: tuple[str, str] | None = None
+    transfer_syntax: str | None = None
+    study: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An instance fsynced and recorded: its outcome (``stored``, ``already stored``,
+    ``conflicting duplicates``) and UIDs."""
+
+    outcome: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def accept(ctx: NodeContext, arrival: Arrival, extra: dict[str, Any]) -> Accepted:
+    """Check, spool and record one instance; raises Refused with the status to answer."""
+    ds, header = read_header(arrival.path, extra)
+    uids = checked_uids(ds, arrival.request, extra)
+    extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
+    try:
+        outcome = _store(ctx, arrival, ds, header, uids, extra)
+    except Refused as refused:
+        refused.uids = (uids["SOPClassUID"], uids["SOPInstanceUID"])
+        raise
+    return Accepted(outcome, uids["SOPClassUID"], uids["SOPInstanceUID"])
+
+
+def _store(
+    ctx: NodeContext,
+    arrival: Arrival,
+    ds: Dataset,
+    header: dict[str, Any],
+    uids: dict[str, str],
+    extra: dict[str, Any],
+) -> str:
+    """Room, class, syntax, study and pixel data (once the UIDs are known, so that a
+    STOW-RS answer can name the instance), then the spool and the job table."""
+    received = arrival.path
+    check_room(ctx, received.stat().st_size, extra)
+    syntax = arrival.transfer_syntax or str(ds.file_meta.get("TransferSyntaxUID", ""))
+    _check_supported(uids, syntax, arrival.study, extra)
+    check_pixel_data(ds, received, extra)
+    relative, digest, size = _spool_move(ctx, received, extra)
+    record = InstanceRecord(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=syntax,
+        spool_path=relative,
+        sha256=digest,
+        size_bytes=size,
+        header=header,
+        calling_ae_title=arrival.calling_ae_title,
+        peer_address=arrival.peer_address,
+    )
+    return _record(ctx, record, extra)
+
+
+def check_room(ctx: NodeContext, needed: int, extra: dict[str, Any]) -> None:
+    """Refused (out of resources) when the spool would fall below its watermark."""
+    try:
+        ctx.spool.check_room(needed)
+    except SpoolFull as exc:
+        log.warning("%s refused: %s", service(extra), exc, extra=extra)
+        raise Refused(SPOOL_FULL, "node spool is full") from exc
+
+
+def _check_supported(
+    uids: dict[str, str], syntax: str, study: str | None, extra: dict[str, Any]
+) -> None:
+    """A CT class in a transfer syntax the node reads, of the study asked for."""
+    if uids["SOPClassUID"] not in STORAGE_CLASSES:
+        log.warning("%s refused: not a CT image storage class", service(extra), extra=extra)
+        raise Refused(SOP_CLASS_NOT_SUPPORTED, "only CT image storage is accepted")
+    if syntax not in TRANSFER_SYNTAXES:
+        log.warning("%s refused: transfer syntax not supported", service(extra), extra=extra)
+        raise Refused(TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax not supported")
+    if study is not None and uids["StudyInstanceUID"] != study:
+        log.warning(
+            "%s refused: StudyInstanceUID differs from the request's", service(extra), extra=extra
+        )
+        raise Refused(DATASET_MISMATCH, "StudyInstanceUID differs from the request")
+
+
+def _spool_move(ctx: NodeContext, received: Path, extra: dict[str, Any]) -> tuple[str, str, int]:
+    """Move the received file into the spool durably, written once: the relative path,
+    the SHA-256 of the bytes and their size."""
+    digest = hashlib.sha256()
+    try:
+        size = received.stat().st_size
+        relative = ctx.spool.adopt(received, digest)
+    except OSError as exc:
+        log.error(
+            "%s refused: cannot write the spool: %s", service(extra), exc.strerror, extra=extra
+        )
+        raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
+    return relative, digest.hexdigest(), size
+
+
+def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> str:
+    """One row in the job table; the spool copy is removed unless the row is new."""
+    spool = ctx.spool
+    try:
+        outcome, kept = ctx.manager.record_instance(record)
+    except Exception as exc:
+        spool.remove(record.spool_path)
+        log.error(
+            "%s refused: the job table did not record the instance: %s: %s",
+            service(extra),
+            exc.__class__.__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+            extra=extra,
+        )
+        raise Refused(DATABASE_UNAVAILABLE, "node job table unavailable") from exc
+
+    if outcome is RecordOutcome.NEW:
+        log.debug("instance stored", extra={**extra, "spool_path": record.spool_path})
+        return "stored"
+    spool.remove(record.spool_path)
+    if outcome is RecordOutcome.IDENTICAL:
+        log.debug("instance received again with identical content; stored once", extra=extra)
+        return "already stored"
+    log.warning(
+        "instance received again with DIFFERENT content; the first copy (%s) is kept",
+        kept,
+        extra=extra,
+    )
+    return "conflicting duplicates"
+
+
+def where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc``'s traceback: logged for an
+    unexpected failure instead of its text, which may quote a header value."""
+    trace = exc.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    if trace is None:
+        return "?"
+    return f"{Path(trace.tb_frame.f_code.co_filename).name}:{trace.tb_lineno}"

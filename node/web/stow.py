@@ -1,0 +1,212 @@
+"""STOW-RS (DICOMweb store): ``POST /dicomweb/studies`` and ``/dicomweb/studies/{study}``.
+
+The web role's door for instances, beside the C-STORE receiver and into the same spool
+and job table under the same rule: an instance is listed in ReferencedSOPSequence only
+once ``node.storing`` has checked it, fsynced it and recorded it; every other part is in
+FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 409: none
+stored.  The body (``multipart/related; type="application/dicom"``) is streamed to files
+part by part (``node.web.multipart``, into ``<spool>/stow``), at most
+``stow_max_request_mb``; a malformed body stores nothing (400).  What a crash leaves there
+(``*.partial``) goes at the receiver's next start or with housekeeping's orphans.
+
+Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a bearer token
+(``node.web.auth``), from an address in ``allowed_addresses``.  A request with a foreign
+Origin is refused; there are no browser forms here, so no CSRF token.
+
+No ``from __future__ import annotations``: the routes are made per node (their
+dependency reads its allow-list) and FastAPI must see their real annotations.
+"""
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from node import storing
+from node.context import NodeContext
+from node.instance_checks import CANNOT_UNDERSTAND, Refused, valid_uid
+from node.listener import ListenerLimits
+from node.storing import HANDLER_FAILED, SPOOL_FULL, Accepted, Arrival
+from node.web.auth import Principal, client_address, same_origin
+from node.web.multipart import BodyTooLarge, MalformedBody, Part, PartsToFiles
+from node.web.state import WebState, web_state
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+STOW_FOLDER = "stow"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_SEQUENCE = "00081199"
+MAX_BOUNDARY = 200
+#: What an instance that came by STOW-RS records as its calling AE title: the account's
+#: name, cut to an AE title's 16 characters (rules may select on it).
+AE_TITLE_LENGTH = 16
+
+
+def router(ctx: NodeContext) -> APIRouter:
+    """The STOW-RS routes of one node (its allow-list read once, as the listener does)."""
+    limits = ListenerLimits.from_settings(ctx.settings)
+    routes = APIRouter(include_in_schema=False)
+
+    def storer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
+        """An admin or store account, from an allowed address and no foreign origin."""
+        if not limits.address_allowed(client_address(request)):
+            log.warning(
+                "STOW-RS from %s refused: address not in allowed_addresses",
+                client_address(request),
+                extra={"audit": True, "address": client_address(request)},
+            )
+            raise HTTPException(403, "address not allowed")
+        if not same_origin(request):
+            raise HTTPException(403, "cross-origin request refused")
+        principal = web.principal(request)
+        if principal is None:
+            raise HTTPException(
+                401, "login required", headers={"WWW-Authenticate": 'Basic realm="denoise-node"'}
+            )
+        if not principal.may_store:
+            raise HTTPException(403, f"{principal.name} may not store (role {principal.role})")
+        return principal
+
+    @routes.post("/dicomweb/studies")
+    async def store(request: Request, principal: Annotated[Principal, Depends(storer)]) -> Response:
+        """Store the posted instances, of any study."""
+        return await _stow(ctx, request, principal, None)
+
+    @routes.post("/dicomweb/studies/{study}")
+    async def store_study(
+        request: Request, study: str, principal: Annotated[Principal, Depends(storer)]
+    ) -> Response:
+        """Store the posted instances of ``study``; an instance of another fails (0xA900)."""
+        if not valid_uid(study):
+            raise HTTPException(400, "the study in the path is not a UID")
+        return await _stow(ctx, request, principal, study)
+
+    return routes
+
+
+def _boundary(request: Request) -> bytes:
+    """The body's boundary: 415 unless multipart/related of application/dicom parts."""
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    part_type = options.get(b"type", b"application/dicom").strip().lower()
+    if kind.lower() != b"multipart/related" or part_type != b"application/dicom":
+        raise HTTPException(415, 'only multipart/related; type="application/dicom" is accepted')
+    boundary = options.get(b"boundary", b"")
+    # RFC 2046 allows 70 characters; Orthanc sends two UUIDs (73): be lenient, but bounded.
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise HTTPException(400, "the multipart body has no valid boundary")
+    return boundary
+
+
+async def _stow(
+    ctx: NodeContext, request: Request, principal: Principal, study: str | None
+) -> Response:
+    boundary = _boundary(request)
+    max_bytes = ctx.settings.stow_max_request_mb * 2**20
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"the request is longer than {max_bytes} bytes")
+    parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes)
+    try:
+        async for chunk in request.stream():
+            await run_in_threadpool(parts.write, chunk)
+        received = await run_in_threadpool(parts.finish)
+        source = _Source(principal, client_address(request), study)
+        answer = await run_in_threadpool(_store_parts, ctx, received, source)
+    except MalformedBody as exc:
+        log.warning("STOW-RS from %s refused: %s", principal.actor, exc)
+        raise HTTPException(400, str(exc)) from exc
+    except BodyTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    except ClientDisconnect:
+        log.warning("STOW-RS from %s: the client left before the body ended", principal.actor)
+        return Response(status_code=400)  # nobody reads it; nothing was stored
+    finally:
+        await run_in_threadpool(parts.close)
+    return answer
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Who posted the parts, from where, for which study (None: any)."""
+
+    principal: Principal
+    address: str
+    study: str | None
+
+    def arrival(self, part: Part) -> Arrival:
+        """A part as the shared checks take it; the account's name is its calling AE."""
+        calling_ae = self.principal.name[:AE_TITLE_LENGTH]
+        return Arrival(part.path, calling_ae, self.address, study=self.study)
+
+
+def _store_parts(ctx: NodeContext, parts: list[Part], source: _Source) -> Response:
+    """Accept each part in turn; the DICOM JSON answer and its HTTP status."""
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    tally: Counter[str] = Counter()
+    for part in parts:
+        try:
+            accepted = _store_part(ctx, part, source.arrival(part))
+        except Refused as refused:
+            failed.append(_sop_item(refused.uids, refused.status))
+            tally[f"refused 0x{refused.status:04X}"] += 1
+        else:
+            referenced.append(_sop_item((accepted.sop_class_uid, accepted.sop_instance_uid)))
+            tally[accepted.outcome] += 1
+    actor = source.principal.actor
+    log.info(
+        "STOW-RS from %s at %s: %s",
+        actor,
+        source.address,
+        ", ".join(f"{count} {outcome}" for outcome, count in sorted(tally.items())),
+        extra={"actor": actor, "peer_address": source.address},
+    )
+    body: dict[str, Any] = {}
+    if failed:
+        body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": referenced}
+    status = 200 if not failed else 202 if referenced else 409
+    content = json.dumps(body, separators=(",", ":")).encode()
+    return Response(content, status_code=status, media_type=DICOM_JSON)
+
+
+def _store_part(ctx: NodeContext, part: Part, arrival: Arrival) -> Accepted:
+    """One part through the receiver's checks, spool and job table; raises Refused."""
+    extra: dict[str, Any] = {"service": "STOW-RS", "calling_ae": arrival.calling_ae_title}
+    if part.write_failed:
+        log.warning("STOW-RS refused: a part could not be written in full", extra=extra)
+        raise Refused(SPOOL_FULL, "node spool is full")
+    if part.content_type not in ("", "application/dicom"):
+        log.warning("STOW-RS refused: a part is not application/dicom", extra=extra)
+        raise Refused(CANNOT_UNDERSTAND, "part is not application/dicom")
+    try:
+        return storing.accept(ctx, arrival, extra)
+    except Refused:
+        raise
+    except Exception as exc:
+        log.error(
+            "STOW-RS failed unexpectedly: %s at %s",
+            exc.__class__.__name__,
+            storing.where(exc),
+            extra=extra,
+        )
+        raise Refused(HANDLER_FAILED, "internal error in the receiver, see its log") from exc
+
+
+def _sop_item(uids: tuple[str, str] | None, reason: int | None = None) -> dict[str, Any]:
+    """A ReferencedSOPSequence or FailedSOPSequence item (UIDs only where they are valid)."""
+    item: dict[str, Any] = {}
+    if uids is not None:
+        item["00081150"] = {"vr": "UI", "Value": [uids[0]]}
+        item["00081155"] = {"vr": "UI", "Value": [uids[1]]}
+    if reason is not None:
+        item["00081197"] = {"vr": "US", "Value": [reason]}
+    return item
