@@ -7,6 +7,7 @@ over real sockets.  The REST helpers use urllib only: nothing to install.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 from devtools.tools import free_port
 
 ORTHANC_AE = "ORTHANC"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -44,6 +46,9 @@ class OrthancServer:
     The ports are chosen once, so a restarted Orthanc is the same PACS at the same
     address with the same stored instances.  ``node`` is the (AE title, host, port) of
     the node, listed in ``DicomModalities`` so that Orthanc could route series back.
+    ``dicomweb`` loads the DICOMweb plugin (``dicomweb_url``); ``users`` (name →
+    password) turns on Orthanc's HTTP Basic authentication, and the REST helpers log
+    in as the first of them.
     """
 
     def __init__(
@@ -52,8 +57,12 @@ class OrthancServer:
         node: tuple[str, str, int] = ("DENOISE", "127.0.0.1", 11112),
         dicom_port: int | None = None,
         http_port: int | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
         self._own_folder = folder is None
+        self.dicomweb = dicomweb
+        self.users = users or {}
         self.folder = Path(folder or tempfile.mkdtemp(prefix="orthanc-"))
         self.node = node
         self.dicom_port = dicom_port or free_port()
@@ -67,6 +76,10 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def explorer_url(self) -> str:
@@ -87,13 +100,21 @@ class OrthancServer:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "OverwriteInstances": False,
             "DicomCheckCalledAet": False,
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": self._plugins(),
             "DicomModalities": {"denoise": [ae_title, host, port]},
         }
+
+    def _plugins(self) -> list[str]:
+        if not self.dicomweb:
+            return []
+        if not DICOMWEB_PLUGIN.is_file():
+            raise OrthancError(f"{DICOMWEB_PLUGIN} is missing: apt-get install orthanc-dicomweb")
+        return [str(DICOMWEB_PLUGIN)]
 
     def start(self) -> None:
         """Start the process and wait until its REST API answers."""
@@ -171,6 +192,9 @@ class OrthancServer:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        for user, password in list(self.users.items())[:1]:
+            login = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {login}")
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 

@@ -11,12 +11,15 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,6 +31,7 @@ ENV_PREFIX = "DENOISE_NODE_"
 #: ``pip install`` and in the image), the default ``model_path``.  ``models/`` writes it.
 SHIPPED_MODEL = Path(__file__).resolve().parent / "model" / "ct_denoise.onnx"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ConfigError(Exception):
@@ -39,6 +43,7 @@ class Destination(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["dicom"] = "dicom"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -64,6 +69,90 @@ class Destination(BaseModel):
         if not AE_TITLE.match(value) or not value.strip():
             raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dicomweb_keys(cls, values: Any) -> Any:
+        return _refuse_keys(values, DicomWebDestination, "dicomweb")
+
+
+class DicomWebDestination(BaseModel):
+    """A DICOMweb archive the derived series is posted to by STOW-RS (``kind = "dicomweb"``).
+
+    Credentials are never in the configuration: it names the environment variables
+    that hold them, read when sending, so the TOML file can be shared and logged.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dicomweb"]
+    #: the service's base URL, e.g. https://pacs.example/dicom-web (STOW-RS posts to url/studies)
+    url: str
+    token_env: str | None = None  # bearer token
+    username_env: str | None = None  # HTTP Basic, with password_env
+    password_env: str | None = None
+    tls_ca_file: Path | None = None  # CAs trusted for this server (default: the system's)
+    # Instances per STOW-RS request, and bytes (a larger instance goes alone); see README.
+    batch_instances: int = Field(16, ge=1, le=1000)
+    batch_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dicom_keys(cls, values: Any) -> Any:
+        return _refuse_keys(values, Destination, "dicom")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// address with a host")
+        if parts.username or parts.password:
+            raise ValueError(
+                "url must not hold credentials: name their variables in username_env/password_env"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("url is the service's base address, without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("token_env", "username_env", "password_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError(
+                "the name of an environment variable (letters, digits, underscore), "
+                "not the secret itself"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomWebDestination:
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("HTTP Basic needs both username_env and password_env")
+        if self.token_env is not None and self.username_env is not None:
+            raise ValueError("choose one authentication: token_env or username_env/password_env")
+        return self
+
+
+def _refuse_keys(values: Any, other: type[BaseModel], kind: str) -> Any:
+    """A key of the other kind of destination gets a message that names the kind."""
+    if isinstance(values, dict):
+        foreign = sorted(set(values) & (set(other.model_fields) - {"kind"}))
+        if foreign:
+            raise ValueError(f'{", ".join(foreign)}: only for kind = "{kind}" destinations')
+    return values
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind", "dicom") if isinstance(value, dict) else value.kind
+    return str(kind)
+
+
+#: Either kind of destination, told apart by ``kind`` (default ``"dicom"``).
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 #: Job priorities an administrator or a rule may set (the column is a 32-bit integer).
@@ -140,7 +229,7 @@ class Settings(BaseSettings):
     strength: float = Field(1.0, ge=0.0, le=1.0)
     series_description_suffix: str = " [denoised]"
     series_number_offset: int = Field(1000, ge=0)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     model_path: Path | None = None
     providers: list[str] = Field(
@@ -263,6 +352,15 @@ class Settings(BaseSettings):
                     )
 
 
+def _key(loc: tuple[int | str, ...]) -> str:
+    """The dotted key of an error; the tag pydantic adds for a destination's kind
+    (``destinations.pacs.dicom.port``) is not part of the key a user wrote."""
+    parts = [str(part) for part in loc]
+    if parts[:1] == ["destinations"] and len(parts) > 2 and parts[2] in ("dicom", "dicomweb"):
+        del parts[2]
+    return ".".join(parts) or "(top level)"
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     """Read the TOML file (``path`` or ``$DENOISE_NODE_CONFIG``) and the environment.
 
@@ -282,10 +380,7 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     try:
         settings = Settings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(f"{_key(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
     settings.check_references()
     return settings
