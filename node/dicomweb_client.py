@@ -280,6 +280,8 @@ class DicomWebClient:
             return DeliveryError(self.name, answer, Failure.TRANSIENT, retry_after)
         if status >= 500:
             return DeliveryError(self.name, answer, Failure.TRANSIENT)
+        if status == 413:
+            answer += ": lower batch_bytes or batch_instances"
         return DeliveryError(self.name, answer, Failure.REFUSED)
 
 

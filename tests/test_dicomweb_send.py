@@ -350,22 +350,36 @@ def test_partial_answers_are_recorded_per_instance(
 
 
 @pytest.mark.parametrize(
-    ("answer", "state", "statuses"),
+    ("answer", "state", "acknowledged", "status", "in_error"),
     [
         # 409: every instance failed for a reason that will not pass
-        (lambda uids: (409, {}, stow_answer([], dict.fromkeys(uids, 0xA900))), "failed", {}),
+        (
+            lambda uids: (409, {}, stow_answer([], dict.fromkeys(uids, 0xA900))),
+            "failed",
+            0,
+            0,
+            "FailureReason 0xA900",
+        ),
         # out of resources (0xA7xx) passes, as for C-STORE: try later
         (
             lambda uids: (202, {}, stow_answer(uids[:2], dict.fromkeys(uids[2:], 0xA700))),
             "sending",
             2,
+            0,
+            "FailureReason 0xA700",
         ),
         # stored with a warning: acknowledged with the warning's code, as for C-STORE
-        (lambda uids: (200, {}, stow_answer(uids, warning=0xB000)), "done", 0xB000),
+        (lambda uids: (200, {}, stow_answer(uids, warning=0xB000)), "done", SLICES, 0xB000, None),
         # 200 with no listing: the status itself says every instance is stored
-        (lambda uids: (200, {}, None), "done", 0),
+        (lambda uids: (200, {}, None), "done", SLICES, 0, None),
         # other 4xx: the request is refused
-        (lambda uids: (413, {}, None), "failed", {}),
+        (
+            lambda uids: (413, {}, None),
+            "failed",
+            0,
+            0,
+            "HTTP 413 Request Entity Too Large to the STOW-RS of 5 instance(s): lower batch",
+        ),
     ],
 )
 def test_the_answer_decides_per_instance_retry_or_failure(
@@ -374,7 +388,9 @@ def test_the_answer_decides_per_instance_retry_or_failure(
     tmp_path: Path,
     answer: Callable[[list[str]], Answer],
     state: str,
-    statuses: dict[str, int] | int,
+    acknowledged: int,
+    status: int,
+    in_error: str | None,
 ) -> None:
     fake_dicomweb.answers = [answer]
     ctx = make_context(fake_dicomweb.destination(), send_max_attempts=1)
@@ -384,15 +400,11 @@ def test_the_answer_decides_per_instance_retry_or_failure(
 
     job = ctx.queries.get_job(job_id)
     assert job.state == state, job.last_error
-    recorded = delivery_statuses(ctx, job_id)
-    if state == "done":
-        assert recorded == dict.fromkeys(uids, statuses)
-    elif state == "sending":
-        assert recorded == dict.fromkeys(uids[:statuses], 0)
-        (delivery,) = ctx.queries.destinations(job_id)
+    assert delivery_statuses(ctx, job_id) == dict.fromkeys(uids[:acknowledged], status)
+    assert in_error is None or in_error in job.last_error
+    (delivery,) = ctx.queries.destinations(job_id)
+    if state == "sending":  # transient: counted by time, not as a refusal
         assert delivery.attempts == 0 and delivery.failing_since is not None
-    else:
-        assert recorded == statuses
 
 
 def http_date_in(seconds: float) -> str:
