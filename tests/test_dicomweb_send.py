@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from devtools.orthanc import OrthancServer
+from node.cli import main
 from node.context import NodeContext
 from node.dicomweb_client import Part, batches, parse_answer, retry_after_seconds
 from node.jobs import JobState
@@ -195,6 +196,22 @@ def delivery_statuses(ctx: NodeContext, job_id: int) -> dict[str, int]:
         return {uid: status for uid, status in rows}
 
 
+def status_command(
+    ctx: NodeContext, destinations: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """``denoise-node status`` on this job table with ``destinations``: exit code, output."""
+    config = ctx.settings.state_dir / "status.toml"
+    lines = [f"state_dir = {json.dumps(str(ctx.settings.state_dir))}"]
+    lines.append(f"database_url = {json.dumps(ctx.settings.db_url)}")
+    for name, values in destinations.items():
+        lines.append(f"[destinations.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    config.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    code = main(["--config", str(config), "status"])
+    return code, capsys.readouterr().out
+
+
 def postponed_for(ctx: NodeContext, job_id: int) -> float:
     """Seconds the job was postponed by, from its last event (which must be postponed)."""
     event = ctx.queries.job_events(job_id)[-1]
@@ -210,10 +227,12 @@ def test_a_derived_series_arrives_in_a_dicomweb_orthanc(
     orthanc_login: Callable[..., dict[str, Any]],
     make_context: Callable[..., NodeContext],
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     orthanc = dicomweb_orthanc
     before = orthanc.count_instances()
-    ctx = make_context(orthanc_login(orthanc, batch_instances=2))
+    destinations = orthanc_login(orthanc, batch_instances=2)
+    ctx = make_context(destinations)
     job_id, uids, output_uid = make_sending_job(ctx, tmp_path, ["cloud"])
 
     assert Sender(ctx).run_once()
@@ -229,6 +248,8 @@ def test_a_derived_series_arrives_in_a_dicomweb_orthanc(
     (check,) = check_destinations(ctx)
     assert (check.kind, check.url, check.reachable) == ("dicomweb", orthanc.dicomweb_url, True)
     assert "QIDO-RS ok" in check.detail
+    code, out = status_command(ctx, destinations, capsys)
+    assert code == 0 and f"ok   cloud: {orthanc.dicomweb_url}  QIDO-RS ok" in out
 
 
 def test_a_wrong_password_fails_the_destination_at_once_with_a_configuration_message(
@@ -237,14 +258,17 @@ def test_a_wrong_password_fails_the_destination_at_once_with_a_configuration_mes
     make_context: Callable[..., NodeContext],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     wrong = "not-the-password-8c1"
-    ctx = make_context(orthanc_login(dicomweb_orthanc, wrong))
+    destinations = orthanc_login(dicomweb_orthanc, wrong)
+    ctx = make_context(destinations)
     job_id, _, output_uid = make_sending_job(ctx, tmp_path, ["cloud"])
 
     with caplog.at_level(logging.DEBUG):
         assert Sender(ctx).run_once()
         (check,) = check_destinations(ctx)
+        code, out = status_command(ctx, destinations, capsys)
 
     job = ctx.queries.get_job(job_id)
     assert job.state == JobState.FAILED  # no retries: only a fixed configuration helps
@@ -254,8 +278,9 @@ def test_a_wrong_password_fails_the_destination_at_once_with_a_configuration_mes
     assert delivery.state == DeliveryState.FAILED
     assert orthanc_uids(dicomweb_orthanc, output_uid) == set()
     assert not check.reachable and "HTTP 401" in check.detail
+    assert code == 1 and f"FAIL cloud: {dicomweb_orthanc.dicomweb_url}" in out
     events = " ".join(event.message for event in ctx.queries.job_events(job_id))
-    for text in (caplog.text, job.last_error, events, check.detail):
+    for text in (caplog.text, job.last_error, events, check.detail, out):
         assert wrong not in text and PASSWORD not in text
 
 
