@@ -1,6 +1,6 @@
 """Send: the node's sender and DCMTK storescu deliver the same series to Orthanc.
 
-``python -m bench.send [--quick] [--slices N] [--repeat N] [--dicomweb]``
+``python -m bench.send [--quick] [--slices N] [--repeat N] [--dicomweb [--rtt-ms MS]]``
 
 Each run starts a fresh Orthanc (empty storage).  storescu (``TCP_NODELAY=1``) sends the
 phantom series' files in one association.  The node's sender gets the same files as the
@@ -11,7 +11,8 @@ acknowledgement and concludes the job.  The runs are interleaved.
 
 ``--dicomweb`` compares STOW-RS batch sizes instead: the node's sender posts the series
 to Orthanc's DICOMweb plugin ``BATCHES`` instances per request (16 is the default of
-``batch_instances``), relative to one instance per request.
+``batch_instances``), relative to one instance per request; ``--rtt-ms`` puts a proxy
+with that round-trip time between them (``bench.latency``), as to a remote archive.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from bench import common
+from bench.latency import DelayProxy
 from devtools.orthanc import OrthancServer
 from node.config import Settings
 from node.context import NodeContext
@@ -92,14 +94,19 @@ def dicom_destination(server: OrthancServer) -> dict[str, object]:
     return {"ae_title": server.ae_title, "host": server.host, "port": server.dicom_port}
 
 
-def stow_destination(batch: int) -> Callable[[OrthancServer], dict[str, object]]:
-    """A DICOMweb destination posting ``batch`` instances per STOW-RS request."""
-    return lambda server: {
-        "kind": "dicomweb",
-        "url": server.dicomweb_url,
-        "batch_instances": batch,
-        "batch_bytes": 1 << 30,
-    }
+def stow_destination(
+    batch: int, proxy: DelayProxy | None
+) -> Callable[[OrthancServer], dict[str, object]]:
+    """A DICOMweb destination posting ``batch`` instances per STOW-RS request (through
+    ``proxy`` where given)."""
+
+    def destination(server: OrthancServer) -> dict[str, object]:
+        url = server.dicomweb_url
+        if proxy is not None:
+            url = proxy.target(server.host, server.http_port) + "/dicom-web"
+        return {"kind": "dicomweb", "url": url, "batch_instances": batch, "batch_bytes": 1 << 30}
+
+    return destination
 
 
 def node_sender(destination: Callable[[OrthancServer], dict[str, object]]) -> Sender_:
@@ -146,6 +153,11 @@ def measure(send: Sender_, paths: Sequence[Path], dicomweb: bool) -> float:
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    with DelayProxy(args.rtt_ms / 1000) as proxy:
+        compare(args, proxy if args.rtt_ms else None)
+
+
+def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
     count = common.slices(args)
     repeat = args.repeat or (1 if args.quick else 3)
     paths = common.phantom_series(count)
@@ -155,8 +167,10 @@ def benchmark(args: argparse.Namespace) -> None:
     }
     how = "in one association"
     if args.dicomweb:
-        senders = {f"STOW-RS, {n} per request": node_sender(stow_destination(n)) for n in BATCHES}
-        how = "by STOW-RS to its DICOMweb plugin"
+        senders = {
+            f"STOW-RS, {n} per request": node_sender(stow_destination(n, proxy)) for n in BATCHES
+        }
+        how = f"by STOW-RS to its DICOMweb plugin, {args.rtt_ms:g} ms round trips"
     runs: dict[str, list[float]] = {name: [] for name in senders}
     for attempt in range(1, repeat + 1):
         for name, send in senders.items():
@@ -188,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.add_argument("--repeat", type=int, help="runs per sender (default 3, 1 with --quick)")
     options.add_argument(
         "--dicomweb", action="store_true", help=f"STOW-RS, {BATCHES} instances per request"
+    )
+    options.add_argument(
+        "--rtt-ms", type=float, default=0.0, help="round-trip time added to STOW-RS (default 0)"
     )
     return common.run("Send benchmark", options, benchmark, argv)
 
