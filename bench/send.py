@@ -153,8 +153,11 @@ def measure(send: Sender_, paths: Sequence[Path], dicomweb: bool) -> float:
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    if not args.rtt_ms:
+        compare(args, None)
+        return
     with DelayProxy(args.rtt_ms / 1000) as proxy:
-        compare(args, proxy if args.rtt_ms else None)
+        compare(args, proxy)
 
 
 def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
