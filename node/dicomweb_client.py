@@ -168,16 +168,16 @@ class DicomWebClient:
     def store(self, parts: list[Part]) -> StowResult:
         """Post ``parts`` in one request; raises DeliveryError when the whole request failed."""
         boundary = f"denoise-node-{uuid.uuid4().hex}"
-        heads = [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()] * len(parts)
+        head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         tail = f"--{boundary}--\r\n".encode()
-        length = sum(len(head) + part.size + 2 for head, part in zip(heads, parts, strict=True))
+        length = sum(len(head) + part.size + 2 for part in parts) + len(tail)
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Content-Length": str(length + len(tail)),
+            "Content-Length": str(length),
         }
         what = f"the STOW-RS of {len(parts)} instance(s)"
         status, reason, retry_after, body = self._request(
-            "POST", "/studies", headers, _multipart(heads, parts, tail), what
+            "POST", "/studies", headers, _multipart(head, parts, tail), what
         )
         if status in PER_INSTANCE:
             return parse_answer(status, body, [part.uid for part in parts])
@@ -285,9 +285,9 @@ class DicomWebClient:
         return DeliveryError(self.name, answer, Failure.REFUSED)
 
 
-def _multipart(heads: list[bytes], parts: list[Part], tail: bytes) -> Iterator[bytes]:
+def _multipart(head: bytes, parts: list[Part], tail: bytes) -> Iterator[bytes]:
     """The request body, file by file in ``CHUNK`` pieces: a batch is never held whole."""
-    for head, part in zip(heads, parts, strict=True):
+    for part in parts:
         yield head
         with part.path.open("rb") as handle:
             while chunk := handle.read(CHUNK):
