@@ -1,6 +1,6 @@
 """Send: the node's sender and DCMTK storescu deliver the same series to Orthanc.
 
-``python -m bench.send [--quick] [--slices N] [--repeat N]``
+``python -m bench.send [--quick] [--slices N] [--repeat N] [--dicomweb [--rtt-ms MS]]``
 
 Each run starts a fresh Orthanc (empty storage).  storescu (``TCP_NODELAY=1``) sends the
 phantom series' files in one association.  The node's sender gets the same files as the
@@ -8,6 +8,11 @@ derived series of a job in ``sending`` on a fresh SQLite job table (made by the 
 table's own verbs, as a worker leaves it), and the time is that of ``Sender.run_once``,
 which claims the job, opens one association, sends every instance, records each
 acknowledgement and concludes the job.  The runs are interleaved.
+
+``--dicomweb`` compares STOW-RS batch sizes instead: the node's sender posts the series
+to Orthanc's DICOMweb plugin ``BATCHES`` instances per request (16 is the default of
+``batch_instances``), relative to one instance per request; ``--rtt-ms`` puts a proxy
+with that round-trip time between them (``bench.latency``), as to a remote archive.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pathlib import Path
 from pydicom import dcmread
 
 from bench import common
-from devtools.orthanc import OrthancServer
+from bench.latency import DelayProxy
+from devtools.orthanc import DICOMWEB_PLUGIN, OrthancServer
 from node.config import Settings
 from node.context import NodeContext
 from node.db import utcnow
@@ -33,6 +39,8 @@ from node.sender import Sender
 from node.spool import Spool
 
 HOLDER = "bench-worker"
+BATCHES = (1, 4, 16, 48)
+Sender_ = Callable[[Path, OrthancServer, Sequence[Path]], float]
 
 
 def sending_job(ctx: NodeContext, paths: Sequence[Path]) -> int:
@@ -82,42 +90,62 @@ def sending_job(ctx: NodeContext, paths: Sequence[Path]) -> int:
     return job_id
 
 
-def node_sender(folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
-    """Seconds for the node's sender to deliver the job's series to ``server``."""
-    settings = Settings(
-        state_dir=folder / "state",
-        database_url=f"sqlite:///{folder / 'state' / 'jobs.sqlite'}",
-        destinations={
-            "pacs": {"ae_title": server.ae_title, "host": server.host, "port": server.dicom_port}
-        },
-        spool_min_free_mb=0,
-    )
-    ctx = NodeContext.open(settings)
-    try:
-        job_id = sending_job(ctx, paths)
-        started = time.perf_counter()
-        Sender(ctx).run_once()
-        seconds = time.perf_counter() - started
-        state = ctx.queries.get_job(job_id).state
-        if state != "done":
-            raise common.CannotRun(f"the sender left the job {state}, not done")
-        return seconds
-    finally:
-        ctx.close()
+def dicom_destination(server: OrthancServer) -> dict[str, object]:
+    return {"ae_title": server.ae_title, "host": server.host, "port": server.dicom_port}
+
+
+def stow_destination(
+    batch: int, proxy: DelayProxy | None
+) -> Callable[[OrthancServer], dict[str, object]]:
+    """A DICOMweb destination posting ``batch`` instances per STOW-RS request (through
+    ``proxy`` where given)."""
+
+    def destination(server: OrthancServer) -> dict[str, object]:
+        url = server.dicomweb_url
+        if proxy is not None:
+            url = proxy.target(server.host, server.http_port) + "/dicom-web"
+        return {"kind": "dicomweb", "url": url, "batch_instances": batch, "batch_bytes": 1 << 30}
+
+    return destination
+
+
+def node_sender(destination: Callable[[OrthancServer], dict[str, object]]) -> Sender_:
+    """The node's sender, to ``destination(server)``."""
+
+    def send(folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
+        """Seconds for the node's sender to deliver the job's series to ``server``."""
+        settings = Settings(
+            state_dir=folder / "state",
+            database_url=f"sqlite:///{folder / 'state' / 'jobs.sqlite'}",
+            destinations={"pacs": destination(server)},
+            spool_min_free_mb=0,
+        )
+        ctx = NodeContext.open(settings)
+        try:
+            job_id = sending_job(ctx, paths)
+            started = time.perf_counter()
+            Sender(ctx).run_once()
+            seconds = time.perf_counter() - started
+            state = ctx.queries.get_job(job_id).state
+            if state != "done":
+                raise common.CannotRun(f"the sender left the job {state}, not done")
+            return seconds
+        finally:
+            ctx.close()
+
+    return send
 
 
 def storescu(_folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
     return common.storescu(server.dicom_port, paths, server.ae_title)
 
 
-Sender_ = Callable[[Path, OrthancServer, Sequence[Path]], float]
-
-
-def measure(send: Sender_, paths: Sequence[Path]) -> float:
+def measure(send: Sender_, paths: Sequence[Path], dicomweb: bool) -> float:
     """Send the series into a fresh Orthanc; the seconds, checked by Orthanc's count."""
+    plugins = [DICOMWEB_PLUGIN] if dicomweb else []
     with (
         tempfile.TemporaryDirectory(prefix="bench-send-") as folder,
-        OrthancServer(Path(folder) / "orthanc") as server,
+        OrthancServer(Path(folder) / "orthanc", plugins=plugins) as server,
     ):
         seconds = send(Path(folder), server, paths)
         if server.count_instances() != len(paths):
@@ -126,37 +154,62 @@ def measure(send: Sender_, paths: Sequence[Path]) -> float:
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    if not args.rtt_ms:
+        compare(args, None)
+        return
+    with DelayProxy(args.rtt_ms / 1000) as proxy:
+        compare(args, proxy)
+
+
+def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
     count = common.slices(args)
     repeat = args.repeat or (1 if args.quick else 3)
     paths = common.phantom_series(count)
-    senders: dict[str, Sender_] = {"DCMTK storescu": storescu, "node's sender": node_sender}
+    senders: dict[str, Sender_] = {
+        "DCMTK storescu": storescu,
+        "node's sender": node_sender(dicom_destination),
+    }
+    how = "in one association"
+    if args.dicomweb:
+        senders = {
+            f"STOW-RS, {n} per request": node_sender(stow_destination(n, proxy)) for n in BATCHES
+        }
+        how = f"by STOW-RS to its DICOMweb plugin, {args.rtt_ms:g} ms round trips"
     runs: dict[str, list[float]] = {name: [] for name in senders}
     for attempt in range(1, repeat + 1):
         for name, send in senders.items():
             common.progress(f"run {attempt}/{repeat}: {count} slices by {name} into Orthanc")
-            runs[name].append(measure(send, paths))
+            runs[name].append(measure(send, paths, args.dicomweb))
             common.progress(f"  {runs[name][-1]:.2f} s, {count / runs[name][-1]:.1f} slices/s")
-    storescu_s = statistics.median(runs["DCMTK storescu"])
+    baseline = next(iter(senders))
+    baseline_s = statistics.median(runs[baseline])
     common.print_table(
         f"Send: {count} slices of {common.SIZE}x{common.SIZE} "
-        f"({common.megabytes(paths):.0f} MB) into Orthanc in one association, median of {repeat}",
-        ["sender", "slices/s", "x storescu", "runs (s)"],
+        f"({common.megabytes(paths):.0f} MB) into Orthanc {how}, median of {repeat}",
+        ["sender", "slices/s", f"x {baseline}", "runs (s)"],
         [
             [
                 name,
                 count / statistics.median(seconds),
-                storescu_s / statistics.median(seconds),
+                baseline_s / statistics.median(seconds),
                 ", ".join(common.cell(s) for s in seconds),
             ]
             for name, seconds in runs.items()
         ],
     )
-    common.note("target: the node's sender >= 0.8x storescu")
+    if not args.dicomweb:
+        common.note("target: the node's sender >= 0.8x storescu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = common.parser(__doc__.splitlines()[0])
     options.add_argument("--repeat", type=int, help="runs per sender (default 3, 1 with --quick)")
+    options.add_argument(
+        "--dicomweb", action="store_true", help=f"STOW-RS, {BATCHES} instances per request"
+    )
+    options.add_argument(
+        "--rtt-ms", type=float, default=0.0, help="round-trip time added to STOW-RS (default 0)"
+    )
     return common.run("Send benchmark", options, benchmark, argv)
 
 

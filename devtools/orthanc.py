@@ -7,6 +7,7 @@ over real sockets.  The REST helpers use urllib only: nothing to install.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ PLUGINS = Path("/usr/share/orthanc/plugins")
 WEB_VIEWER_PLUGIN = PLUGINS / "libOrthancWebViewer.so"
 #: Debian's orthanc-dicomweb: STOW-RS, QIDO-RS and WADO-RS, as a server and as a client.
 DICOMWEB_PLUGIN = PLUGINS / "libOrthancDicomWeb.so"
+PLUGIN_PACKAGES = {WEB_VIEWER_PLUGIN: "orthanc-webviewer", DICOMWEB_PLUGIN: "orthanc-dicomweb"}
 
 
 class OrthancError(Exception):
@@ -50,9 +52,11 @@ class OrthancServer:
     The ports are chosen once, so a restarted Orthanc is the same PACS at the same
     address with the same stored instances.  ``node`` is the (AE title, host, port) of
     the node, listed in ``DicomModalities`` so that Orthanc could route series back.
-    ``plugins`` are shared libraries Orthanc loads (e.g. ``WEB_VIEWER_PLUGIN``).
-    ``extra_config`` is merged over the generated configuration (a plugin's own section,
-    e.g. ``DicomWeb``).
+    ``plugins`` are shared libraries Orthanc loads (``WEB_VIEWER_PLUGIN``,
+    ``DICOMWEB_PLUGIN``: then ``dicomweb_url``).  ``extra_config`` is merged over the
+    generated configuration (a plugin's own section, e.g. ``DicomWeb``).  ``users``
+    (name → password) turns on Orthanc's HTTP Basic authentication, and the REST helpers
+    log in as the first of them.
     """
 
     def __init__(
@@ -63,8 +67,10 @@ class OrthancServer:
         http_port: int | None = None,
         plugins: Sequence[Path] = (),
         extra_config: dict[str, Any] | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
         self._own_folder = folder is None
+        self.users = users or {}
         self.folder = Path(folder or tempfile.mkdtemp(prefix="orthanc-"))
         self.node = node
         self.dicom_port = dicom_port or free_port()
@@ -80,6 +86,10 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def explorer_url(self) -> str:
@@ -104,14 +114,22 @@ class OrthancServer:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "OverwriteInstances": False,
             "DicomCheckCalledAet": False,
             "StorageCompression": False,
-            "Plugins": [str(plugin) for plugin in self.plugins],
+            "Plugins": self._plugins(),
             "DicomModalities": {"denoise": [ae_title, host, port]},
             **self.extra_config,
         }
+
+    def _plugins(self) -> list[str]:
+        for plugin in self.plugins:
+            if not plugin.is_file():
+                package = PLUGIN_PACKAGES.get(plugin, "the package that holds it")
+                raise OrthancError(f"{plugin} is missing: apt-get install {package}")
+        return [str(plugin) for plugin in self.plugins]
 
     def start(self) -> None:
         """Start the process and wait until its REST API answers."""
@@ -189,6 +207,9 @@ class OrthancServer:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        for user, password in list(self.users.items())[:1]:
+            login = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {login}")
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 

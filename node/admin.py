@@ -224,9 +224,8 @@ def _status_text(status: overview.NodeStatus) -> str:
     lines.append("Destinations")
     for check in status.destinations:
         mark = "ok  " if check.reachable else "FAIL"
-        lines.append(
-            f"  {mark} {check.name}: {check.ae_title}@{check.host}:{check.port}  {check.detail}"
-        )
+        address = check.url or f"{check.ae_title}@{check.host}:{check.port}"
+        lines.append(f"  {mark} {check.name}: {address}  {check.detail}")
     if not status.destinations:
         lines.append("  none configured")
     spool = status.spool

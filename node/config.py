@@ -12,13 +12,15 @@ import re
 import string
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -32,45 +34,21 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "model" / "ct_denoise.onnx"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 #: The placeholders a destination's ``viewer_url`` may use.
 VIEWER_URL_FIELDS = frozenset({"study_uid", "series_uid"})
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the offending key."""
 
 
-class Destination(BaseModel):
-    """A DICOM peer the derived series is sent to, referred to by its table name."""
+class ViewedDestination(BaseModel):
+    """What every kind of destination has: where its viewer shows a series."""
 
     model_config = ConfigDict(extra="forbid")
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-    tls: bool = False
-    #: the destination confirms storage (commitment); until it has, retention keeps the files
-    storage_commitment: bool = False
     #: where its viewer shows a series, e.g. "https://pacs/viewer?study={study_uid}"; the
     #: job page links the derived series there once this destination has acknowledged it
     viewer_url: str | None = None
-
-    @field_validator("storage_commitment")
-    @classmethod
-    def _commitment_not_yet(cls, value: bool) -> bool:
-        # Nothing requests commitment yet, so no delivery would ever be committed and
-        # retention would keep every file of this destination until the spool is full.
-        if value:
-            raise ValueError(
-                "storage commitment is not requested by this version of the node: "
-                "remove storage_commitment or set it to false"
-            )
-        return value
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_title(cls, value: str) -> str:
-        if not AE_TITLE.match(value) or not value.strip():
-            raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
-        return value
 
     @field_validator("viewer_url")
     @classmethod
@@ -91,6 +69,120 @@ class Destination(BaseModel):
         return self.viewer_url.format(
             study_uid=quote(study_uid, safe=""), series_uid=quote(series_uid, safe="")
         )
+
+
+class Destination(ViewedDestination):
+    """A DICOM peer the derived series is sent to, referred to by its table name."""
+
+    kind: Literal["dicom"] = "dicom"
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    #: the destination confirms storage (commitment); until it has, retention keeps the files
+    storage_commitment: bool = False
+
+    @field_validator("storage_commitment")
+    @classmethod
+    def _commitment_not_yet(cls, value: bool) -> bool:
+        # Nothing requests commitment yet, so no delivery would ever be committed and
+        # retention would keep every file of this destination until the spool is full.
+        if value:
+            raise ValueError(
+                "storage commitment is not requested by this version of the node: "
+                "remove storage_commitment or set it to false"
+            )
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not AE_TITLE.match(value) or not value.strip():
+            raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dicomweb_keys(cls, values: Any) -> Any:
+        return _refuse_keys(values, DicomWebDestination, "dicomweb")
+
+
+class DicomWebDestination(ViewedDestination):
+    """A DICOMweb archive the derived series is posted to by STOW-RS (``kind = "dicomweb"``).
+
+    Credentials are never in the configuration: it names the environment variables
+    that hold them, read when sending, so the TOML file can be shared and logged.
+    """
+
+    kind: Literal["dicomweb"]
+    #: the service's base URL, e.g. https://pacs.example/dicom-web (STOW-RS posts to url/studies)
+    url: str
+    token_env: str | None = None  # bearer token
+    username_env: str | None = None  # HTTP Basic, with password_env
+    password_env: str | None = None
+    tls_ca_file: Path | None = None  # CAs trusted for this server (default: the system's)
+    # Instances per STOW-RS request, and bytes (a larger instance goes alone); see README.
+    batch_instances: int = Field(16, ge=1, le=1000)
+    batch_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dicom_keys(cls, values: Any) -> Any:
+        return _refuse_keys(values, Destination, "dicom")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// address with a host")
+        if parts.username or parts.password:
+            raise ValueError(
+                "url must not hold credentials: name their variables in username_env/password_env"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("url is the service's base address, without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("token_env", "username_env", "password_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError(
+                "the name of an environment variable (letters, digits, underscore), "
+                "not the secret itself"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomWebDestination:
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("HTTP Basic needs both username_env and password_env")
+        if self.token_env is not None and self.username_env is not None:
+            raise ValueError("choose one authentication: token_env or username_env/password_env")
+        return self
+
+
+def _refuse_keys(values: Any, other: type[BaseModel], kind: str) -> Any:
+    """A key of the other kind of destination gets a message that names the kind."""
+    if isinstance(values, dict):
+        shared = {"kind", *ViewedDestination.model_fields}
+        foreign = sorted(set(values) & (set(other.model_fields) - shared))
+        if foreign:
+            raise ValueError(f'{", ".join(foreign)}: only for kind = "{kind}" destinations')
+    return values
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind", "dicom") if isinstance(value, dict) else value.kind
+    return str(kind)
+
+
+#: Either kind of destination, told apart by ``kind`` (default ``"dicom"``).
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 #: Job priorities an administrator or a rule may set (the column is a 32-bit integer).
@@ -180,7 +272,7 @@ class Settings(BaseSettings):
     strength: float = Field(1.0, ge=0.0, le=1.0)
     series_description_suffix: str = " [denoised]"
     series_number_offset: int = Field(1000, ge=0)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     model_path: Path | None = None
     providers: list[str] = Field(
@@ -306,6 +398,15 @@ class Settings(BaseSettings):
                     )
 
 
+def _key(loc: tuple[int | str, ...]) -> str:
+    """The dotted key of an error; the tag pydantic adds for a destination's kind
+    (``destinations.pacs.dicom.port``) is not part of the key a user wrote."""
+    parts = [str(part) for part in loc]
+    if parts[:1] == ["destinations"] and len(parts) > 2 and parts[2] in ("dicom", "dicomweb"):
+        del parts[2]
+    return ".".join(parts) or "(top level)"
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     """Read the TOML file (``path`` or ``$DENOISE_NODE_CONFIG``) and the environment.
 
@@ -325,10 +426,7 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     try:
         settings = Settings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(f"{_key(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
     settings.check_references()
     return settings

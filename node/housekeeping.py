@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
 from node.jobs.records import HousekeepingView, JobView
@@ -115,7 +116,11 @@ def _purge_job(
 
 
 def _purgeable(ctx: NodeContext, finished_before: datetime) -> list[JobView]:
-    committing = [name for name, d in ctx.settings.destinations.items() if d.storage_commitment]
+    committing = [
+        name
+        for name, d in ctx.settings.destinations.items()
+        if isinstance(d, Destination) and d.storage_commitment
+    ]
     return ctx.queries.purgeable_jobs(finished_before, committing)
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from pynetdicom import AE
@@ -21,10 +22,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from node import __version__
 from node.association_request import request_association
-from node.config import PRIORITY_MAX, PRIORITY_MIN, Destination
+from node.config import PRIORITY_MAX, PRIORITY_MIN, Destination, DicomWebDestination
 from node.context import NodeContext
 from node.db import utcnow
 from node.dicom_tls import TLSSetupError, client_tls_args
+from node.dicomweb_client import DicomWebClient
 from node.jobs import JobState, TransitionError, records
 from node.jobs.states import DeliveryState, EventKind
 
@@ -139,11 +141,13 @@ class WorkerView(_View):
 
 class DestinationCheck(BaseModel):
     name: str
-    ae_title: str
+    ae_title: str  # "DICOMweb" for a DICOMweb destination, whose address is ``url``
     host: str
     port: int
     reachable: bool
     detail: str
+    kind: Literal["dicom", "dicomweb"] = "dicom"
+    url: str | None = None
 
 
 class SpoolView(BaseModel):
@@ -273,13 +277,40 @@ def _check(name: str, destination: Destination, reachable: bool, detail: str) ->
     )
 
 
+def probe_dicomweb(
+    ctx: NodeContext, name: str, destination: DicomWebDestination
+) -> DestinationCheck:
+    """A QIDO-RS query with the sender's credentials and TLS setup."""
+    client = DicomWebClient(name, destination, ECHO_TIMEOUT_SECONDS, ctx.settings.tls_ca_file)
+    reachable, detail = client.probe()
+    url = urlsplit(destination.url)
+    return DestinationCheck(
+        name=name,
+        ae_title="DICOMweb",
+        host=url.hostname or "",
+        port=url.port or (443 if url.scheme == "https" else 80),
+        reachable=reachable,
+        detail=detail,
+        kind="dicomweb",
+        url=destination.url,
+    )
+
+
+def _check_one(
+    ctx: NodeContext, name: str, destination: Destination | DicomWebDestination
+) -> DestinationCheck:
+    if isinstance(destination, DicomWebDestination):
+        return probe_dicomweb(ctx, name, destination)
+    return echo_destination(ctx, name, destination)
+
+
 def check_destinations(ctx: NodeContext) -> list[DestinationCheck]:
-    """Echo every configured destination in parallel: at most one timeout in total."""
+    """Check every configured destination in parallel: at most one timeout in total."""
     items = sorted(ctx.settings.destinations.items())
     if not items:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-        return list(pool.map(lambda item: echo_destination(ctx, *item), items))
+        return list(pool.map(lambda item: _check_one(ctx, *item), items))
 
 
 def spool_view(ctx: NodeContext) -> SpoolView:

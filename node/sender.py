@@ -1,4 +1,5 @@
-"""The sender: C-STORE of a job's derived series to each of its destinations.
+"""The sender: a job's derived series to each of its destinations, by C-STORE or, for
+``kind = "dicomweb"`` destinations, by STOW-RS (``node.dicomweb_client``).
 
 Acknowledgements are recorded one by one, so after a restart (or an outage) only what
 is missing is sent.  Each destination has a delivery state (``pending``,
@@ -12,7 +13,11 @@ is missing is sent.  Each destination has a delivery state (``pending``,
   unknown called AE title), or refuses the object (0xCxxx, 0xA9xx, the SOP class):
   the destination fails after ``send_max_attempts`` refusals, with the peer's reason;
 * broken — this node cannot send it (unknown destination, TLS setup, an unusable
-  derived file): the destination fails at once.
+  derived file, credentials refused or not set): the destination fails at once.
+
+STOW-RS maps onto the same kinds: HTTP 5xx, 429 and timeouts are transient (429 and 503
+wait at least the server's Retry-After), per-instance failures (202, 409) and other 4xx
+are refusals, 401 and 403 are broken (a configuration error).
 
 A job is ``done`` when every destination acknowledged; ``failed`` when one failed and
 none is still pending; else it stays ``sending`` and is tried again after the backoff.
@@ -23,7 +28,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from enum import StrEnum
 from pathlib import Path
 
 from pydicom import dcmread
@@ -35,42 +39,22 @@ from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node.association_request import request_association
-from node.config import Destination
+from node.config import Destination, DicomWebDestination
 from node.context import NodeContext
 from node.dicom_tls import TLSSetupError, client_tls_args
+from node.dicomweb_client import DicomWebClient, Part, batches
 from node.jobs.manager import LostClaim
 from node.jobs.records import DerivedView, JobView
 from node.jobs.states import DeliveryState
+from node.send_errors import DeliveryError, Failure, is_retryable_status
 
 log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
-class Failure(StrEnum):
-    """What a failure to send says about trying again (see the module's docstring)."""
-
-    TRANSIENT = "transient"
-    REFUSED = "refused"
-    BROKEN = "broken"
-
-
-class DeliveryError(Exception):
-    """Sending to one destination stopped; ``failure`` says whether trying later can help."""
-
-    def __init__(self, destination: str, message: str, failure: Failure) -> None:
-        super().__init__(f"{destination}: {message}")
-        self.destination = destination
-        self.failure = failure
-
-
 class Stopping(Exception):
     """The process is shutting down: give the job back between two instances."""
-
-
-def is_retryable_status(code: int) -> bool:
-    """Out of resources (0xA7xx) and resource limitation (0x0213) may pass; others do not."""
-    return 0xA700 <= code <= 0xA7FF or code == 0x0213
 
 
 class Sender:
@@ -176,11 +160,7 @@ class Sender:
             log.error("job %s failed: %s", job.id, error, extra={**fields, "outcome": "failed"})
         elif pending:
             error = "; ".join(str(exc) for exc in errors)
-            previous = self.queries.consecutive_postponements(job.id)
-            delay = min(
-                self.settings.send_retry_seconds * 2 ** min(previous, 30),
-                self.settings.send_retry_max_seconds,
-            )
+            delay = self._retry_delay(job, errors)
             self.manager.postpone_sending(job.id, self.ctx.name, error, delay)
             log.warning(
                 "job %s postponed %.1f s: %s",
@@ -199,6 +179,19 @@ class Sender:
             self.manager.finish_sending(job.id, self.ctx.name, message)
             log.info("job %s done: %s", job.id, message, extra={**fields, "outcome": "done"})
 
+    def _retry_delay(self, job: JobView, errors: list[DeliveryError]) -> float:
+        """Exponential backoff; where every failure came with a Retry-After, exactly that
+        wish (at least ``send_retry_seconds``), and never sooner than any wish."""
+        previous = self.queries.consecutive_postponements(job.id)
+        backoff: float = min(
+            self.settings.send_retry_seconds * 2.0 ** min(previous, 30),
+            self.settings.send_retry_max_seconds,
+        )
+        wishes = [exc.retry_after for exc in errors if exc.retry_after is not None]
+        if wishes and len(wishes) == len(errors):
+            return max([self.settings.send_retry_seconds, *wishes])
+        return max([backoff, *wishes])
+
     # -- one destination -----------------------------------------------------------------
 
     def _deliver(self, job: JobView, name: str) -> int:
@@ -213,12 +206,48 @@ class Sender:
         if not missing:
             return 0
         self._heartbeat_if_due(job)
+        if isinstance(destination, DicomWebDestination):
+            return self._stow_all(job, name, destination, missing)
         assoc = self._associate(name, destination)
         try:
             return self._store_all(job, name, destination, assoc, missing)
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _stow_all(
+        self, job: JobView, name: str, destination: DicomWebDestination, missing: list[DerivedView]
+    ) -> int:
+        """STOW-RS in batches; refused instances are reported once every batch was tried."""
+        client = DicomWebClient(
+            name, destination, self.settings.send_timeout_seconds, self.settings.tls_ca_file
+        )
+        paths = [(item.sop_instance_uid, self._spool_file(name, item)) for item in missing]
+        parts = [Part(uid, path, path.stat().st_size) for uid, path in paths]
+        sent = 0
+        refused: dict[str, int | None] = {}
+        for batch in batches(parts, destination.batch_instances, destination.batch_bytes):
+            if self._stop.is_set():
+                raise Stopping
+            self._heartbeat_if_due(job)
+            result = client.store(batch)
+            for uid, status in result.stored.items():
+                self.manager.record_delivery(job.id, name, uid, status)
+            sent += len(result.stored)
+            refused.update(result.failed)
+        if refused:
+            raise _stow_refusal(name, destination.url, refused)
+        return sent
+
+    def _spool_file(self, name: str, item: DerivedView) -> Path:
+        path = self.ctx.spool.path(item.spool_path)
+        if not path.is_file():
+            raise DeliveryError(
+                name,
+                f"derived instance {item.sop_instance_uid} is missing from the spool",
+                Failure.BROKEN,
+            )
+        return path
 
     def _heartbeat_if_due(self, job: JobView) -> None:
         """Between network steps, prove the claim is alive (raises LostClaim if it is not)."""
@@ -273,11 +302,7 @@ class Sender:
                 raise Stopping
             self._heartbeat_if_due(job)
             uid = item.sop_instance_uid
-            path = self.ctx.spool.path(item.spool_path)
-            if not path.is_file():
-                raise DeliveryError(
-                    name, f"derived instance {uid} is missing from the spool", Failure.BROKEN
-                )
+            path = self._spool_file(name, item)
             try:
                 status = assoc.send_c_store(_payload(path, assoc))
             except (ValueError, AttributeError, InvalidDicomError) as exc:
@@ -319,3 +344,19 @@ def _payload(path: Path, assoc: Association) -> Path | Dataset:
         _config.STORE_SEND_CHUNKED_DATASET = True
         return path
     return dcmread(path)
+
+
+def _stow_refusal(name: str, url: str, refused: dict[str, int | None]) -> DeliveryError:
+    """Instances the DICOMweb server did not store: out of resources (0xA7xx) passes,
+    any other reason is a refusal."""
+    reasons = [
+        f"{uid} ({'not acknowledged' if code is None else f'FailureReason 0x{code:04X}'})"
+        for uid, code in refused.items()
+    ]
+    shown = ", ".join(reasons[:3]) + (f" and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    retryable = all(code is not None and is_retryable_status(code) for code in refused.values())
+    return DeliveryError(
+        name,
+        f"{url} did not store {len(refused)} instance(s): {shown}",
+        Failure.TRANSIENT if retryable else Failure.REFUSED,
+    )

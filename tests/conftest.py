@@ -28,7 +28,7 @@ pytest_plugins = [
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
-ORTHANC_FIXTURES = {"orthanc", "shared_orthanc", "web_viewer_orthanc"}
+ORTHANC_FIXTURES = {"orthanc", "shared_orthanc", "web_viewer_orthanc", "dicomweb_orthanc"}
 HERE = Path(__file__).resolve().parent
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from node.config import ConfigError, Destination, load_settings
+from node.config import ConfigError, Destination, DicomWebDestination, load_settings
 
 
 def test_defaults_run_on_a_laptop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,3 +85,57 @@ def test_storage_commitment_is_refused_until_the_node_requests_it() -> None:
     with pytest.raises(ValidationError, match="storage commitment is not requested"):
         Destination(ae_title="PACS", host="127.0.0.1", port=104, storage_commitment=True)
     assert not Destination(ae_title="PACS", host="127.0.0.1", port=104).storage_commitment
+
+
+def test_a_dicomweb_destination_names_its_credentials_by_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[destinations.cloud]\nkind = "dicomweb"\nurl = "https://pacs.example/dicom-web/"\n'
+        'token_env = "PACS_TOKEN"\n'
+        '[destinations.pacs]\nae_title = "ORTHANC"\nhost = "pacs.local"\nport = 4242\n'
+    )
+    monkeypatch.setenv("DENOISE_NODE_DESTINATIONS__CLOUD__BATCH_INSTANCES", "4")
+    settings = load_settings(config)
+    cloud, pacs = settings.destinations["cloud"], settings.destinations["pacs"]
+    assert isinstance(cloud, DicomWebDestination) and isinstance(pacs, Destination)
+    assert (cloud.url, cloud.token_env, cloud.batch_instances) == (
+        "https://pacs.example/dicom-web",
+        "PACS_TOKEN",
+        4,
+    )
+    assert (cloud.username_env, cloud.tls_ca_file) == (None, None)
+    assert pacs.kind == "dicom"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('kind = "dicomweb"\nurl = "https://h/dw"\nport = 4242', 'port: only for kind = "dicom"'),
+        (
+            'ae_title = "X"\nhost = "h"\nport = 1\nurl = "https://h"',
+            'url: only for kind = "dicomweb"',
+        ),
+        ('kind = "dicomweb"', r"destinations\.cloud\.url: Field required"),
+        ('kind = "dicomweb"\nurl = "https://me:s3cret@h/dw"', "must not hold credentials"),
+        ('kind = "dicomweb"\nurl = "ftp://h/dw"', "http:// or https://"),
+        ('kind = "dicomweb"\nurl = "https://h"\ntoken_env = "s3cret value"', "not the secret"),
+        ('kind = "dicomweb"\nurl = "https://h"\nusername_env = "U"', "needs both username_env"),
+        (
+            'kind = "dicomweb"\nurl = "https://h"\ntoken_env = "T"\n'
+            'username_env = "U"\npassword_env = "P"',
+            "choose one authentication",
+        ),
+        ('kind = "dicom-web"', "'dicom', 'dicomweb'"),
+    ],
+)
+def test_a_destination_of_the_wrong_shape_is_refused_clearly(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[destinations.cloud]\n{text}\n")
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_settings(config)
+    assert "destinations.cloud" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
