@@ -178,6 +178,7 @@ class Sender:
         states = self.queries.destinations(job.id)
         pending = [s for s in states if s.state == DeliveryState.PENDING]
         failed = [s for s in states if s.state == DeliveryState.FAILED]
+        awaiting = [s.destination for s in self._committer.awaiting(states)]
         waiting = self._committer.next_due(states)
         if failed and not pending and waiting is None:
             error = "; ".join(f"{s.reason}" for s in failed)
@@ -199,7 +200,7 @@ class Sender:
                 extra={**fields, "outcome": "postponed", "retry_in": delay},
             )
         elif waiting is not None:
-            self.manager.wait_for_commitment(job.id, self.ctx.name, waiting)
+            self.manager.wait_for_commitment(job.id, self.ctx.name, waiting, awaiting)
             log.debug("job %s waits for storage commitment", job.id, extra=fields)
         else:
             names = ", ".join(job.destinations)

@@ -86,6 +86,7 @@ class CommitmentPACS:
         self.requests: list[str] = []
         self.report: Callable[[list[str]], list[str]] | None = None
         self.statuses: list[int] = []
+        self._reporters: list[threading.Thread] = []
         ae = AE(ae_title="PACS")
         ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
         ae.add_supported_context(StorageCommitmentPushModel)
@@ -103,12 +104,19 @@ class CommitmentPACS:
         if self.report is not None:
             failed = self.report(uids)
             args = (str(info.TransactionUID), uids, failed)
-            threading.Thread(target=self._send_report, args=args).start()
+            self._reporters.append(threading.Thread(target=self._send_report, args=args))
+            self._reporters[-1].start()
         return 0x0000, None
 
     def _send_report(self, transaction: str, uids: list[str], failed: list[str]) -> None:
         time.sleep(0.1)  # after the N-ACTION response, as an asynchronous SCP does
         self.statuses.append(send_report(self.node_port, transaction, uids, failed))
+
+    def reports_sent(self) -> list[int]:
+        """The node's answers to the reports, once every report has been answered."""
+        for thread in self._reporters:
+            thread.join(10)
+        return self.statuses
 
     def close(self) -> None:
         self._server.shutdown()
@@ -238,7 +246,7 @@ def test_instances_reported_failed_are_resent_once_then_the_destination_fails(
     assert send_until_final(ctx, job_id) == JobState.FAILED
     assert sorted(pacs.stored) == sorted([*uids, uids[0]])  # everything once, the failed twice
     assert len(set(pacs.requests)) == 2  # a new transaction after the resend
-    assert pacs.statuses == [0x0000, 0x0000]
+    assert pacs.reports_sent() == [0x0000, 0x0000]
     (state,) = ctx.queries.destinations(job_id)
     assert state.state == DeliveryState.FAILED
     assert f"did not commit 1 of {len(uids)} instances" in (state.reason or "")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
@@ -157,15 +157,30 @@ class Deliveries(JobWriter):
             session.flush()
             return from_row(DestinationView, row)
 
-    def wait_for_commitment(self, job_id: int, holder: str, delay: float) -> None:
-        """Give the job back until a report comes (it wakes the job) or ``delay`` passes."""
+    def wait_for_commitment(
+        self, job_id: int, holder: str, delay: float, awaiting: Collection[str]
+    ) -> None:
+        """Give the job back until a report comes (it wakes the job) or ``delay`` passes.
+
+        The job row is locked first, as ``record_commitment`` locks it: a report recorded
+        since the sender read ``awaiting`` is seen here, and the job is due at once.
+        """
         now = utcnow()
         with self._sessions.begin() as session:
+            _lock_job(session, job_id)
             self._require_holder(session, job_id, holder, JobState.SENDING)
+            still = session.scalar(
+                select(func.count())
+                .select_from(JobDestination)
+                .where(JobDestination.job_id == job_id)
+                .where(JobDestination.destination.in_(list(awaiting)))
+                .where(JobDestination.state == DeliveryState.ACKNOWLEDGED)
+            )
+            due = now + timedelta(seconds=delay) if still == len(awaiting) else now
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .values(claimed_by=None, run_after=now + timedelta(seconds=delay), updated_at=now)
+                .values(claimed_by=None, run_after=due, updated_at=now)
             )
 
     def record_commitment(
@@ -179,10 +194,13 @@ class Deliveries(JobWriter):
         is woken so that the sender concludes it at once.
         """
         with self._sessions.begin() as session:
-            row = session.scalars(
-                select(JobDestination).where(JobDestination.commitment_uid == transaction_uid)
-            ).one_or_none()
-            if row is None:
+            by_uid = JobDestination.commitment_uid == transaction_uid
+            job_id = session.scalar(select(JobDestination.job_id).where(by_uid))
+            if job_id is None:
+                return None
+            _lock_job(session, job_id)
+            row = session.scalars(select(JobDestination).where(by_uid)).one_or_none()
+            if row is None:  # a resend round cleared the request meanwhile
                 return None
             if row.state != DeliveryState.ACKNOWLEDGED:
                 return CommitmentReport(row.job_id, row.destination, ReportOutcome.STALE, 0)
@@ -305,6 +323,12 @@ class Deliveries(JobWriter):
             last_error=error,
             finished_at=utcnow(),
         )
+
+
+def _lock_job(session: Session, job_id: int) -> None:
+    """Serialise with other writers that lock the job row first (PostgreSQL; SQLite's
+    transactions are serial already)."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
 
 
 def _destination_row(session: Session, job_id: int, name: str) -> JobDestination:
