@@ -76,7 +76,8 @@ class CommitmentPACS:
     """A pynetdicom PACS: stores CT, answers N-ACTION, and reports as told.
 
     ``report`` maps the N-ACTION's instances to the ones reported as failed (None: no
-    report at all); the report goes on a new association to ``node_port``, as Orthanc's.
+    report at all); the report goes on a new association to ``node_port``, as Orthanc's,
+    or with ``same_association`` on the N-ACTION's own, before its response.
     """
 
     def __init__(self, node_port: int) -> None:
@@ -85,6 +86,7 @@ class CommitmentPACS:
         self.stored: list[str] = []
         self.requests: list[str] = []
         self.report: Callable[[list[str]], list[str]] | None = None
+        self.same_association = False
         self.statuses: list[int] = []
         self._reporters: list[threading.Thread] = []
         ae = AE(ae_title="PACS")
@@ -101,16 +103,26 @@ class CommitmentPACS:
         info = event.action_information
         uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
         self.requests.append(str(info.TransactionUID))
-        if self.report is not None:
-            failed = self.report(uids)
-            args = (str(info.TransactionUID), uids, failed)
-            self._reporters.append(threading.Thread(target=self._send_report, args=args))
-            self._reporters[-1].start()
+        if self.report is None:
+            return 0x0000, None
+        report = _report(str(info.TransactionUID), uids, self.report(uids))
+        if self.same_association:
+            # From another thread: this one must not block the association's reactor.
+            def on_this_association() -> None:
+                status, _ = event.assoc.send_n_event_report(*report)
+                self.statuses.append(int(status.Status))
+
+            thread = threading.Thread(target=on_this_association)
+            thread.start()
+            thread.join(10)
+            return 0x0000, None
+        self._reporters.append(threading.Thread(target=self._send_report, args=(report,)))
+        self._reporters[-1].start()
         return 0x0000, None
 
-    def _send_report(self, transaction: str, uids: list[str], failed: list[str]) -> None:
+    def _send_report(self, report: tuple[Dataset, int, str, str]) -> None:
         time.sleep(0.1)  # after the N-ACTION response, as an asynchronous SCP does
-        self.statuses.append(send_report(self.node_port, transaction, uids, failed))
+        self.statuses.append(send_report(self.node_port, report))
 
     def reports_sent(self) -> list[int]:
         """The node's answers to the reports, once every report has been answered."""
@@ -122,26 +134,29 @@ class CommitmentPACS:
         self._server.shutdown()
 
 
-def send_report(port: int, transaction: str, uids: list[str], failed: list[str]) -> int:
-    """One N-EVENT-REPORT to the node, as the SCP of the class; the status it answers."""
+def send_report(port: int, report: tuple[Dataset, int, str, str], propose_role: bool = True) -> int:
+    """One N-EVENT-REPORT to the node, as the SCP of the class (proposed by role
+    selection, or not at all, as some PACS do); the status the node answers."""
     ae = AE(ae_title="PACS")
     ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
     role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DENOISE", ext_neg=[role])
+    extended = [role] if propose_role else []
+    assoc = ae.associate("127.0.0.1", port, ae_title="DENOISE", ext_neg=extended)
     assert assoc.is_established
+    status, _ = assoc.send_n_event_report(*report)
+    assoc.release()
+    return int(status.Status)
+
+
+def _report(transaction: str, uids: list[str], failed: list[str]) -> tuple[Dataset, int, str, str]:
+    """The arguments of a storage commitment N-EVENT-REPORT (event type 2 with failures)."""
     info = Dataset()
     info.TransactionUID = transaction
     info.ReferencedSOPSequence = Sequence([_reference(uid) for uid in uids if uid not in failed])
     if failed:
         info.FailedSOPSequence = Sequence([_reference(uid, 0x0110) for uid in failed])
-    status, _ = assoc.send_n_event_report(
-        info,
-        2 if failed else 1,
-        StorageCommitmentPushModel,
-        STORAGE_COMMITMENT_INSTANCE,
-    )
-    assoc.release()
-    return int(status.Status)
+    event_type = 2 if failed else 1
+    return info, event_type, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
 
 
 def _reference(uid: str, reason: int | None = None) -> Dataset:
@@ -278,17 +293,35 @@ def test_a_failed_instance_committed_after_its_resend_makes_the_job_done(
     assert state.commitment_resends == 1
 
 
-def test_a_report_with_an_unknown_transaction_uid_is_refused_and_logged(
+def test_a_report_on_the_request_association_commits_too(
     node: Callable[..., tuple[NodeContext, Receiver]],
     pacs_for: Callable[[int], CommitmentPACS],
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()
-    ctx, _ = node({}, port)
+    pacs = pacs_for(port)
+    pacs.report, pacs.same_association = (lambda uids: []), True
+    ctx, receiver = node(committing("PACS", pacs.port), port)
+    receiver.stop()  # nothing could arrive on a new association
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["pacs"])
+
+    assert send_until_final(ctx, job_id) == JobState.DONE
+    assert pacs.statuses == [0x0000]
+    (state,) = ctx.queries.destinations(job_id)
+    assert state.state == DeliveryState.COMMITTED
+
+
+@pytest.mark.parametrize("propose_role", [True, False])
+def test_a_report_with_an_unknown_transaction_uid_is_refused_and_logged(
+    node: Callable[..., tuple[NodeContext, Receiver]],
+    caplog: pytest.LogCaptureFixture,
+    propose_role: bool,
+) -> None:
+    port = free_port()
+    node({}, port)
     unknown = generate_uid()
     with caplog.at_level(logging.WARNING, logger="node.commitment"):
-        status = send_report(port, unknown, [generate_uid()], [])
+        status = send_report(port, _report(unknown, [generate_uid()], []), propose_role)
     assert status == PROCESSING_FAILURE
     assert any(
         "unknown transaction" in record.getMessage() and unknown in record.getMessage()
