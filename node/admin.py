@@ -227,6 +227,7 @@ def _status_text(status: overview.NodeStatus) -> str:
         lines.append(
             f"  {mark} {check.name}: {check.ae_title}@{check.host}:{check.port}  {check.detail}"
         )
+        lines.append(_deliveries_text(status.deliveries.get(check.name, {}), check))
     if not status.destinations:
         lines.append("  none configured")
     spool = status.spool
@@ -236,6 +237,13 @@ def _status_text(status: overview.NodeStatus) -> str:
     )
     lines.append(f"Housekeeping  {_housekeeping_text(status.housekeeping)}")
     return "\n".join(lines)
+
+
+def _deliveries_text(counts: dict[str, int], check: overview.DestinationCheck) -> str:
+    """Jobs per delivery state; where commitment is asked, ``acknowledged`` ones await it."""
+    text = "  ".join(f"{state} {count}" for state, count in counts.items()) or "no jobs yet"
+    asked = "storage commitment asked" if check.storage_commitment else "no storage commitment"
+    return f"       jobs: {text} ({asked})"
 
 
 def _housekeeping_text(run: overview.HousekeepingSummary | None) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -23,13 +24,15 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 
 from devtools.orthanc import OrthancServer
 from devtools.tools import free_port
+from node.cli import main
 from node.commitment import STORAGE_COMMITMENT_INSTANCE
-from node.config import Settings
+from node.config import Settings, load_settings
 from node.context import NodeContext
 from node.jobs import JobState
 from node.jobs.states import DeliveryState, EventKind
 from node.receiver import Receiver
 from node.sender import Sender
+from node.web import create_app
 from tests.fixtures.dicom import storescu
 from tests.test_sender import make_sending_job
 
@@ -49,7 +52,10 @@ def committing(ae_title: str, port: int, **timers: float) -> dict[str, dict[str,
 
 
 def test_orthanc_commits_the_derived_series_and_the_job_is_done(
-    node_factory: Callable[..., Any], tmp_path: Path, phantom_series: list[Path]
+    node_factory: Callable[..., Any],
+    tmp_path: Path,
+    phantom_series: list[Path],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()
     with OrthancServer(tmp_path / "orthanc", node=("DENOISE", "127.0.0.1", port)) as orthanc:
@@ -70,6 +76,17 @@ def test_orthanc_commits_the_derived_series_and_the_job_is_done(
         assert kinds.count(EventKind.COMMITMENT) == 2  # requested, then committed
         assert any(pacs.commitment_uid in event.message for event in events)
         assert "committed by pacs" in (events[-1].message or "")
+
+        # What an operator sees: `denoise-node status` and the dashboard.
+        assert main(["--config", str(node.config), "status"]) == 0
+        out = capsys.readouterr().out
+        assert "jobs: committed 1 (storage commitment asked)" in out
+        ctx = NodeContext.open(load_settings(node.config))
+        try:
+            dashboard = TestClient(create_app(ctx), base_url="http://127.0.0.1").get("/")
+        finally:
+            ctx.close()
+        assert "committed 1 · awaiting 0" in dashboard.text
 
 
 class CommitmentPACS:
