@@ -226,6 +226,7 @@ def _status_text(status: overview.NodeStatus) -> str:
         mark = "ok  " if check.reachable else "FAIL"
         address = check.url or f"{check.ae_title}@{check.host}:{check.port}"
         lines.append(f"  {mark} {check.name}: {address}  {check.detail}")
+        lines.append(_deliveries_text(status.deliveries.get(check.name, {}), check))
     if not status.destinations:
         lines.append("  none configured")
     spool = status.spool
@@ -235,6 +236,13 @@ def _status_text(status: overview.NodeStatus) -> str:
     )
     lines.append(f"Housekeeping  {_housekeeping_text(status.housekeeping)}")
     return "\n".join(lines)
+
+
+def _deliveries_text(counts: dict[str, int], check: overview.DestinationCheck) -> str:
+    """Jobs per delivery state; where commitment is asked, ``acknowledged`` ones await it."""
+    text = "  ".join(f"{state} {count}" for state, count in counts.items()) or "no jobs yet"
+    asked = "storage commitment asked" if check.storage_commitment else "no storage commitment"
+    return f"       jobs: {text} ({asked})"
 
 
 def _housekeeping_text(run: overview.HousekeepingSummary | None) -> str:

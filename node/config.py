@@ -79,20 +79,13 @@ class Destination(ViewedDestination):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
-    #: the destination confirms storage (commitment); until it has, retention keeps the files
+    #: ask for storage commitment after the last instance; the delivery is final (and
+    #: retention may remove the files) only once the destination reports it committed
     storage_commitment: bool = False
-
-    @field_validator("storage_commitment")
-    @classmethod
-    def _commitment_not_yet(cls, value: bool) -> bool:
-        # Nothing requests commitment yet, so no delivery would ever be committed and
-        # retention would keep every file of this destination until the spool is full.
-        if value:
-            raise ValueError(
-                "storage commitment is not requested by this version of the node: "
-                "remove storage_commitment or set it to false"
-            )
-        return value
+    #: no report this long after the first request: the destination fails
+    commitment_timeout_seconds: float = Field(3600.0, gt=0.0)
+    #: the request is sent again this often until the report comes or the timeout passes
+    commitment_retry_seconds: float = Field(300.0, gt=0.0)
 
     @field_validator("ae_title")
     @classmethod

@@ -148,6 +148,8 @@ class DestinationCheck(BaseModel):
     detail: str
     kind: Literal["dicom", "dicomweb"] = "dicom"
     url: str | None = None
+    #: the destination is asked for storage commitment: ``acknowledged`` jobs await it
+    storage_commitment: bool = False
 
 
 class SpoolView(BaseModel):
@@ -179,6 +181,8 @@ class NodeStatus(BaseModel):
     destinations: list[DestinationCheck]
     spool: SpoolView
     housekeeping: HousekeepingSummary | None
+    #: destination name → delivery state → jobs (``committed`` where commitment is asked)
+    deliveries: dict[str, dict[str, int]]
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -274,6 +278,7 @@ def _check(name: str, destination: Destination, reachable: bool, detail: str) ->
         port=destination.port,
         reachable=reachable,
         detail=detail,
+        storage_commitment=destination.storage_commitment,
     )
 
 
@@ -340,7 +345,15 @@ def node_status(ctx: NodeContext, destinations: list[DestinationCheck] | None = 
         destinations=check_destinations(ctx) if destinations is None else destinations,
         spool=spool_view(ctx),
         housekeeping=_housekeeping(ctx),
+        deliveries=_deliveries(ctx),
     )
+
+
+def _deliveries(ctx: NodeContext) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for (name, state), count in sorted(ctx.queries.destination_state_counts().items()):
+        counts.setdefault(name, {})[state] = count
+    return counts
 
 
 def _housekeeping(ctx: NodeContext) -> HousekeepingSummary | None:

@@ -7,8 +7,10 @@ Received data is streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET`
 the spool's ``receiving`` folder: ``node.receiving``), renamed into the spool rather
 than copied (each instance's bytes are written once) and never decoded here: the
 header is parsed with large values left on disk, which keeps the receiver's memory
-flat however large the instance.  Who may connect, for how long and with how large a
-PDU is the listener's policy (``node.listener``).
+flat however large the instance.  Storage commitment reports (N-EVENT-REPORT, the
+PACS acting as SCP of the Push Model class) are handled by ``node.commitment``.  Who
+may connect, for how long and with how large a PDU is the listener's policy
+(``node.listener``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -30,6 +33,7 @@ from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import receiving, storing
+from node.commitment import STORAGE_COMMITMENT, handle_report
 from node.context import NodeContext
 from node.dicom_tls import server_context
 from node.instance_checks import (
@@ -69,6 +73,9 @@ __all__ = [
     "Receiver",
 ]
 
+#: Storage commitment reports carry no pixel data: the uncompressed syntaxes only.
+COMMITMENT_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
 SUCCESS = 0x0000
 
 #: Seconds ``stop`` lets running associations finish before aborting them.
@@ -92,6 +99,10 @@ class Receiver:
         self._ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             self._ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        # Reports come from the PACS as SCP of the class: accept the role it proposes.
+        self._ae.add_supported_context(
+            STORAGE_COMMITMENT, COMMITMENT_SYNTAXES, scu_role=False, scp_role=True
+        )
         self.receiving = receiving.ReceivingFolder(ctx.spool.root / RECEIVING_FOLDER)
         self._servers: list[GuardedServer] = []
         self._tallies: dict[int, Counter[str]] = {}
@@ -144,6 +155,7 @@ class Receiver:
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_N_EVENT_REPORT, self.handle_report),
             (evt.EVT_CONN_OPEN, self.handle_open),
             (evt.EVT_CONN_CLOSE, self.handle_close),
         ]
@@ -205,6 +217,10 @@ class Receiver:
         """C-ECHO: always success while the receiver runs."""
         log.debug("C-ECHO", extra={"calling_ae": _calling_ae(event)})
         return SUCCESS
+
+    def handle_report(self, event: Event) -> tuple[Dataset, None]:
+        """N-EVENT-REPORT: a storage commitment report (``node.commitment``)."""
+        return handle_report(self.ctx.manager, self.ctx.name, event)
 
     def handle_store(self, event: Event) -> Dataset:
         """C-STORE: check, spool, record, answer; each failure has its own status."""

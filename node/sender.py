@@ -3,7 +3,7 @@
 
 Acknowledgements are recorded one by one, so after a restart (or an outage) only what
 is missing is sent.  Each destination has a delivery state (``pending``,
-``acknowledged``, ``failed``); a failure to send falls in one of three kinds:
+``acknowledged``, ``committed``, ``failed``); a failure to send falls in one of three kinds:
 
 * transient — the association could not be opened, was aborted or timed out, was
   rejected transiently, or the peer is out of resources (0xA7xx, 0x0213): tried again
@@ -19,8 +19,11 @@ STOW-RS maps onto the same kinds: HTTP 5xx, 429 and timeouts are transient (429 
 wait at least the server's Retry-After), per-instance failures (202, 409) and other 4xx
 are refusals, 401 and 403 are broken (a configuration error).
 
-A job is ``done`` when every destination acknowledged; ``failed`` when one failed and
-none is still pending; else it stays ``sending`` and is tried again after the backoff.
+Where a destination asks for storage commitment, the job waits in ``sending`` after
+the last acknowledgement until that destination is ``committed`` (``node.commitment``).
+A job is ``done`` when every destination acknowledged, or committed where asked;
+``failed`` when one failed and none is still pending or waiting for its commitment;
+else it stays ``sending`` and is tried again after the backoff.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node.association_request import request_association
+from node.commitment import STORAGE_COMMITMENT, Committer
 from node.config import Destination, DicomWebDestination
 from node.context import NodeContext
 from node.dicom_tls import TLSSetupError, client_tls_args
@@ -67,6 +72,7 @@ class Sender:
         self.queries = ctx.queries
         self._stop = stop or threading.Event()
         self._last_beat = 0.0
+        self._committer = Committer(ctx, self._connect_for_commitment)
 
     def run_once(self) -> bool:
         """Claim one job in ``sending`` and deliver it; False when there was none.
@@ -107,6 +113,9 @@ class Sender:
                 except DeliveryError as exc:
                     self._record_failure(job, exc)
                     errors.append(exc)
+            for state in self._committer.awaiting(self.queries.destinations(job.id)):
+                self._heartbeat_if_due(job)
+                self._committer.step(job, state)
             seconds = time.monotonic() - started
             fields.update(sent=sent, seconds=round(seconds, 3))
             self._conclude(job, errors, total, sent, seconds, fields)
@@ -154,7 +163,9 @@ class Sender:
         states = self.queries.destinations(job.id)
         pending = [s for s in states if s.state == DeliveryState.PENDING]
         failed = [s for s in states if s.state == DeliveryState.FAILED]
-        if failed and not pending:
+        awaiting = [s.destination for s in self._committer.awaiting(states)]
+        waiting = self._committer.next_due(states)
+        if failed and not pending and waiting is None:
             error = "; ".join(f"{s.reason}" for s in failed)
             self.manager.fail_sending(job.id, self.ctx.name, error)
             log.error("job %s failed: %s", job.id, error, extra={**fields, "outcome": "failed"})
@@ -169,6 +180,9 @@ class Sender:
                 error,
                 extra={**fields, "outcome": "postponed", "retry_in": delay},
             )
+        elif waiting is not None:
+            self.manager.wait_for_commitment(job.id, self.ctx.name, waiting, awaiting)
+            log.debug("job %s waits for storage commitment", job.id, extra=fields)
         else:
             names = ", ".join(job.destinations)
             message = f"{total} instances acknowledged by {names} in {seconds:.1f} s"
@@ -176,6 +190,9 @@ class Sender:
                 message = "no destination: the derived series stays in the spool only"
             elif sent != total * len(job.destinations):
                 message += f" ({sent} sent now)"
+            committed = [s.destination for s in states if s.state == DeliveryState.COMMITTED]
+            if committed:
+                message += f"; committed by {', '.join(committed)}"
             self.manager.finish_sending(job.id, self.ctx.name, message)
             log.info("job %s done: %s", job.id, message, extra={**fields, "outcome": "done"})
 
@@ -255,9 +272,30 @@ class Sender:
             self.manager.heartbeat(job.id, self.ctx.name)
             self._last_beat = time.monotonic()
 
-    def _associate(self, name: str, destination: Destination) -> Association:
+    def _connect_for_commitment(
+        self, name: str, destination: Destination, handlers: list[EventHandlerType]
+    ) -> Association | None:
+        """An association for a storage commitment request; None (logged) when refused."""
+        try:
+            return self._associate(name, destination, STORAGE_COMMITMENT, handlers)
+        except DeliveryError as exc:
+            log.warning(
+                "storage commitment request not sent: %s",
+                exc,
+                extra={"destination": name, "outcome": "commitment request failed"},
+            )
+            return None
+
+    def _associate(
+        self,
+        name: str,
+        destination: Destination,
+        sop_class: str = CTImageStorage,
+        handlers: list[EventHandlerType] | None = None,
+    ) -> Association:
+        """An association that accepted ``sop_class``, or a DeliveryError that says why."""
         ae = AE(ae_title=self.settings.ae_title)
-        ae.add_requested_context(CTImageStorage, TRANSFER_SYNTAXES)
+        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
         timeout = self.settings.send_timeout_seconds
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
@@ -272,6 +310,7 @@ class Sender:
             ae_title=destination.ae_title,
             max_pdu=self.settings.max_pdu_size,
             tls_args=tls_args,
+            evt_handlers=handlers,
         )
         if rejection is not None:
             # rejected-permanent (an unknown AE title, say) will not change by retrying
@@ -281,10 +320,10 @@ class Sender:
         if not assoc.is_established:
             reason = "could not be reached (connection refused, aborted or timed out)"
             raise DeliveryError(name, f"{peer} {reason}", Failure.TRANSIENT)
-        if not any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts):
+        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             assoc.release()
             raise DeliveryError(
-                name, f"{peer} refused the CT Image Storage SOP class", Failure.REFUSED
+                name, f"{peer} refused the {UID(sop_class).name} SOP class", Failure.REFUSED
             )
         return assoc
 

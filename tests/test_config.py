@@ -80,11 +80,26 @@ def test_invalid_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.toml")
 
 
-def test_storage_commitment_is_refused_until_the_node_requests_it() -> None:
-    """Nothing would ever mark a delivery committed, so retention would keep every file."""
-    with pytest.raises(ValidationError, match="storage commitment is not requested"):
-        Destination(ae_title="PACS", host="127.0.0.1", port=104, storage_commitment=True)
-    assert not Destination(ae_title="PACS", host="127.0.0.1", port=104).storage_commitment
+def test_storage_commitment_timers_are_per_destination_seconds() -> None:
+    """Off by default; an hour to commit, asked again every five minutes; both settable."""
+    plain = Destination(ae_title="PACS", host="127.0.0.1", port=104)
+    assert not plain.storage_commitment
+    assert (plain.commitment_timeout_seconds, plain.commitment_retry_seconds) == (3600.0, 300.0)
+    settings = load_settings(
+        destinations={
+            "pacs": {
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": 104,
+                "storage_commitment": True,
+                "commitment_timeout_seconds": 0.5,
+            }
+        }
+    )
+    assert settings.destinations["pacs"].storage_commitment
+    assert settings.destinations["pacs"].commitment_timeout_seconds == 0.5
+    with pytest.raises(ValidationError):
+        Destination(ae_title="P", host="h", port=104, commitment_retry_seconds=0)
 
 
 def test_a_dicomweb_destination_names_its_credentials_by_environment_variable(

@@ -80,8 +80,10 @@ def test_the_receiver_accepts_exactly_the_listed_classes_and_syntaxes(ctx: NodeC
         ]
         classes = accepted(ctx, [(uid, [EXPLICIT_LE]) for uid in candidates])
         syntaxes = accepted(ctx, [(CTImageStorage, list(ALL_TRANSFER_SYNTAXES))])
+        reports = accepted(ctx, [(StorageCommitmentPushModel, list(ALL_TRANSFER_SYNTAXES))])
     finally:
         receiver.stop()
+    assert {syntax for _, syntax in reports} == {EXPLICIT_LE, "1.2.840.10008.1.2"}
     assert {abstract for abstract, _ in classes} == listed("accepted-sop-classes")
     assert {syntax for _, syntax in syntaxes} == listed("accepted-transfer-syntaxes")
 
@@ -96,7 +98,12 @@ def test_the_sender_proposes_exactly_the_listed_classes_and_syntaxes(ctx: NodeCo
             )
 
     peer = AE(ae_title="PACS")
-    for abstract in (CTImageStorage, EnhancedCTImageStorage, Verification):
+    for abstract in (
+        CTImageStorage,
+        EnhancedCTImageStorage,
+        Verification,
+        StorageCommitmentPushModel,
+    ):
         peer.add_supported_context(abstract, list(ALL_TRANSFER_SYNTAXES))
     port = free_port()
     server = peer.start_server(
@@ -104,8 +111,13 @@ def test_the_sender_proposes_exactly_the_listed_classes_and_syntaxes(ctx: NodeCo
     )
     try:
         destination = Destination(ae_title="PACS", host="127.0.0.1", port=port)
-        assoc = Sender(ctx, threading.Event())._associate("pacs", destination)
-        assoc.release()
+        sender = Sender(ctx, threading.Event())
+        for assoc in (
+            sender._associate("pacs", destination),
+            sender._connect_for_commitment("pacs", destination, []),
+        ):
+            assert assoc is not None
+            assoc.release()
     finally:
         server.shutdown()
     assert {abstract for abstract, _ in offered} == listed("proposed-sop-classes")

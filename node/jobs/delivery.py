@@ -4,19 +4,47 @@ Each destination of a job has a delivery state (``job_destinations``): ``pending
 until every instance is acknowledged (``acknowledged``, or ``committed`` where storage
 commitment is asked for), or ``failed`` with the reason: refused ``max_attempts`` times,
 or unreachable for longer than the give-up time.
+
+Where a destination asks for storage commitment, an ``acknowledged`` destination
+carries its request (Transaction UID, first and last time sent) until the report
+makes it ``committed``; instances the report names as not committed are sent once
+more (the destination is ``pending`` again), then the destination fails.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.records import DestinationView, JobView, from_row
 from node.jobs.states import DeliveryState, EventKind, JobState
 from node.jobs.tables import Delivery, Job, JobDestination, JobEvent
-from node.jobs.writer import PRIORITY_ORDER, JobWriter
+from node.jobs.writer import PRIORITY_ORDER, JobWriter, event_row
+
+
+class ReportOutcome(StrEnum):
+    """What a storage commitment report did to its destination."""
+
+    COMMITTED = "committed"  # every delivered instance is committed
+    RESEND = "resend"  # some were not: sent once more, then asked again
+    FAILED = "failed"  # some were not, after the one resend: the destination failed
+    STALE = "stale"  # the destination no longer waits for this report: nothing changed
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """The destination a report's Transaction UID names, and what the report did."""
+
+    job_id: int
+    destination: str
+    outcome: ReportOutcome
+    not_committed: int
 
 
 class Deliveries(JobWriter):
@@ -95,18 +123,104 @@ class Deliveries(JobWriter):
                 give_up = (now - row.failing_since).total_seconds() >= give_up_after
                 why = f"failing since {row.failing_since:%Y-%m-%d %H:%M:%S} UTC, gave up"
             if give_up:
-                row.state = DeliveryState.FAILED
-                row.reason = f"{reason} ({why})"
-                session.add(
-                    JobEvent(
-                        job_id=job_id,
-                        at=now,
-                        kind=EventKind.GAVE_UP,
-                        actor=holder,
-                        message=f"destination {name} failed: {row.reason}",
+                _give_up(session, row, holder, f"{reason} ({why})")
+            return DeliveryState(row.state)
+
+    def fail_destination(self, job_id: int, holder: str, name: str, reason: str) -> None:
+        """``name`` failed for good at once (e.g. no storage commitment report in time)."""
+        with self._sessions.begin() as session:
+            self._require_holder(session, job_id, holder, JobState.SENDING)
+            _give_up(session, _destination_row(session, job_id, name), holder, reason)
+
+    def request_commitment(
+        self, job_id: int, holder: str, name: str, new_uid: str, instances: int
+    ) -> DestinationView:
+        """Record a storage commitment request to ``name`` before it goes out.
+
+        The first request of a round takes ``new_uid`` and starts the timeout; a repeat
+        keeps the round's Transaction UID, so a late report of an earlier try still counts.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            self._require_holder(session, job_id, holder, JobState.SENDING)
+            row = _destination_row(session, job_id, name)
+            again = row.commitment_uid is not None
+            if not again:
+                row.commitment_uid, row.commitment_requested_at = new_uid, now
+            row.commitment_sent_at = row.updated_at = now
+            verb = "asked again of" if again else "requested from"
+            message = (
+                f"storage commitment of {instances} instances {verb} {name} "
+                f"(transaction {row.commitment_uid})"
+            )
+            session.add(event_row(job_id, holder, EventKind.COMMITMENT, message))
+            session.flush()
+            return from_row(DestinationView, row)
+
+    def wait_for_commitment(
+        self, job_id: int, holder: str, delay: float, awaiting: Collection[str]
+    ) -> None:
+        """Give the job back until a report comes (it wakes the job) or ``delay`` passes.
+
+        The job row is locked first, as ``record_commitment`` locks it: a report recorded
+        since the sender read ``awaiting`` is seen here, and the job is due at once.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            _lock_job(session, job_id)
+            self._require_holder(session, job_id, holder, JobState.SENDING)
+            still = session.scalar(
+                select(func.count())
+                .select_from(JobDestination)
+                .where(JobDestination.job_id == job_id)
+                .where(JobDestination.destination.in_(list(awaiting)))
+                .where(JobDestination.state == DeliveryState.ACKNOWLEDGED)
+            )
+            due = now + timedelta(seconds=delay) if still == len(awaiting) else now
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(claimed_by=None, run_after=due, updated_at=now)
+            )
+
+    def record_commitment(
+        self, transaction_uid: str, committed: Collection[str], detail: str, actor: str
+    ) -> CommitmentReport | None:
+        """Apply a storage commitment report; None when no request has ``transaction_uid``.
+
+        Every instance delivered to the destination must be in ``committed``; those that
+        are not are sent once more, and a second such report fails the destination
+        (``detail`` says what the peer gave as reasons).  A job waiting in ``sending``
+        is woken so that the sender concludes it at once.
+        """
+        with self._sessions.begin() as session:
+            by_uid = JobDestination.commitment_uid == transaction_uid
+            job_id = session.scalar(select(JobDestination.job_id).where(by_uid))
+            if job_id is None:
+                return None
+            _lock_job(session, job_id)
+            row = session.scalars(select(JobDestination).where(by_uid)).one_or_none()
+            if row is None:  # a resend round cleared the request meanwhile
+                return None
+            if row.state != DeliveryState.ACKNOWLEDGED:
+                return CommitmentReport(row.job_id, row.destination, ReportOutcome.STALE, 0)
+            delivered = set(
+                session.scalars(
+                    select(Delivery.sop_instance_uid).where(
+                        Delivery.job_id == row.job_id, Delivery.destination == row.destination
                     )
                 )
-            return DeliveryState(row.state)
+            )
+            missing = delivered - set(committed)
+            outcome = _apply_report(session, row, delivered, missing, detail, actor)
+            now = utcnow()
+            session.execute(
+                update(Job)
+                .where(Job.id == row.job_id, Job.state == JobState.SENDING)
+                .where(Job.claimed_by.is_(None))
+                .values(run_after=now, updated_at=now)
+            )
+            return CommitmentReport(row.job_id, row.destination, outcome, len(missing))
 
     def claim_sending_job(self, sender: str, stale_after: float) -> JobView | None:
         """Take a job in ``sending`` that nobody holds (or whose holder went silent)."""
@@ -209,3 +323,61 @@ class Deliveries(JobWriter):
             last_error=error,
             finished_at=utcnow(),
         )
+
+
+def _lock_job(session: Session, job_id: int) -> None:
+    """Serialise with other writers that lock the job row first (PostgreSQL; SQLite's
+    transactions are serial already)."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+
+
+def _destination_row(session: Session, job_id: int, name: str) -> JobDestination:
+    return session.scalars(
+        select(JobDestination).where(
+            JobDestination.job_id == job_id, JobDestination.destination == name
+        )
+    ).one()
+
+
+def _give_up(session: Session, row: JobDestination, actor: str, reason: str) -> None:
+    """The destination failed for good, with ``reason``; a ``gave_up`` event says so."""
+    row.state, row.reason, row.updated_at = DeliveryState.FAILED, reason, utcnow()
+    message = f"destination {row.destination} failed: {reason}"
+    session.add(event_row(row.job_id, actor, EventKind.GAVE_UP, message))
+
+
+def _apply_report(
+    session: Session,
+    row: JobDestination,
+    delivered: set[str],
+    missing: set[str],
+    detail: str,
+    actor: str,
+) -> ReportOutcome:
+    """Committed; or the instances not committed go again (once); or the destination fails."""
+    name, transaction = row.destination, row.commitment_uid
+    if not missing:
+        row.state, row.reason, row.updated_at = DeliveryState.COMMITTED, None, utcnow()
+        message = f"{name} committed {len(delivered)} instances (transaction {transaction})"
+        session.add(event_row(row.job_id, actor, EventKind.COMMITMENT, message))
+        return ReportOutcome.COMMITTED
+    reason = (
+        f"{name} did not commit {len(missing)} of {len(delivered)} instances "
+        f"(transaction {transaction}{'; ' + detail if detail else ''})"
+    )
+    if row.commitment_resends >= 1:
+        _give_up(session, row, actor, f"{reason}, after sending them once more")
+        return ReportOutcome.FAILED
+    session.execute(
+        delete(Delivery).where(
+            Delivery.job_id == row.job_id,
+            Delivery.destination == name,
+            Delivery.sop_instance_uid.in_(sorted(missing)),
+        )
+    )
+    row.state, row.reason, row.updated_at = DeliveryState.PENDING, reason, utcnow()
+    row.commitment_uid = row.commitment_requested_at = row.commitment_sent_at = None
+    row.commitment_resends += 1
+    message = f"{reason}: sending them once more"
+    session.add(event_row(row.job_id, actor, EventKind.WARNING, message))
+    return ReportOutcome.RESEND

@@ -430,5 +430,9 @@ def _forget_deliveries(session: Session, job_id: int, destination: str | None = 
             failing_since=None,
             reason=None,
             updated_at=utcnow(),
+            commitment_uid=None,
+            commitment_requested_at=None,
+            commitment_sent_at=None,
+            commitment_resends=0,
         )
     )

@@ -156,6 +156,10 @@ class DestinationView:
     failing_since: datetime | None
     reason: str | None
     updated_at: datetime
+    commitment_uid: str | None
+    commitment_requested_at: datetime | None
+    commitment_sent_at: datetime | None
+    commitment_resends: int
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class EventKind(StrEnum):
     WARNING = "warning"  # something an operator should see, e.g. a conflicting resend
     SUPERSEDED = "superseded"  # a newer job of the same series replaces this one
     GAVE_UP = "gave_up"  # a destination failed for good: refused, or unreachable too long
+    COMMITMENT = "commitment"  # storage commitment requested from, or confirmed by, a destination
 
 
 class DeliveryState(StrEnum):

@@ -189,6 +189,13 @@ class JobDestination(Base):
     failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    #: Transaction UID of the storage commitment request in force (NULL: none made)
+    commitment_uid: Mapped[str | None] = mapped_column(UID, nullable=True, unique=True, index=True)
+    #: the first request of this round: the commitment timeout counts from here
+    commitment_requested_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    commitment_sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: rounds of resending the instances the PACS reported as not committed (one allowed)
+    commitment_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 #: The key of the one ``housekeeping_runs`` row.
