@@ -25,6 +25,7 @@ from node import housekeeping, overview
 from node.config import load_settings
 from node.context import NodeContext
 from node.db import utcnow
+from node.destination_checks import DestinationCheck
 from node.forget import add_forget_command
 from node.jobs import JobState
 from node.logs import configure_logging
@@ -238,7 +239,7 @@ def _status_text(status: overview.NodeStatus) -> str:
     return "\n".join(lines)
 
 
-def _deliveries_text(counts: dict[str, int], check: overview.DestinationCheck) -> str:
+def _deliveries_text(counts: dict[str, int], check: DestinationCheck) -> str:
     """Jobs per delivery state; where commitment is asked, ``acknowledged`` ones await it."""
     text = "  ".join(f"{state} {count}" for state, count in counts.items()) or "no jobs yet"
     asked = "storage commitment asked" if check.storage_commitment else "no storage commitment"

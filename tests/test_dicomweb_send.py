@@ -29,11 +29,11 @@ from sqlalchemy.orm import Session
 from devtools.orthanc import DICOMWEB_PLUGIN, OrthancServer
 from node.cli import main
 from node.context import NodeContext
+from node.destination_checks import check_destinations
 from node.dicomweb_client import Part, batches, parse_answer, retry_after_seconds
 from node.jobs import JobState
 from node.jobs.states import DeliveryState, EventKind
 from node.jobs.tables import Delivery
-from node.overview import check_destinations
 from node.sender import Sender
 from tests import test_sender
 from tests.fixtures.orthanc import DICOMWEB_USERS

@@ -15,9 +15,9 @@ from prometheus_client.registry import Collector
 
 from node import overview
 from node.context import NodeContext
+from node.destination_checks import DestinationCheck
 from node.jobs import JobQueries, JobState
 from node.jobs.states import DeliveryState
-from node.overview import DestinationCheck
 
 PREFIX = "denoise_node"
 SLICE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -19,9 +19,8 @@ from fastapi import HTTPException, Request
 from fastapi import Path as PathParameter
 from fastapi.templating import Jinja2Templates
 
-from node import overview
 from node.context import NodeContext
-from node.overview import DestinationCheck
+from node.destination_checks import DestinationCheck, check_destinations
 from node.web.auth import (
     CSRF_COOKIE,
     FLASH_COOKIE,
@@ -69,7 +68,7 @@ class WebState:
         """C-ECHO results at most ``ECHO_CACHE_SECONDS`` old: polling pages stay cheap."""
         with self._echo_lock:
             if self._echo is None or time.monotonic() - self._echo[0] > ECHO_CACHE_SECONDS:
-                self._echo = (time.monotonic(), overview.check_destinations(self.ctx))
+                self._echo = (time.monotonic(), check_destinations(self.ctx))
             return self._echo[1]
 
     def load_session(self, request: Request) -> WebSession:
