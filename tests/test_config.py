@@ -50,6 +50,8 @@ def test_environment_overrides_the_file_including_nested_destinations(
         ('[destinations.pacs]\nae_title = "X"\nhost = "h"\nport = 0', "destinations.pacs.port"),
         ("no_such_key = 1", "no_such_key"),
         ('[[rules]]\nname = "r"\nseries_description = "("', "rules.0.series_description"),
+        ("orphan_grace_seconds = 0", "orphan_grace_seconds: Value error, must be greater than 0"),
+        ("orphan_grace_seconds = -5.0", "orphan_grace_seconds"),
     ],
 )
 def test_a_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:

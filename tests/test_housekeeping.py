@@ -115,7 +115,7 @@ def test_orphans_go_after_the_grace_period_but_never_of_unfinished_jobs(
     last = admin_node.ctx.queries.last_housekeeping()
     assert last is not None and last.orphan_files == 2 and last.jobs == 0
 
-    configure(admin_node, orphan_grace_seconds=0.0)
+    configure(admin_node, orphan_grace_seconds=30.0)
     Housekeeper(admin_node.ctx).run_once()
     assert not young_orphan.exists() and running_file.exists()
 
