@@ -15,8 +15,8 @@ from sqlalchemy import or_, select, update
 from node.db import utcnow
 from node.jobs.records import DestinationView, JobView, from_row
 from node.jobs.states import DeliveryState, EventKind, JobState
-from node.jobs.tables import Delivery, Job, JobDestination, JobEvent
-from node.jobs.writer import PRIORITY_ORDER, JobWriter
+from node.jobs.tables import Delivery, Job, JobDestination
+from node.jobs.writer import PRIORITY_ORDER, JobWriter, event_row
 
 
 class Deliveries(JobWriter):
@@ -97,15 +97,8 @@ class Deliveries(JobWriter):
             if give_up:
                 row.state = DeliveryState.FAILED
                 row.reason = f"{reason} ({why})"
-                session.add(
-                    JobEvent(
-                        job_id=job_id,
-                        at=now,
-                        kind=EventKind.GAVE_UP,
-                        actor=holder,
-                        message=f"destination {name} failed: {row.reason}",
-                    )
-                )
+                message = f"destination {name} failed: {row.reason}"
+                session.add(event_row(job_id, holder, EventKind.GAVE_UP, message, at=now))
             return DeliveryState(row.state)
 
     def claim_sending_job(self, sender: str, stale_after: float) -> JobView | None:
@@ -158,15 +151,8 @@ class Deliveries(JobWriter):
                     updated_at=now,
                 )
             )
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=now,
-                    kind=EventKind.POSTPONED,
-                    actor=holder,
-                    message=f"send postponed {delay:.0f} s: {error}",
-                )
-            )
+            message = f"send postponed {delay:.0f} s: {error}"
+            session.add(event_row(job_id, holder, EventKind.POSTPONED, message, at=now))
 
     def release_sending(self, job_id: int, holder: str, message: str) -> None:
         """Give a ``sending`` job back at once (graceful shutdown); deliveries stay recorded."""
@@ -176,11 +162,7 @@ class Deliveries(JobWriter):
             session.execute(
                 update(Job).where(Job.id == job_id).values(claimed_by=None, updated_at=now)
             )
-            session.add(
-                JobEvent(
-                    job_id=job_id, at=now, kind=EventKind.RELEASED, actor=holder, message=message
-                )
-            )
+            session.add(event_row(job_id, holder, EventKind.RELEASED, message, at=now))
 
     def finish_sending(self, job_id: int, holder: str, message: str) -> None:
         self._transition(

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.states import EventKind, JobState
-from node.jobs.tables import Instance, Job, JobEvent, JobInstance, Series
-from node.jobs.writer import JobWriter, dialect_of, rows_changed
+from node.jobs.tables import Instance, Job, JobInstance, Series
+from node.jobs.writer import JobWriter, dialect_of, event_row, rows_changed
 
 
 class RecordOutcome(StrEnum):
@@ -106,18 +106,11 @@ class Intake(JobWriter):
             .limit(1)
         )
         if job_id is not None:
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=now,
-                    kind=EventKind.WARNING,
-                    actor="receiver",
-                    message=(
-                        f"instance {record.sop_instance_uid} received again from "
-                        f"{record.calling_ae_title} with different content; first copy kept"
-                    ),
-                )
+            message = (
+                f"instance {record.sop_instance_uid} received again from "
+                f"{record.calling_ae_title} with different content; first copy kept"
             )
+            session.add(event_row(job_id, "receiver", EventKind.WARNING, message, at=now))
         return RecordOutcome.CONFLICT, existing.spool_path
 
     def create_job(self, new: NewJob) -> int | None:
@@ -162,16 +155,8 @@ class Intake(JobWriter):
                 if new.skip_reason
                 else f"{new.instance_count} instances settled; rule {new.rule!r}"
             )
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    kind=EventKind.SKIPPED if new.skip_reason else EventKind.SETTLED,
-                    to_state=state,
-                    actor="settler",
-                    message=message,
-                )
-            )
+            kind = EventKind.SKIPPED if new.skip_reason else EventKind.SETTLED
+            session.add(event_row(job.id, "settler", kind, message, to_state=state, at=now))
             if state is JobState.QUEUED:
                 snapshot_inputs(session, job.id, new.series_instance_uid)
                 _supersede_queued(session, job.id, new.series_instance_uid, now)
@@ -236,13 +221,13 @@ def _supersede_queued(
         )
         if rows_changed(done) == 1:
             session.add(
-                JobEvent(
-                    job_id=old_id,
-                    at=now,
-                    kind=EventKind.SUPERSEDED,
+                event_row(
+                    old_id,
+                    "settler",
+                    EventKind.SUPERSEDED,
+                    reason,
                     from_state=JobState.QUEUED,
                     to_state=JobState.CANCELLED,
-                    actor="settler",
-                    message=reason,
+                    at=now,
                 )
             )
