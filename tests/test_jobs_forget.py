@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from devtools.phantom import PhantomSpec, write_phantom_series
-from node.jobs import JobState
+from node.db import utcnow
+from node.jobs import JobManager, JobQueries, JobState
+from node.jobs.forgetting import ForgottenJob
+from node.jobs.intake import insert_new_instance
+from node.jobs.tables import Series
 from node.web import create_app
 from tests.fixtures.admin import AdminNode
 from tests.fixtures.dicom import storescu
+from tests.fixtures.jobs import instance_record, settle_series
 from tests.reliability.checks import series_jobs, series_uid, wait_series_done
+
+POSTGRES = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 
 
 def phantom(folder: Path, slices: int, size: int) -> list[Path]:
@@ -72,3 +87,46 @@ def test_the_dashboard_forgets_only_finished_jobs(admin_node: AdminNode) -> None
     assert done.status_code == 200 and f"job {jobs['failed']} forgotten" in done.text
     assert web.get(f"/api/v1/jobs/{jobs['failed']}").status_code == 404
     assert web.get(f"/api/v1/jobs/{jobs['done']}").status_code == 200
+
+
+def wait_for_a_lock_wait(engine: Engine) -> None:
+    """Until a session of this database waits for a row lock (PostgreSQL's own view)."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 30
+    with engine.connect() as watcher:
+        while not watcher.execute(query).scalar():
+            assert time.monotonic() < deadline, "forget never waited for the receiver"
+            time.sleep(0.02)
+            watcher.rollback()
+
+
+@POSTGRES
+def test_an_instance_received_while_forgetting_keeps_its_series_or_goes_with_its_file(
+    sessions: sessionmaker[Session], manager: JobManager, queries: JobQueries
+) -> None:
+    series = "1.2.3.4"
+    for index in range(3):
+        manager.record_instance(instance_record(f"{series}.{index}", series))
+    job_id = settle_series(manager, queries, series, skip="too few slices")
+    late = instance_record(f"{series}.9", series, spool_path="incoming/x/late.dcm")
+    result: dict[str, Any] = {}
+    engine = sessions.kw["bind"]
+    forgetting = threading.Thread(target=lambda: result.update(done=manager.forget_job(job_id)))
+    with engine.begin() as receiving:  # the receiver's transaction, committed after forget waits
+        assert insert_new_instance(receiving, late, utcnow())
+        forgetting.start()
+        wait_for_a_lock_wait(engine)
+    forgetting.join(30)
+    forgotten: ForgottenJob = result["done"]
+
+    remaining = queries.series_instances(series)
+    with sessions() as session:
+        row = session.get(Series, series)
+    if remaining:  # recorded after the forget: it must settle like any new series
+        assert [i.sop_instance_uid for i in remaining] == [late.sop_instance_uid]
+        assert row is not None and row.instance_count == 1, "an instance without its series"
+    else:  # recorded before the forget: forgotten with the file it names
+        assert row is None and late.spool_path in forgotten.spool_paths

@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, insert, literal, select, update
+from sqlalchemy import Connection, Engine, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
@@ -70,23 +70,8 @@ class Intake(JobWriter):
         """
         now = utcnow()
         engine: Engine = self._sessions.kw["bind"]
-        new_instance, count_in_series = _recording_statements(engine)
         with engine.begin() as connection:
-            # One INSERT that yields to an existing row, so a concurrent association that
-            # stored the same UID a moment earlier leads to the same path as any resend.
-            row = {**record.__dict__, "received_at": now}
-            if connection.execute(new_instance, row).scalar() is not None:
-                connection.execute(
-                    count_in_series,
-                    {
-                        "series_instance_uid": record.series_instance_uid,
-                        "study_instance_uid": record.study_instance_uid,
-                        "calling_ae_title": record.calling_ae_title,
-                        "instance_count": 1,
-                        "first_received_at": now,
-                        "last_received_at": now,
-                    },
-                )
+            if insert_new_instance(connection, record, now):
                 return RecordOutcome.NEW, record.spool_path
         with self._sessions.begin() as session:
             existing = session.scalars(
@@ -161,6 +146,29 @@ class Intake(JobWriter):
                 snapshot_inputs(session, job.id, new.series_instance_uid)
                 _supersede_queued(session, job.id, new.series_instance_uid, now)
             return job.id
+
+
+def insert_new_instance(connection: Connection, record: InstanceRecord, now: datetime) -> bool:
+    """The instance's row and its series' count, in the caller's transaction; False (and
+    nothing written) when its SOP Instance UID has a row already."""
+    new_instance, count_in_series = _recording_statements(connection.engine)
+    # One INSERT that yields to an existing row, so a concurrent association that stored
+    # the same UID a moment earlier leads to the same path as any resend.
+    row = {**record.__dict__, "received_at": now}
+    if connection.execute(new_instance, row).scalar() is None:
+        return False
+    connection.execute(
+        count_in_series,
+        {
+            "series_instance_uid": record.series_instance_uid,
+            "study_instance_uid": record.study_instance_uid,
+            "calling_ae_title": record.calling_ae_title,
+            "instance_count": 1,
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+    )
+    return True
 
 
 @functools.cache
