@@ -5,13 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from devtools.phantom import PhantomSpec, write_phantom_series
@@ -23,7 +21,7 @@ from node.jobs.tables import Series
 from node.web import create_app
 from tests.fixtures.admin import AdminNode
 from tests.fixtures.dicom import storescu
-from tests.fixtures.jobs import instance_record, settle_series
+from tests.fixtures.jobs import instance_record, settle_series, waits_for_a_lock
 from tests.reliability.checks import series_jobs, series_uid, wait_series_done
 
 POSTGRES = pytest.mark.parametrize(
@@ -89,20 +87,6 @@ def test_the_dashboard_forgets_only_finished_jobs(admin_node: AdminNode) -> None
     assert web.get(f"/api/v1/jobs/{jobs['done']}").status_code == 200
 
 
-def wait_for_a_lock_wait(engine: Engine) -> None:
-    """Until a session of this database waits for a row lock (PostgreSQL's own view)."""
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    deadline = time.monotonic() + 30
-    with engine.connect() as watcher:
-        while not watcher.execute(query).scalar():
-            assert time.monotonic() < deadline, "forget never waited for the receiver"
-            time.sleep(0.02)
-            watcher.rollback()
-
-
 @POSTGRES
 def test_an_instance_received_while_forgetting_keeps_its_series_or_goes_with_its_file(
     sessions: sessionmaker[Session], manager: JobManager, queries: JobQueries
@@ -118,7 +102,7 @@ def test_an_instance_received_while_forgetting_keeps_its_series_or_goes_with_its
     with engine.begin() as receiving:  # the receiver's transaction, committed after forget waits
         assert insert_new_instance(receiving, late, utcnow())
         forgetting.start()
-        wait_for_a_lock_wait(engine)
+        assert waits_for_a_lock(engine, forgetting), "forget did not wait for the receiver"
     forgetting.join(30)
     forgotten: ForgottenJob = result["done"]
 

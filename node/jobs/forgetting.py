@@ -44,13 +44,16 @@ def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
     that could match a row committed meanwhile.
     """
     with sessions.begin() as session:
-        job = session.get(Job, job_id, with_for_update=True)
+        series_uid = session.scalar(select(Job.series_instance_uid).where(Job.id == job_id))
+        if series_uid is None:
+            raise TransitionError(f"job {job_id} does not exist")
+        # The series' row before its jobs', in the order every writer takes them.
+        session.get(Series, series_uid, with_for_update=True, populate_existing=True)
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
         if job is None:
             raise TransitionError(f"job {job_id} does not exist")
         if job.state not in FINAL_STATES:
             raise TransitionError(f"job {job_id} is {job.state}: cancel it or let it finish first")
-        series_uid = job.series_instance_uid
-        session.get(Series, series_uid, with_for_update=True, populate_existing=True)
         busy = session.scalar(
             select(Job.id).where(
                 Job.series_instance_uid == series_uid,
