@@ -323,14 +323,20 @@ class Receiver:
         return relative, digest.hexdigest(), size
 
     def _record(self, record: InstanceRecord, extra: dict[str, Any]) -> str:
-        """One row in the job table; the spool copy is removed unless the row is new."""
+        """One row in the job table; the spool copy is removed when a row names another.
+
+        After a database error the copy stays: the row may exist (a COMMIT whose answer
+        was lost), and a row must never name a removed file.  The answer is a failure,
+        so the sender resends; the resend finds the row (identical content: success,
+        stored once) or records itself, and the orphan sweep removes a copy no row names.
+        """
         spool = self.ctx.spool
         try:
             outcome, kept = self.ctx.manager.record_instance(record)
         except Exception as exc:
-            spool.remove(record.spool_path)
             log.error(
-                "C-STORE refused: the job table did not record the instance: %s: %s",
+                "C-STORE refused: the job table did not record the instance (its spool copy "
+                "is left to the orphan sweep): %s: %s",
                 exc.__class__.__name__,
                 str(exc).splitlines()[0][:200] if str(exc) else "",
                 extra=extra,
