@@ -390,3 +390,30 @@ def test_reused_slices_keep_the_noise_their_job_measured(
         d.noise == earlier[d.sop_instance_uid] for d in later if d.sop_instance_uid in earlier
     )
     assert context.queries.get_job(second).noise_slices == 4
+
+
+def test_a_corrected_resend_after_forget_gets_new_derived_uids_and_a_retry_the_same(
+    context: NodeContext, series: list[Path]
+) -> None:
+    worker, manager, queries = Worker(context), context.manager, context.queries
+
+    def denoised(job_id: int) -> tuple[str | None, set[str]]:
+        assert worker.run_once() is True
+        assert queries.get_job(job_id).state == JobState.SENDING
+        derived = {d.sop_instance_uid for d in queries.derived_instances(job_id)}
+        return queries.get_job(job_id).output_series_uid, derived
+
+    first = queue_series(context, series[:4])
+    made = denoised(first)
+    manager.cancel_job(first, "admin")
+    manager.retry_job(first, "admin")
+    assert denoised(first) == made, "a retry of the same input makes the same UIDs"
+
+    manager.cancel_job(first, "admin")
+    manager.forget_job(first)
+    corrected = pydicom.dcmread(series[3])  # the same UIDs, other pixels, in one slice
+    corrected.PixelData = (corrected.pixel_array + 1).astype(corrected.pixel_array.dtype).tobytes()
+    corrected.save_as(series[3], enforce_file_format=True)
+    series_uid, sop_uids = denoised(queue_series(context, series[:4]))
+    assert series_uid != made[0], "the corrected series is a new derived series"
+    assert not sop_uids & made[1], "no derived instance of the first series is reused"

@@ -50,6 +50,16 @@ class JobQueries:
         with self._sessions() as session:
             return [from_row(view, row) for row in session.scalars(query)]
 
+    def series_received_from(self, series_instance_uid: str) -> datetime | None:
+        """When the series' current reception began: its first instance since it was new
+        or last forgotten; None for a series with no row."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(Series.first_received_at).where(
+                    Series.series_instance_uid == series_instance_uid
+                )
+            )
+
     def settled_series(self, quiet_since: datetime) -> list[SeriesView]:
         """Series with no new instance since ``quiet_since`` and not yet turned into a job."""
         return self._all(
