@@ -18,7 +18,6 @@ with that round-trip time between them (``bench.latency``), as to a remote archi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import sys
 import tempfile
@@ -31,10 +30,11 @@ from pydicom import dcmread
 from bench import common
 from bench.latency import DelayProxy
 from devtools.orthanc import DICOMWEB_PLUGIN, OrthancServer
+from devtools.records import file_record
 from node.config import Settings
 from node.context import NodeContext
 from node.db import utcnow
-from node.jobs.manager import DerivedFile, InstanceRecord, NewJob
+from node.jobs.manager import DerivedFile, NewJob
 from node.sender import Sender
 from node.spool import Spool
 
@@ -47,24 +47,9 @@ def sending_job(ctx: NodeContext, paths: Sequence[Path]) -> int:
     """A job in ``sending`` whose derived series is ``paths``, copied into the spool."""
     manager = ctx.manager
     for index, path in enumerate(paths):
-        ds = dcmread(path, stop_before_pixels=True)
         relative = f"incoming/{index:05d}.dcm"
         ctx.spool.write_atomic(relative, lambda handle, p=path: handle.write(p.read_bytes()))
-        manager.record_instance(
-            InstanceRecord(
-                sop_instance_uid=ds.SOPInstanceUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                spool_path=relative,
-                sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-                size_bytes=path.stat().st_size,
-                header={},
-                calling_ae_title="BENCH",
-                peer_address="127.0.0.1",
-            )
-        )
+        manager.record_instance(file_record(path, relative, calling_ae_title="BENCH"))
     (series,) = ctx.queries.settled_series(utcnow())
     job_id = manager.create_job(
         NewJob(

@@ -301,7 +301,7 @@ class Settings(BaseSettings):
     retention_days: float = Field(30.0, ge=0.0)  # spool files of jobs finished this long ago go
     spool_high_water_percent: float = Field(85.0, ge=0.0, le=100.0)  # fuller: oldest go early
     housekeeping_seconds: float = Field(300.0, gt=0.0)  # interval between runs
-    orphan_grace_seconds: float = Field(86400.0, ge=0.0)  # files no row names, this old, go
+    orphan_grace_seconds: float = Field(86400.0)  # files no row names, this old, go
     # Listener limits: an attacker may not hold the slots (README: Configuration).
     max_pdu_size: int = Field(1048576, ge=4096, le=1 << 30)  # advertised and enforced
     max_associations: int = Field(64, ge=1)
@@ -330,6 +330,18 @@ class Settings(BaseSettings):
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return Destination._ae_title(value)
+
+    @field_validator("orphan_grace_seconds")
+    @classmethod
+    def _orphan_grace(cls, value: float) -> float:
+        # A received file is in the spool a moment before its row is written (longer when
+        # the job table's answer was lost): with no grace the sweep could remove it.
+        if not value > 0.0:
+            raise ValueError(
+                "must be greater than 0: a spooled file waits this long for its row "
+                "before the orphan sweep may remove it"
+            )
+        return value
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod

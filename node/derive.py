@@ -85,6 +85,10 @@ class DerivationSpec:
     description_suffix: str
     node_ae_title: str
     software_version: str = node.__version__
+    #: which reception of the source series this is (when its first instance arrived, as
+    #: the job table has it; empty offline): ``jobs forget`` ends a reception, so the
+    #: scanner's corrected resend, with the same source UIDs, gets new derived UIDs
+    source_generation: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
@@ -109,7 +113,8 @@ class DerivationSpec:
 
     @property
     def _entropy(self) -> list[str]:
-        return [self.model_name, self.model_version, repr(float(self.strength))]
+        generation = [f"received {self.source_generation}"] if self.source_generation else []
+        return [self.model_name, self.model_version, repr(float(self.strength)), *generation]
 
     @property
     def description(self) -> str:
@@ -122,11 +127,14 @@ class DerivationSpec:
 
 
 def derived_series_uid(source_series_uid: str, spec: DerivationSpec) -> str:
-    """The derived series' UID: the same source, model version and strength give the same UID.
+    """The derived series' UID: the same source, model version, strength and reception of
+    the source series give the same UID.
 
     UIDs follow the pixels: a derived UID is made from everything its pixels depend on, so
     the same UID never carries different pixels.  Today a slice's output depends on that
-    slice, the model (name and version) and the strength only (the network sees one slice).
+    slice, the model (name and version) and the strength only (the network sees one slice);
+    the reception (``DerivationSpec.source_generation``) tells a source slice apart from
+    its corrected copy under the same UID, sent again after ``jobs forget``.
     A model whose output also depends on more (a series-level noise description,
     neighbouring slices) must add that to ``DerivationSpec._entropy`` or to the names below.
     """
@@ -136,8 +144,8 @@ def derived_series_uid(source_series_uid: str, spec: DerivationSpec) -> str:
 def derived_sop_uid(source_sop_uid: str, spec: DerivationSpec, frame: int | None = None) -> str:
     """A derived instance's UID: a resend is the same object, not a duplicate.
 
-    The same rule as ``derived_series_uid``: source slice, model and strength, nothing more,
-    because nothing more reaches the slice's pixels.
+    The same rule as ``derived_series_uid``: source slice (and its reception), model and
+    strength, nothing more, because nothing more reaches the slice's pixels.
 
     ``frame`` (1-based) tells the slices derived from one multi-frame instance apart.
     """

@@ -87,12 +87,9 @@ def _purge_job(
     the series is final and finished before ``cutoff`` (a late instance needs them)."""
     from node.web.preview import drop_previews
 
-    queries = ctx.queries
-    received = []
-    if queries.series_finished_before(job.series_instance_uid, cutoff):
-        received = [i.spool_path for i in queries.series_instances(job.series_instance_uid)]
+    with ctx.manager.held_received_files(job.series_instance_uid, cutoff) as received:
+        received_files, received_bytes = _remove(ctx, received, dry_run)
     derived_files, derived_bytes = _remove(ctx, _derived_files(ctx, job.id), dry_run)
-    received_files, received_bytes = _remove(ctx, received, dry_run)
     report.jobs.append(job.id)
     report.derived_files += derived_files
     report.received_files += received_files

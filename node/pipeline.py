@@ -318,8 +318,11 @@ def _check_same_series(item: _Slice, shape: tuple[int, ...], series_uid: str) ->
         )
 
 
-def derivation_spec(settings: Settings, denoiser: Denoiser, strength: float) -> DerivationSpec:
-    """How this node labels a series derived with ``denoiser`` at ``strength``."""
+def derivation_spec(
+    settings: Settings, denoiser: Denoiser, strength: float, source_generation: str = ""
+) -> DerivationSpec:
+    """How this node labels a series derived with ``denoiser`` at ``strength`` (from the
+    reception ``source_generation`` of its source series, when known)."""
     return DerivationSpec(
         model_name=denoiser.name,
         model_version=denoiser.version,
@@ -327,6 +330,7 @@ def derivation_spec(settings: Settings, denoiser: Denoiser, strength: float) -> 
         series_number_offset=settings.series_number_offset,
         description_suffix=settings.series_description_suffix,
         node_ae_title=settings.ae_title,
+        source_generation=source_generation,
     )
 
 

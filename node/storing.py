@@ -182,14 +182,20 @@ def _spool_move(ctx: NodeContext, received: Path, extra: dict[str, Any]) -> tupl
 
 
 def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> str:
-    """One row in the job table; the spool copy is removed unless the row is new."""
+    """One row in the job table; the spool copy is removed when a row names another.
+
+    After a database error the copy stays: the row may exist (a COMMIT whose answer
+    was lost), and a row must never name a removed file.  The answer is a failure,
+    so the sender resends; the resend finds the row (identical content: success,
+    stored once) or records itself, and the orphan sweep removes a copy no row names.
+    """
     spool = ctx.spool
     try:
         outcome, kept = ctx.manager.record_instance(record)
     except Exception as exc:
-        spool.remove(record.spool_path)
         log.error(
-            "%s refused: the job table did not record the instance: %s: %s",
+            "%s refused: the job table did not record the instance (its spool copy is left "
+            "to the orphan sweep): %s: %s",
             service(extra),
             exc.__class__.__name__,
             str(exc).splitlines()[0][:200] if str(exc) else "",

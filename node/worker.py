@@ -140,7 +140,9 @@ class Worker:
         if not inputs:
             raise BadInput("the job has no input instances")
         model = self._model
-        spec = derivation_spec(self.settings, model, job.strength)
+        received = self.queries.series_received_from(job.series_instance_uid)
+        generation = received.isoformat() if received else ""
+        spec = derivation_spec(self.settings, model, job.strength, generation)
         reused = self._reuse(job.id, inputs, spec)
         taken = {file.source_sop_instance_uid for file in reused}
         fresh = [i for i in inputs if i.sop_instance_uid not in taken]

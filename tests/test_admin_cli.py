@@ -13,14 +13,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from devtools.node_process import write_config
+from devtools.records import instance_record
 from devtools.tools import free_port
 from node.admin import parse_since
 from node.cli import main
 from node.db import utcnow
-from node.jobs.manager import InstanceRecord
 from node.web.auth import verify_password
 from node.web.preview import preview_png
-from tests.fixtures.admin import CT_IMAGE_STORAGE, AdminNode
+from tests.fixtures.admin import AdminNode
 
 
 def run(node: AdminNode, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -129,18 +129,14 @@ def test_purge_removes_only_files_of_long_finished_jobs(admin_node: AdminNode, c
     # series' received files must stay although its first job is long finished.
     late = dcmread(done_sources[0], stop_before_pixels=True)
     ctx.manager.record_instance(
-        InstanceRecord(
-            sop_instance_uid=generate_uid(),
-            series_instance_uid=late.SeriesInstanceUID,
+        instance_record(
+            generate_uid(),
+            late.SeriesInstanceUID,
             study_instance_uid=late.StudyInstanceUID,
-            sop_class_uid=CT_IMAGE_STORAGE,
             transfer_syntax_uid=late.file_meta.TransferSyntaxUID,
             spool_path=str(done_sources[0].relative_to(admin_node.ctx.spool.root)),
             sha256="f" * 64,
             size_bytes=1,
-            header={"Modality": "CT"},
-            calling_ae_title="SCANNER",
-            peer_address="127.0.0.1",
         )
     )
 

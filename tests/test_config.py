@@ -55,6 +55,8 @@ PACS = '[destinations.pacs]\nae_title = "X"\nhost = "h"\nport = 1\n'
         ('[[rules]]\nname = "r"\nseries_description = "("', "rules.0.series_description"),
         (PACS + 'viewer_url = "https://v/{name}"', "destinations.pacs.viewer_url"),
         (PACS + 'viewer_url = "javascript:x"', "destinations.pacs.viewer_url"),
+        ("orphan_grace_seconds = 0", "orphan_grace_seconds: Value error, must be greater than 0"),
+        ("orphan_grace_seconds = -5.0", "orphan_grace_seconds"),
     ],
 )
 def test_a_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -76,6 +76,18 @@ def test_uids_are_deterministic_and_depend_on_model_version_and_strength() -> No
         assert len(uid) <= 64 and UID_PATTERN.match(uid)
 
 
+def test_another_reception_of_the_source_series_gets_new_derived_uids() -> None:
+    """A resend after ``jobs forget`` may carry other pixels under the same source UIDs:
+    its derived UIDs differ; the same reception (a retry) keeps them."""
+    series, sop = "1.2.3.4", "1.2.3.4.5"
+    first = replace(SPEC, source_generation="2026-12-07T06:00:00.000001")
+    assert derived_series_uid(series, first) == derived_series_uid(series, first)
+    assert derived_sop_uid(sop, first) == derived_sop_uid(sop, first)
+    again = replace(first, source_generation="2026-12-07T07:00:00.000002")
+    assert derived_series_uid(series, again) != derived_series_uid(series, first)
+    assert derived_sop_uid(sop, again) != derived_sop_uid(sop, first)
+
+
 def test_keeps_patient_study_frame_of_reference_and_geometry(source: Dataset) -> None:
     derived = derive(source)
     for keyword in (

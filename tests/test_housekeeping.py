@@ -10,17 +10,24 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
 from sqlalchemy import update
 
 from node.cli import main
+from node.db import utcnow
 from node.housekeeping import Housekeeper
+from node.jobs.intake import insert_new_instance
 from node.jobs.states import DeliveryState, EventKind
-from node.jobs.tables import JobDestination
+from node.jobs.tables import Job, JobDestination
 from node.service import _role_loops
 from node.web import create_app
 from tests.fixtures.admin import AdminNode, denoise
+from tests.fixtures.jobs import instance_record, waits_for_a_lock
 
 DAY = 86400.0
+POSTGRES = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 
 
 def configure(node: AdminNode, **values: Any) -> None:
@@ -115,7 +122,7 @@ def test_orphans_go_after_the_grace_period_but_never_of_unfinished_jobs(
     last = admin_node.ctx.queries.last_housekeeping()
     assert last is not None and last.orphan_files == 2 and last.jobs == 0
 
-    configure(admin_node, orphan_grace_seconds=0.0)
+    configure(admin_node, orphan_grace_seconds=30.0)
     Housekeeper(admin_node.ctx).run_once()
     assert not young_orphan.exists() and running_file.exists()
 
@@ -194,3 +201,42 @@ def test_the_send_and_receive_roles_run_housekeeping(admin_node: AdminNode) -> N
     stop.set()
     thread.join(10)
     assert not thread.is_alive()
+
+
+def purge_while_uncommitted(node: AdminNode, write: Any) -> None:
+    """Run housekeeping (retention 0) while ``write(connection)`` is in a transaction
+    that commits only once housekeeping waits for it (or has finished without waiting)."""
+    configure(node, retention_days=0.0, spool_high_water_percent=100.0)
+    housekeeping = threading.Thread(target=Housekeeper(node.ctx).run_once)
+    with node.ctx.engine.begin() as connection:
+        write(connection)
+        housekeeping.start()
+        waits_for_a_lock(node.ctx.engine, housekeeping)
+    housekeeping.join(60)
+
+
+@POSTGRES
+def test_an_instance_received_while_purging_keeps_the_files_its_series_needs(
+    admin_node: AdminNode,
+) -> None:
+    job = admin_node.ctx.queries.get_job(admin_node.jobs["done"])
+    received, _ = files_of(admin_node, "done")
+    late = instance_record(
+        generate_uid(),
+        job.series_instance_uid,
+        study_instance_uid=job.study_instance_uid,
+        spool_path="incoming/late/late.dcm",
+    )
+    purge_while_uncommitted(
+        admin_node, lambda connection: insert_new_instance(connection, late, utcnow())
+    )
+    assert all(p.exists() for p in received), "the series settles again and needs every file"
+    assert not any(p.exists() for p in files_of(admin_node, "failed")[0]), "others were purged"
+
+
+@POSTGRES
+def test_a_job_retried_while_purging_keeps_its_input(admin_node: AdminNode) -> None:
+    received, _ = files_of(admin_node, "done")
+    retry = update(Job).where(Job.id == admin_node.jobs["done"]).values(state="queued")
+    purge_while_uncommitted(admin_node, lambda connection: connection.execute(retry))
+    assert all(p.exists() for p in received), "a queued job's input was purged"

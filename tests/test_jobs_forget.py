@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
 
 from devtools.phantom import PhantomSpec, write_phantom_series
-from node.jobs import JobState
+from node.db import utcnow
+from node.jobs import JobManager, JobQueries, JobState
+from node.jobs.forgetting import ForgottenJob
+from node.jobs.intake import insert_new_instance
+from node.jobs.tables import Series
 from node.web import create_app
 from tests.fixtures.admin import AdminNode
 from tests.fixtures.dicom import storescu
+from tests.fixtures.jobs import instance_record, settle_series, waits_for_a_lock
 from tests.reliability.checks import series_jobs, series_uid, wait_series_done
+
+POSTGRES = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 
 
 def phantom(folder: Path, slices: int, size: int) -> list[Path]:
@@ -72,3 +85,32 @@ def test_the_dashboard_forgets_only_finished_jobs(admin_node: AdminNode) -> None
     assert done.status_code == 200 and f"job {jobs['failed']} forgotten" in done.text
     assert web.get(f"/api/v1/jobs/{jobs['failed']}").status_code == 404
     assert web.get(f"/api/v1/jobs/{jobs['done']}").status_code == 200
+
+
+@POSTGRES
+def test_an_instance_received_while_forgetting_keeps_its_series_or_goes_with_its_file(
+    sessions: sessionmaker[Session], manager: JobManager, queries: JobQueries
+) -> None:
+    series = "1.2.3.4"
+    for index in range(3):
+        manager.record_instance(instance_record(f"{series}.{index}", series))
+    job_id = settle_series(manager, queries, series, skip="too few slices")
+    late = instance_record(f"{series}.9", series, spool_path="incoming/x/late.dcm")
+    result: dict[str, Any] = {}
+    engine = sessions.kw["bind"]
+    forgetting = threading.Thread(target=lambda: result.update(done=manager.forget_job(job_id)))
+    with engine.begin() as receiving:  # the receiver's transaction, committed after forget waits
+        assert insert_new_instance(receiving, late, utcnow())
+        forgetting.start()
+        assert waits_for_a_lock(engine, forgetting), "forget did not wait for the receiver"
+    forgetting.join(30)
+    forgotten: ForgottenJob = result["done"]
+
+    remaining = queries.series_instances(series)
+    with sessions() as session:
+        row = session.get(Series, series)
+    if remaining:  # recorded after the forget: it must settle like any new series
+        assert [i.sop_instance_uid for i in remaining] == [late.sop_instance_uid]
+        assert row is not None and row.instance_count == 1, "an instance without its series"
+    else:  # recorded before the forget: forgotten with the file it names
+        assert row is None and late.spool_path in forgotten.spool_paths

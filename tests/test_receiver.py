@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +20,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedCTImageStorage, MRImageStorage, generate_uid
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import Settings
 from node.context import NodeContext
+from node.housekeeping import purge_spool
 from node.instance_checks import made_by_node, selection_header
 from node.jobs.manager import NewJob
 from node.receiver import (
@@ -280,8 +286,85 @@ def test_database_failure_is_a_failure_status(
     engine.dispose()
 
     assert storescu(receiver.port, phantom_series[:2]) == [DATABASE_UNAVAILABLE] * 2
-    assert spooled(ctx) == []
     assert not list(ctx.spool.root.rglob(f"*{TMP_SUFFIX}"))
+    # Whether a row names them is unknown to the receiver: the copies stay for the sweep.
+    assert len(spooled(ctx)) == 2
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE instances_gone RENAME TO instances"))
+    engine.dispose()
+    ctx.settings = ctx.settings.model_copy(update={"orphan_grace_seconds": 1e-3})
+    assert purge_spool(ctx, ctx.settings.retention_days, "test").orphan_files == 2
+    assert spooled(ctx) == []
+
+
+class CommitAnswerLost:
+    """A TCP proxy to PostgreSQL that, once armed, lets one COMMIT reach the server and
+    cuts the connection instead of passing its answer back: the row is committed, and
+    the node cannot know it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.armed, self.cut = threading.Event(), threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                for source, sink, answers in ((client, server, False), (server, client, True)):
+                    args = (source, sink, answers, (client, server))
+                    threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, answers: bool, both: tuple[Any, ...]
+    ) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                # CommandComplete "COMMIT" from the server: swallowed, and the line cut.
+                if answers and self.armed.is_set() and b"COMMIT\x00" in data:
+                    self.armed.clear()
+                    self.cut.set()
+                    for end in both:
+                        end.shutdown(socket.SHUT_RDWR)  # wakes the other pump's recv too
+                        end.close()
+                    return
+                sink.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_lost_commit_answer_keeps_the_file_and_the_resend_is_stored_once(
+    db_url: str, tmp_path: Path, phantom_series: list[Path]
+) -> None:
+    url = make_url(db_url)
+    proxy = CommitAnswerLost(url.host or "127.0.0.1", url.port or 5432)
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    context = make_context(through, tmp_path)
+    running = Receiver(context)
+    running.start()
+    try:
+        proxy.armed.set()
+        assert storescu(running.port, phantom_series[:1]) == [DATABASE_UNAVAILABLE]
+        assert proxy.cut.is_set()
+        (row,) = context.queries.series_instances(series_uid(phantom_series[0]))
+        assert context.spool.path(row.spool_path).is_file(), "a row names a removed file"
+
+        assert storescu(running.port, phantom_series[:1]) == [0], "the resend is a success"
+        (again,) = context.queries.series_instances(series_uid(phantom_series[0]))
+        assert again.spool_path == row.spool_path and spooled(context) == [
+            context.spool.path(row.spool_path)
+        ]
+    finally:
+        running.stop()
+        context.close()
+        proxy.close()
 
 
 def test_start_removes_stale_partial_files_but_not_a_live_writers(ctx: NodeContext) -> None:

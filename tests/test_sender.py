@@ -4,7 +4,6 @@ answer with chosen statuses.  Every test runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import socket
 import ssl
@@ -23,11 +22,12 @@ from pynetdicom import AE, evt
 
 from devtools.orthanc import OrthancServer
 from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.records import file_record
 from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.jobs import JobState
-from node.jobs.manager import DerivedFile, InstanceRecord
+from node.jobs.manager import DerivedFile
 from node.jobs.states import DeliveryState, EventKind
 from node.sender import Sender
 from node.spool import Spool
@@ -81,23 +81,7 @@ def make_sending_job(
         tmp_path / f"source-{seed}", PhantomSpec(slices=SLICES, size=32, seed=seed)
     )
     for path in sources:
-        ds = dcmread(path, stop_before_pixels=True)
-        data = path.read_bytes()
-        manager.record_instance(
-            InstanceRecord(
-                sop_instance_uid=ds.SOPInstanceUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                spool_path=f"incoming/{path.name}",
-                sha256=hashlib.sha256(data).hexdigest(),
-                size_bytes=len(data),
-                header={},
-                calling_ae_title="SCANNER",
-                peer_address="127.0.0.1",
-            )
-        )
+        manager.record_instance(file_record(path, f"incoming/{path.name}"))
     series_uid = dcmread(sources[0], stop_before_pixels=True).SeriesInstanceUID
     job_id = settle_series(manager, ctx.queries, series_uid, destinations=tuple(destinations))
     study_uid = ctx.queries.get_job(job_id).study_instance_uid

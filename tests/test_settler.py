@@ -13,12 +13,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from devtools.records import instance_record
 from devtools.tools import free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.derive import DerivationSpec, derive_instance
 from node.jobs import JobState
-from node.jobs.manager import InstanceRecord
 from node.receiver import Receiver
 from node.service import run_settler
 from node.settler import SeriesSettler
@@ -49,12 +49,10 @@ def record(ctx: NodeContext, series_uid: str, count: int, **header: Any) -> None
     for index in range(count):
         sop_uid = generate_uid()
         ctx.manager.record_instance(
-            InstanceRecord(
-                sop_instance_uid=sop_uid,
-                series_instance_uid=series_uid,
+            instance_record(
+                sop_uid,
+                series_uid,
                 study_instance_uid="1.2.3.4",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
                 spool_path=f"incoming/20260101/{sop_uid}.dcm",
                 sha256="0" * 64,
                 size_bytes=1,
@@ -64,8 +62,6 @@ def record(ctx: NodeContext, series_uid: str, count: int, **header: Any) -> None
                     "InstanceNumber": index + 1,
                     **header,
                 },
-                calling_ae_title="SCANNER",
-                peer_address="127.0.0.1",
             )
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -13,13 +12,14 @@ import pytest
 from pydicom.uid import generate_uid
 
 from devtools.phantom import PhantomSpec, write_phantom_series
+from devtools.records import file_record, instance_record
 from node import db
 from node.config import Settings
 from node.context import NodeContext
 from node.db import utcnow
 from node.denoise import Denoiser
 from node.jobs import JobManager, JobQueries, JobState
-from node.jobs.manager import InstanceRecord, NewJob
+from node.jobs.manager import NewJob
 from node.jobs.states import EventKind
 from node.service import run_worker
 from node.worker import Worker
@@ -50,24 +50,9 @@ def queue_series(ctx: NodeContext, paths: list[Path], strength: float = 1.0) -> 
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
     for path in paths:
         data = path.read_bytes()
-        header = pydicom.dcmread(path, stop_before_pixels=True)
         relative = ctx.spool.new_incoming()
         ctx.spool.write_atomic(relative, lambda handle, data=data: handle.write(data))
-        ctx.manager.record_instance(
-            InstanceRecord(
-                sop_instance_uid=header.SOPInstanceUID,
-                series_instance_uid=header.SeriesInstanceUID,
-                study_instance_uid=header.StudyInstanceUID,
-                sop_class_uid=header.SOPClassUID,
-                transfer_syntax_uid=header.file_meta.TransferSyntaxUID,
-                spool_path=relative,
-                sha256=hashlib.sha256(data).hexdigest(),
-                size_bytes=len(data),
-                header={},
-                calling_ae_title="SCANNER",
-                peer_address="127.0.0.1",
-            )
-        )
+        ctx.manager.record_instance(file_record(path, relative))
     return settle(
         ctx.manager, ctx.queries, first.SeriesInstanceUID, first.StudyInstanceUID, strength
     )
@@ -101,18 +86,14 @@ def empty_job(manager: JobManager, queries: JobQueries, index: int) -> int:
     """A queued job whose series has one (unspooled) instance: enough to race claims on."""
     series_uid, study_uid = generate_uid(), generate_uid()
     manager.record_instance(
-        InstanceRecord(
-            sop_instance_uid=generate_uid(),
-            series_instance_uid=series_uid,
+        instance_record(
+            generate_uid(),
+            series_uid,
             study_instance_uid=study_uid,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
             spool_path=f"incoming/none/{index}.dcm",
             sha256=f"{index:064d}",
             size_bytes=0,
             header={},
-            calling_ae_title="SCANNER",
-            peer_address="127.0.0.1",
         )
     )
     return settle(manager, queries, series_uid, study_uid)
@@ -409,3 +390,30 @@ def test_reused_slices_keep_the_noise_their_job_measured(
         d.noise == earlier[d.sop_instance_uid] for d in later if d.sop_instance_uid in earlier
     )
     assert context.queries.get_job(second).noise_slices == 4
+
+
+def test_a_corrected_resend_after_forget_gets_new_derived_uids_and_a_retry_the_same(
+    context: NodeContext, series: list[Path]
+) -> None:
+    worker, manager, queries = Worker(context), context.manager, context.queries
+
+    def denoised(job_id: int) -> tuple[str | None, set[str]]:
+        assert worker.run_once() is True
+        assert queries.get_job(job_id).state == JobState.SENDING
+        derived = {d.sop_instance_uid for d in queries.derived_instances(job_id)}
+        return queries.get_job(job_id).output_series_uid, derived
+
+    first = queue_series(context, series[:4])
+    made = denoised(first)
+    manager.cancel_job(first, "admin")
+    manager.retry_job(first, "admin")
+    assert denoised(first) == made, "a retry of the same input makes the same UIDs"
+
+    manager.cancel_job(first, "admin")
+    manager.forget_job(first)
+    corrected = pydicom.dcmread(series[3])  # the same UIDs, other pixels, in one slice
+    corrected.PixelData = (corrected.pixel_array + 1).astype(corrected.pixel_array.dtype).tobytes()
+    corrected.save_as(series[3], enforce_file_format=True)
+    series_uid, sop_uids = denoised(queue_series(context, series[:4]))
+    assert series_uid != made[0], "the corrected series is a new derived series"
+    assert not sop_uids & made[1], "no derived instance of the first series is reused"

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from node.db import utcnow
 from node.jobs.records import DestinationView, JobView, from_row
 from node.jobs.states import DeliveryState, EventKind, JobState
-from node.jobs.tables import Delivery, Job, JobDestination, JobEvent
+from node.jobs.tables import Delivery, Job, JobDestination
 from node.jobs.writer import PRIORITY_ORDER, JobWriter, event_row
 
 
@@ -272,15 +272,8 @@ class Deliveries(JobWriter):
                     updated_at=now,
                 )
             )
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=now,
-                    kind=EventKind.POSTPONED,
-                    actor=holder,
-                    message=f"send postponed {delay:.0f} s: {error}",
-                )
-            )
+            message = f"send postponed {delay:.0f} s: {error}"
+            session.add(event_row(job_id, holder, EventKind.POSTPONED, message, at=now))
 
     def release_sending(self, job_id: int, holder: str, message: str) -> None:
         """Give a ``sending`` job back at once (graceful shutdown); deliveries stay recorded."""
@@ -290,11 +283,7 @@ class Deliveries(JobWriter):
             session.execute(
                 update(Job).where(Job.id == job_id).values(claimed_by=None, updated_at=now)
             )
-            session.add(
-                JobEvent(
-                    job_id=job_id, at=now, kind=EventKind.RELEASED, actor=holder, message=message
-                )
-            )
+            session.add(event_row(job_id, holder, EventKind.RELEASED, message, at=now))
 
     def finish_sending(self, job_id: int, holder: str, message: str) -> None:
         self._transition(

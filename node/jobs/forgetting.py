@@ -35,14 +35,25 @@ class ForgottenJob:
 
 
 def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
-    """Delete the rows; TransitionError when the job is missing, unfinished or not alone."""
+    """Delete the rows; TransitionError when the job is missing, unfinished or not alone.
+
+    The series row is locked first: the receiver counts each new instance on it in the
+    instance's own transaction, so an instance is either committed before and forgotten
+    here with its file named, or waits and is recorded afterwards in a new series row.
+    Instances are deleted by the ids read under that lock, never by a series condition
+    that could match a row committed meanwhile.
+    """
     with sessions.begin() as session:
-        job = session.get(Job, job_id, with_for_update=True)
+        series_uid = session.scalar(select(Job.series_instance_uid).where(Job.id == job_id))
+        if series_uid is None:
+            raise TransitionError(f"job {job_id} does not exist")
+        # The series' row before its jobs', in the order every writer takes them.
+        session.get(Series, series_uid, with_for_update=True, populate_existing=True)
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
         if job is None:
             raise TransitionError(f"job {job_id} does not exist")
         if job.state not in FINAL_STATES:
             raise TransitionError(f"job {job_id} is {job.state}: cancel it or let it finish first")
-        series_uid = job.series_instance_uid
         busy = session.scalar(
             select(Job.id).where(
                 Job.series_instance_uid == series_uid,
@@ -52,8 +63,10 @@ def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
         )
         if busy is not None:
             raise TransitionError(f"job {busy} of the same series has not finished")
-        received = session.scalars(
-            select(Instance.spool_path).where(Instance.series_instance_uid == series_uid)
+        received = session.execute(
+            select(Instance.id, Instance.spool_path).where(
+                Instance.series_instance_uid == series_uid
+            )
         ).all()
         derived = session.scalars(
             select(DerivedInstance.spool_path).where(DerivedInstance.job_id == job_id)
@@ -61,9 +74,9 @@ def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
         for table in (JobEvent, JobInstance, DerivedInstance, Delivery, JobDestination):
             session.execute(delete(table).where(table.job_id == job_id))
         session.execute(delete(Job).where(Job.id == job_id))
-        session.execute(delete(Instance).where(Instance.series_instance_uid == series_uid))
+        session.execute(delete(Instance).where(Instance.id.in_([row.id for row in received])))
         session.execute(delete(Series).where(Series.series_instance_uid == series_uid))
-        candidates = list(dict.fromkeys([*received, *derived]))
+        candidates = list(dict.fromkeys([*(row.spool_path for row in received), *derived]))
         still_used = {
             path
             for table in (DerivedInstance, JobInstance)

@@ -8,13 +8,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, insert, literal, select, update
+from sqlalchemy import Connection, Engine, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.states import EventKind, JobState
-from node.jobs.tables import Instance, Job, JobEvent, JobInstance, Series
-from node.jobs.writer import JobWriter, dialect_of, rows_changed
+from node.jobs.tables import Instance, Job, JobInstance, Series
+from node.jobs.writer import JobWriter, dialect_of, event_row, rows_changed
 
 
 class RecordOutcome(StrEnum):
@@ -70,23 +70,8 @@ class Intake(JobWriter):
         """
         now = utcnow()
         engine: Engine = self._sessions.kw["bind"]
-        new_instance, count_in_series = _recording_statements(engine)
         with engine.begin() as connection:
-            # One INSERT that yields to an existing row, so a concurrent association that
-            # stored the same UID a moment earlier leads to the same path as any resend.
-            row = {**record.__dict__, "received_at": now}
-            if connection.execute(new_instance, row).scalar() is not None:
-                connection.execute(
-                    count_in_series,
-                    {
-                        "series_instance_uid": record.series_instance_uid,
-                        "study_instance_uid": record.study_instance_uid,
-                        "calling_ae_title": record.calling_ae_title,
-                        "instance_count": 1,
-                        "first_received_at": now,
-                        "last_received_at": now,
-                    },
-                )
+            if insert_new_instance(connection, record, now):
                 return RecordOutcome.NEW, record.spool_path
         with self._sessions.begin() as session:
             existing = session.scalars(
@@ -106,18 +91,11 @@ class Intake(JobWriter):
             .limit(1)
         )
         if job_id is not None:
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=now,
-                    kind=EventKind.WARNING,
-                    actor="receiver",
-                    message=(
-                        f"instance {record.sop_instance_uid} received again from "
-                        f"{record.calling_ae_title} with different content; first copy kept"
-                    ),
-                )
+            message = (
+                f"instance {record.sop_instance_uid} received again from "
+                f"{record.calling_ae_title} with different content; first copy kept"
             )
+            session.add(event_row(job_id, "receiver", EventKind.WARNING, message, at=now))
         return RecordOutcome.CONFLICT, existing.spool_path
 
     def create_job(self, new: NewJob) -> int | None:
@@ -162,20 +140,35 @@ class Intake(JobWriter):
                 if new.skip_reason
                 else f"{new.instance_count} instances settled; rule {new.rule!r}"
             )
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    kind=EventKind.SKIPPED if new.skip_reason else EventKind.SETTLED,
-                    to_state=state,
-                    actor="settler",
-                    message=message,
-                )
-            )
+            kind = EventKind.SKIPPED if new.skip_reason else EventKind.SETTLED
+            session.add(event_row(job.id, "settler", kind, message, to_state=state, at=now))
             if state is JobState.QUEUED:
                 snapshot_inputs(session, job.id, new.series_instance_uid)
                 _supersede_queued(session, job.id, new.series_instance_uid, now)
             return job.id
+
+
+def insert_new_instance(connection: Connection, record: InstanceRecord, now: datetime) -> bool:
+    """The instance's row and its series' count, in the caller's transaction; False (and
+    nothing written) when its SOP Instance UID has a row already."""
+    new_instance, count_in_series = _recording_statements(connection.engine)
+    # One INSERT that yields to an existing row, so a concurrent association that stored
+    # the same UID a moment earlier leads to the same path as any resend.
+    row = {**record.__dict__, "received_at": now}
+    if connection.execute(new_instance, row).scalar() is None:
+        return False
+    connection.execute(
+        count_in_series,
+        {
+            "series_instance_uid": record.series_instance_uid,
+            "study_instance_uid": record.study_instance_uid,
+            "calling_ae_title": record.calling_ae_title,
+            "instance_count": 1,
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+    )
+    return True
 
 
 @functools.cache
@@ -236,13 +229,13 @@ def _supersede_queued(
         )
         if rows_changed(done) == 1:
             session.add(
-                JobEvent(
-                    job_id=old_id,
-                    at=now,
-                    kind=EventKind.SUPERSEDED,
+                event_row(
+                    old_id,
+                    "settler",
+                    EventKind.SUPERSEDED,
+                    reason,
                     from_state=JobState.QUEUED,
                     to_state=JobState.CANCELLED,
-                    actor="settler",
-                    message=reason,
+                    at=now,
                 )
             )

@@ -7,8 +7,9 @@ Reads live in ``node.jobs.queries``, the process registry in ``node.jobs.registr
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
@@ -18,6 +19,7 @@ from node.db import utcnow
 from node.jobs.delivery import Deliveries
 from node.jobs.forgetting import ForgottenJob, forget_job
 from node.jobs.intake import InstanceRecord, Intake, NewJob, RecordOutcome, snapshot_inputs
+from node.jobs.purging import held_received_files
 from node.jobs.records import HousekeepingView, JobView
 from node.jobs.states import DeliveryState, EventKind, JobState, TransitionError
 from node.jobs.tables import (
@@ -325,6 +327,12 @@ class JobManager(Intake, Deliveries):
             finished_at=None,
             _also=lambda session: _forget_deliveries(session, job_id, destination),
         )
+
+    def held_received_files(
+        self, series_instance_uid: str, finished_before: datetime
+    ) -> AbstractContextManager[list[str]]:
+        """A series' received files no job needs, locked while removed (``node.jobs.purging``)."""
+        return held_received_files(self._sessions, series_instance_uid, finished_before)
 
     def forget_job(self, job_id: int) -> ForgottenJob:
         """Drop a finished job and its series' rows (``node.jobs.forgetting``)."""

@@ -50,6 +50,16 @@ class JobQueries:
         with self._sessions() as session:
             return [from_row(view, row) for row in session.scalars(query)]
 
+    def series_received_from(self, series_instance_uid: str) -> datetime | None:
+        """When the series' current reception began: its first instance since it was new
+        or last forgotten; None for a series with no row."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(Series.first_received_at).where(
+                    Series.series_instance_uid == series_instance_uid
+                )
+            )
+
     def settled_series(self, quiet_since: datetime) -> list[SeriesView]:
         """Series with no new instance since ``quiet_since`` and not yet turned into a job."""
         return self._all(
@@ -318,28 +328,3 @@ class JobQueries:
         with self._sessions() as session:
             row = session.get(HousekeepingRun, LAST_HOUSEKEEPING)
             return None if row is None else from_row(HousekeepingView, row)
-
-    def series_finished_before(self, series_instance_uid: str, finished_before: datetime) -> bool:
-        """True when the series is settled and every one of its jobs is final and old.
-
-        Only then may its received instances leave the spool: no job can need them.
-        """
-        with self._sessions() as session:
-            series = session.get(Series, series_instance_uid)
-            if series is None or series.settled_through is None:
-                return False
-            if series.settled_through < series.last_received_at:
-                return False
-            pending = session.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(Job.series_instance_uid == series_instance_uid)
-                .where(
-                    or_(
-                        Job.state.not_in(list(FINAL_STATES)),
-                        Job.finished_at.is_(None),
-                        Job.finished_at >= finished_before,
-                    )
-                )
-            )
-            return pending == 0

@@ -28,9 +28,27 @@ class LostClaim(TransitionError):
     """The job is no longer held by this process (cancelled, or taken after a stall)."""
 
 
-def event_row(job_id: int, actor: str, kind: EventKind, message: str) -> JobEvent:
-    """A timeline row that changes no state, stamped now, for the caller's session."""
-    return JobEvent(job_id=job_id, at=utcnow(), kind=kind, actor=actor, message=message)
+def event_row(
+    job_id: int,
+    actor: str,
+    kind: EventKind,
+    message: str,
+    *,
+    from_state: JobState | None = None,
+    to_state: JobState | None = None,
+    at: datetime | None = None,
+) -> JobEvent:
+    """A timeline row for the caller's session: a transition when given its states, and
+    stamped ``at`` (the moment the caller wrote on the job row) or now."""
+    return JobEvent(
+        job_id=job_id,
+        at=at or utcnow(),
+        kind=kind,
+        from_state=from_state,
+        to_state=to_state,
+        actor=actor,
+        message=message,
+    )
 
 
 class JobWriter:
@@ -81,14 +99,14 @@ class JobWriter:
                 else f"sending by {holder}"
             )
             session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=now,
-                    kind=EventKind.CLAIMED,
+                event_row(
+                    job_id,
+                    holder,
+                    EventKind.CLAIMED,
+                    message,
                     from_state=expected,
                     to_state=new_state,
-                    actor=holder,
-                    message=message,
+                    at=now,
                 )
             )
             return from_row(JobView, job)
@@ -137,15 +155,7 @@ class JobWriter:
             if _also is not None:
                 _also(session)
             session.add(
-                JobEvent(
-                    job_id=job_id,
-                    at=now,
-                    kind=kind,
-                    from_state=current,
-                    to_state=new,
-                    actor=actor,
-                    message=message,
-                )
+                event_row(job_id, actor, kind, message, from_state=current, to_state=new, at=now)
             )
 
 
