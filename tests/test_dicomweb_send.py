@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devtools.node_process import NodeProcess
 from devtools.orthanc import DICOMWEB_PLUGIN, OrthancServer
+from devtools.tools import free_port
 from node.cli import main
 from node.context import NodeContext
 from node.destination_checks import check_destinations
@@ -36,6 +39,7 @@ from node.jobs.states import DeliveryState, EventKind
 from node.jobs.tables import Delivery
 from node.sender import Sender
 from tests import test_sender
+from tests.fixtures.dicom import storescu
 from tests.fixtures.orthanc import DICOMWEB_USERS
 
 # The sender tests' job-table context and TLS certificate, shared rather than copied.
@@ -324,6 +328,47 @@ def test_orthanc_restarted_mid_series_gets_the_rest_once(
         assert "(3 sent now)" in ctx.queries.job_events(job_id)[-1].message
         assert orthanc_uids(orthanc, output_uid) == set(uids)
         assert orthanc.count_instances() == SLICES  # each instance stored once
+
+
+def test_a_series_stored_by_c_store_comes_back_to_a_dicomweb_only_orthanc(
+    node_factory: Callable[..., NodeProcess],
+    dicomweb_orthanc: OrthancServer,
+    orthanc_login: Callable[..., dict[str, Any]],
+    phantom_series: list[Path],
+) -> None:
+    """The whole node: storescu in, the derived series out by STOW-RS only (the node does
+    not know Orthanc's DICOM port); status, dashboard and /metrics show the destination."""
+    orthanc = dicomweb_orthanc
+    before = orthanc.count_instances()
+    web_port = free_port()
+    node = node_factory(
+        roles="receive,work,send,web",
+        web_port=web_port,
+        destinations=orthanc_login(orthanc, batch_instances=5),
+    ).start()
+    assert storescu(node.port, phantom_series) == [0] * len(phantom_series)
+
+    (job,) = node.wait_jobs_final(1)
+    assert job.state == JobState.DONE, job.last_error
+    derived = {item.sop_instance_uid for item in node.queries.derived_instances(job.id)}
+    assert len(derived) == len(phantom_series)
+    assert orthanc_uids(orthanc, job.output_series_uid) == derived
+    assert orthanc.count_instances() - before == len(phantom_series)  # each once
+    assert node.queries.delivery_counts(job.id) == {"cloud": len(phantom_series)}
+
+    web = f"http://127.0.0.1:{web_port}"
+    node.wait_for(lambda: _answers(f"{web}/healthz"), 30, "the web role")
+    dashboard = requests.get(f"{web}/", timeout=30).text
+    assert '<span class="dot ok"></span>cloud (DICOMweb)' in dashboard
+    metrics = requests.get(f"{web}/metrics", timeout=30).text
+    assert 'denoise_node_destination_up{destination="cloud"} 1.0' in metrics
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 # -- a small server for what Orthanc does not answer -------------------------------------

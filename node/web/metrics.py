@@ -140,7 +140,9 @@ class NodeCollector(Collector):
         yield from (heartbeat, alive, provider)
 
         reachable = _gauge(
-            "destination_up", "1 when the destination answers C-ECHO", ["destination"]
+            "destination_up",
+            "1 when the destination answers C-ECHO (DICOM) or a QIDO-RS query (DICOMweb)",
+            ["destination"],
         )
         for check in self.destinations():
             reachable.add_metric([check.name], 1.0 if check.reachable else 0.0)
