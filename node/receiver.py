@@ -5,15 +5,14 @@ fsynced in the spool under a generated name and recorded in the job table; every
 outcome is a specific failure status so that the sender keeps its copy and retries.
 Received data is streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``, in
 the spool's ``receiving`` folder: ``node.receiving``), renamed into the spool rather
-than copied (each instance's bytes are written once) and never decoded here: the
-header is parsed with large values left on disk, which keeps the receiver's memory
-flat however large the instance.  Who may connect, for how long and with how large a
-PDU is the listener's policy (``node.listener``).
+than copied (each instance's bytes are written once, and hashed as they arrive) and
+never decoded here: the header is parsed once, with large values left on disk, which
+keeps the receiver's memory flat however large the instance.  Who may connect, for how
+long and with how large a PDU is the listener's policy (``node.listener``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import threading
@@ -53,14 +52,14 @@ from node.instance_checks import (
     DECODE_FAILED,
     PIXEL_DATA_INVALID,
     Refused,
-    check_pixel_data,
-    checked_uids,
-    read_header,
+    inspect,
     shown,
     shown_uid,
 )
+from node.jobs.intake import instance_record
 from node.jobs.manager import InstanceRecord, RecordOutcome
 from node.listener import GuardedServer, ListenerLimits
+from node.recovery import rerecord_unrecorded
 from node.spool import SpoolFull
 
 log = logging.getLogger(__name__)
@@ -135,10 +134,12 @@ class Receiver:
         return int(self._servers[1].server_address[1])
 
     def start(self) -> None:
-        """Remove what an earlier run left half-received, then listen in background threads."""
+        """Remove what an earlier run left half-received, record again what the job table
+        lost (``node.recovery``), then listen in background threads."""
         removed = self.ctx.spool.remove_partials() + self.receiving.clear()
         if removed:
             log.info("removed %d partial files left by an earlier run", removed)
+        rerecord_unrecorded(self.ctx)
         # Process-wide in pynetdicom: C-STORE data sets go to a file in ``receiving``.
         _config.STORE_RECV_CHUNKED_DATASET = True
         receiving.install()
@@ -279,48 +280,35 @@ class Receiver:
             str(store.AffectedSOPInstanceUID or ""),
         )
         extra: dict[str, Any] = {"calling_ae": calling_ae, "sop_uid": shown_uid(request[1])}
-        self._check_room(received, extra)
-        ds, header = read_header(received, extra)
-        uids = checked_uids(ds, request, extra)
-        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
-        check_pixel_data(ds, received, extra)
-        relative, digest, size = self._spool_move(received, extra)
-        record = InstanceRecord(
-            sop_instance_uid=uids["SOPInstanceUID"],
-            series_instance_uid=uids["SeriesInstanceUID"],
-            study_instance_uid=uids["StudyInstanceUID"],
-            sop_class_uid=uids["SOPClassUID"],
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            spool_path=relative,
-            sha256=digest,
-            size_bytes=size,
-            header=header,
-            calling_ae_title=calling_ae,
-            peer_address=str(event.assoc.requestor.address),
+        written = self.receiving.received(received)
+        self._check_room(written, extra)
+        inspected = inspect(received, request, extra)
+        relative = self._spool_move(received, extra)
+        record = instance_record(
+            inspected,
+            relative,
+            (written.sha256(), written.size),
+            (calling_ae, str(event.assoc.requestor.address)),
         )
         return self._record(record, extra)
 
-    def _check_room(self, received: Path, extra: dict[str, Any]) -> None:
+    def _check_room(self, written: receiving.ReceivingFile, extra: dict[str, Any]) -> None:
         """Out of resources when the data set did not fit or the spool is below its watermark."""
         try:
-            if self.receiving.write_failed(received):
+            if written.failed:
                 raise SpoolFull("the received data set could not be written in full")
-            self.ctx.spool.check_room(received.stat().st_size)
+            self.ctx.spool.check_room(written.size)
         except SpoolFull as exc:
             log.warning("C-STORE refused: %s", exc, extra=extra)
             raise Refused(SPOOL_FULL, "node spool is full") from exc
 
-    def _spool_move(self, received: Path, extra: dict[str, Any]) -> tuple[str, str, int]:
-        """Move pynetdicom's file into the spool durably, written once: the relative
-        path, the SHA-256 of the bytes and their size."""
-        digest = hashlib.sha256()
+    def _spool_move(self, received: Path, extra: dict[str, Any]) -> str:
+        """Move pynetdicom's file into the spool durably, written once: its relative path."""
         try:
-            size = received.stat().st_size
-            relative = self.ctx.spool.adopt(received, digest)
+            return self.ctx.spool.adopt(received)
         except OSError as exc:
             log.error("C-STORE refused: cannot write the spool: %s", exc.strerror, extra=extra)
             raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
-        return relative, digest.hexdigest(), size
 
     def _record(self, record: InstanceRecord, extra: dict[str, Any]) -> str:
         """One row in the job table; the spool copy is removed unless the row is new."""
@@ -340,7 +328,8 @@ class Receiver:
         if outcome is RecordOutcome.NEW:
             log.debug("instance stored", extra={**extra, "spool_path": record.spool_path})
             return "stored"
-        spool.remove(record.spool_path)
+        if kept != record.spool_path:  # a row names this very file: it stays
+            spool.remove(record.spool_path)
         if outcome is RecordOutcome.IDENTICAL:
             log.debug("instance received again with identical content; stored once", extra=extra)
             return "already stored"
