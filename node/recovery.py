@@ -26,18 +26,35 @@ from node.spool import INCOMING_FOLDER
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
+#: The walk stops after this many date folders in a row with nothing to record again.
+WHOLE_FOLDERS = 2
 
 
 def rerecord_unrecorded(ctx: NodeContext) -> int:
-    """Record every received spool file that no row names; returns how many became rows."""
+    """Record every received spool file that no row names; returns how many became rows.
+
+    Date folders are walked newest first and the walk stops after two in a row in which
+    nothing had to be recorded again: the lost commits are the newest ones, and only an
+    instance received just before midnight can be committed after one of the next day.
+    A start costs a listing of the newest folders, not of the whole spool.
+    """
     started = time.monotonic()
-    named = ctx.queries.spool_paths_in_use()
+    incoming = ctx.spool.root / INCOMING_FOLDER
+    folders = sorted((p for p in incoming.glob("*") if p.is_dir()), reverse=True)
     senders: dict[str, tuple[str, str]] = {}
-    recorded = 0
-    for path in sorted((ctx.spool.root / INCOMING_FOLDER).rglob("*.dcm")):
-        relative = path.relative_to(ctx.spool.root).as_posix()
-        if relative not in named and path.is_file():
-            recorded += _rerecord(ctx, path, relative, senders)
+    recorded = whole = 0
+    for folder in folders:
+        relative_folder = folder.relative_to(ctx.spool.root).as_posix()
+        named = ctx.queries.spool_paths_in_use(relative_folder)
+        found = 0
+        for path in sorted(folder.glob("*.dcm")):
+            relative = f"{relative_folder}/{path.name}"
+            if relative not in named and path.is_file():
+                found += _rerecord(ctx, path, relative, senders)
+        recorded += found
+        whole = 0 if found else whole + 1
+        if whole == WHOLE_FOLDERS:
+            break
     if recorded:
         log.warning(
             "%d received instances had lost their job-table rows (power loss?): recorded "
