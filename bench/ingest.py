@@ -132,8 +132,9 @@ def durable_floor(backend: str) -> Starter:
 
     Each data set's received bytes are written once to a file, the file and its folder
     fsynced, one row inserted and committed in a fresh job table database of
-    ``backend`` (the node's engine: SQLite in WAL mode with full sync), then success
-    is answered: the best a durable pynetdicom receiver can do.
+    ``backend`` (the node's engine: SQLite in WAL mode with ``synchronous=NORMAL``, whose
+    lost tail after a power loss the node rebuilds from the spool), then success is
+    answered: the best a durable pynetdicom receiver can do.
     """
 
     @contextmanager

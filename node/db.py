@@ -1,10 +1,15 @@
 """Database engine, sessions and the schema version check.
 
-SQLite is the embedded default (WAL, FULL sync, a busy timeout so several processes
-share it); PostgreSQL is the production database.  The schema is owned by Alembic:
-an embedded SQLite job table is created or upgraded on first start, while the node
-refuses to start against an out-of-date PostgreSQL schema (an administrator migrates a
-shared production database on purpose, with ``denoise-node db upgrade``).
+SQLite is the embedded default (WAL, a busy timeout so several processes share it);
+PostgreSQL is the production database.  SQLite syncs with ``synchronous=NORMAL``: a
+commit survives a crash of the process, and the last commits before a power loss, which
+it may lose, are the receiver's to rebuild from the fsynced spool at start
+(``node.recovery``); the other roles' lost commits are work done again.
+
+The schema is owned by Alembic: an embedded SQLite job table is created or upgraded on
+first start, while the node refuses to start against an out-of-date PostgreSQL schema
+(an administrator migrates a shared production database on purpose, with
+``denoise-node db upgrade``).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def make_engine(url: str) -> Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,35 @@ def made_by_node(ds: Dataset) -> bool:
     ]
     names.append(_text(ds.get("DerivationDescription")) or "")
     return any(NODE_EQUIPMENT in name for name in names)
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What the node keeps of an instance that passed every check."""
+
+    uids: dict[str, str]
+    header: dict[str, Any]
+    transfer_syntax_uid: str
+
+
+def inspect(path: Path, request: tuple[str, str] | None, extra: dict[str, Any]) -> Inspected:
+    """Parse the header once and check UIDs and pixel data, or Refused.
+
+    ``request`` is the C-STORE's (SOP class, SOP instance); None takes them from the
+    file meta, which pynetdicom wrote from the request (a file already in the spool).
+    ``extra`` gains the instance's SOP and series UIDs for the log.
+    """
+    ds, header = read_header(path, extra)
+    meta = ds.file_meta
+    if request is None:
+        request = (
+            str(meta.get("MediaStorageSOPClassUID", "")),
+            str(meta.get("MediaStorageSOPInstanceUID", "")),
+        )
+    uids = checked_uids(ds, request, extra)
+    extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
+    check_pixel_data(ds, path, extra)
+    return Inspected(uids, header, str(meta.get("TransferSyntaxUID", "")))
 
 
 def read_header(path: Path, extra: dict[str, Any]) -> tuple[Dataset, dict[str, Any]]:

@@ -5,12 +5,12 @@ fsynced in the spool under a generated name and recorded in the job table; every
 outcome is a specific failure status so that the sender keeps its copy and retries.
 Received data is streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``, in
 the spool's ``receiving`` folder: ``node.receiving``), renamed into the spool rather
-than copied (each instance's bytes are written once) and never decoded here: the
-header is parsed with large values left on disk, which keeps the receiver's memory
-flat however large the instance.  Storage commitment reports (N-EVENT-REPORT, the
-PACS acting as SCP of the Push Model class) are handled by ``node.commitment``.  Who
-may connect, for how long and with how large a PDU is the listener's policy
-(``node.listener``).
+than copied (each instance's bytes are written once, and hashed as they arrive) and
+never decoded here: the header is parsed once, with large values left on disk, which
+keeps the receiver's memory flat however large the instance.  Storage commitment
+reports (N-EVENT-REPORT, the PACS acting as SCP of the Push Model class) are handled by
+``node.commitment``.  Who may connect, for how long and with how large a PDU is the
+listener's policy (``node.listener``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from node.instance_checks import (
     shown_uid,
 )
 from node.listener import GuardedServer, ListenerLimits
+from node.recovery import rerecord_unrecorded
 from node.storing import (
     DATABASE_UNAVAILABLE,
     HANDLER_FAILED,
@@ -123,10 +124,12 @@ class Receiver:
         return int(self._servers[1].server_address[1])
 
     def start(self) -> None:
-        """Remove what an earlier run left half-received, then listen in background threads."""
+        """Remove what an earlier run left half-received, record again what the job table
+        lost (``node.recovery``), then listen in background threads."""
         removed = self.ctx.spool.remove_partials() + self.receiving.clear()
         if removed:
             log.info("removed %d partial files left by an earlier run", removed)
+        rerecord_unrecorded(self.ctx)
         # Process-wide in pynetdicom: C-STORE data sets go to a file in ``receiving``.
         _config.STORE_RECV_CHUNKED_DATASET = True
         receiving.install()
@@ -272,7 +275,8 @@ class Receiver:
             str(store.AffectedSOPInstanceUID or ""),
         )
         extra = {"calling_ae": calling_ae, "sop_uid": shown_uid(request[1])}
-        if self.receiving.write_failed(received):
+        written = self.receiving.received(received)
+        if written.failed:
             log.warning(
                 "C-STORE refused: the received data set could not be written in full", extra=extra
             )
@@ -283,6 +287,7 @@ class Receiver:
             str(event.assoc.requestor.address),
             request=request,
             transfer_syntax=str(event.context.transfer_syntax),
+            content=(written.sha256(), written.size),
         )
         return storing.accept(self.ctx, arrival, extra).outcome
 

@@ -8,11 +8,14 @@ each association's files go to ``<spool>/receiving``, are tracked by the associa
 reader thread (which creates them), and whatever is left is removed when the
 association ends and when the receiver starts.  A write that fails (the disk is full)
 is recorded instead of raised, so the handler answers a DICOM out-of-resources status
-rather than pynetdicom aborting the association.
+rather than pynetdicom aborting the association.  Each file's SHA-256 and size are
+taken from the bytes as they are written (in the association's reader thread, while
+the rest of the data set is still arriving), so the handler never reads them again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import threading
@@ -31,12 +34,14 @@ _folder_of_reader: dict[threading.Thread, ReceivingFolder] = {}
 
 class ReceivingFile:
     """A data set's file that records a failed create or write (disk full) instead of
-    raising it in pynetdicom's reader, where it would abort the association."""
+    raising it in pynetdicom's reader, where it would abort the association; it hashes
+    and counts the bytes it is given."""
 
-    def __init__(self, folder: ReceivingFolder) -> None:
-        self._folder = folder
-        self.name = str(folder.folder / f"{uuid.uuid4().hex}.dcm")
+    def __init__(self, folder: Path) -> None:
+        self.name = str(folder / f"{uuid.uuid4().hex}.dcm")
         self.failed = False
+        self.size = 0
+        self._digest = hashlib.sha256()
         self._handle: BinaryIO | None = None
         self._guarded(self._create)
 
@@ -47,7 +52,13 @@ class ReceivingFile:
 
     def write(self, data: bytes) -> int:
         self._guarded(lambda: self._open_handle().write(data))
+        self._digest.update(data)
+        self.size += len(data)
         return len(data)
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of every byte written so far."""
+        return self._digest.hexdigest()
 
     def flush(self) -> None:
         self._guarded(lambda: self._open_handle().flush())
@@ -74,7 +85,6 @@ class ReceivingFile:
             operation()
         except OSError as exc:
             log.warning("cannot write a received data set: %s", exc.strerror)
-            self._folder.record_failure(self.name)
             self.failed = True
 
 
@@ -84,7 +94,7 @@ class ReceivingFolder:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._files: dict[threading.Thread, list[ReceivingFile]] = {}
-        self._failed: set[str] = set()
+        self._by_name: dict[str, ReceivingFile] = {}
 
     def clear(self) -> int:
         """Remove every file (at start: no association is running yet)."""
@@ -106,25 +116,23 @@ class ReceivingFolder:
         with _lock:
             _folder_of_reader.pop(reader, None)
             files = self._files.pop(reader, [])
-            self._failed.difference_update(received.name for received in files)
+            for received in files:
+                self._by_name.pop(received.name, None)
         for received in files:
             received.close()
             Path(received.name).unlink(missing_ok=True)
 
-    def write_failed(self, path: Path | str) -> bool:
-        """True when part of the data set at ``path`` could not be written."""
+    def received(self, path: Path | str) -> ReceivingFile:
+        """The file of the data set at ``path`` (KeyError if it is not one of this folder's)."""
         with _lock:
-            return str(path) in self._failed
+            return self._by_name[str(path)]
 
     def open(self) -> ReceivingFile:
-        received = ReceivingFile(self)
+        received = ReceivingFile(self.folder)
         with _lock:
             self._files.setdefault(threading.current_thread(), []).append(received)
+            self._by_name[received.name] = received
         return received
-
-    def record_failure(self, path: str) -> None:
-        with _lock:
-            self._failed.add(path)
 
 
 def _named_temporary_file(**kwargs: Any) -> Any:

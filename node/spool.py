@@ -8,6 +8,7 @@ copy: fsync, rename to a generated name, fsync of the folder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -15,11 +16,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from node.db import utcnow
 
 TMP_SUFFIX = ".partial"
+INCOMING_FOLDER = "incoming"
 COPY_CHUNK = 1 << 20
 
 
@@ -39,7 +41,7 @@ class Spool:
 
     def new_incoming(self) -> str:
         """A fresh relative path for a received instance (date folder, random name)."""
-        return f"incoming/{utcnow():%Y%m%d}/{uuid.uuid4().hex}.dcm"
+        return f"{INCOMING_FOLDER}/{utcnow():%Y%m%d}/{uuid.uuid4().hex}.dcm"
 
     @staticmethod
     def derived(job_id: int, index: int) -> str:
@@ -73,21 +75,21 @@ class Spool:
         _fsync_dir(final.parent)
         return final
 
-    def adopt(self, source: Path, digest: Any | None = None) -> str:
+    def adopt(self, source: Path) -> str:
         """Move a file already on the spool's disk to a fresh incoming path, durably.
 
-        The file is written once: its data is fsynced (``digest``, if given, is fed the
-        bytes on the same read), it is renamed to a name the node generates and the
-        folder that holds the new name is fsynced.  Returns the new relative path.
+        The file is written once: its data is fsynced, it is renamed to a name the node
+        generates and the folder that holds the new name is fsynced.  Returns the new
+        relative path.
         """
         relative = self.new_incoming()
         final = self.path(relative)
         self._durable_folder(final.parent)
-        with open(source, "rb") as handle:
-            if digest is not None:
-                while chunk := handle.read(COPY_CHUNK):
-                    digest.update(chunk)
-            os.fsync(handle.fileno())
+        descriptor = os.open(source, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(source, final)
         _fsync_dir(final.parent)
         return relative
@@ -171,3 +173,14 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def file_content(path: Path) -> tuple[str, int]:
+    """A file's SHA-256 and size, as the job table records them, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

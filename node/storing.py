@@ -9,7 +9,6 @@ with its own status, so the sender keeps its copy and retries.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +33,16 @@ from pydicom.uid import (
 from node.context import NodeContext
 from node.instance_checks import (
     DATASET_MISMATCH,
+    Inspected,
     Refused,
     check_pixel_data,
     checked_uids,
     read_header,
     service,
 )
+from node.jobs.intake import instance_record
 from node.jobs.manager import InstanceRecord, RecordOutcome
-from node.spool import SpoolFull
+from node.spool import SpoolFull, file_content
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class Arrival:
     request: tuple[str, str] | None = None
     transfer_syntax: str | None = None
     study: str | None = None
+    #: (SHA-256, size) where the bytes were hashed as they arrived (C-STORE); else read here
+    content: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,25 +122,15 @@ def _store(
     """Room, class, syntax, study and pixel data (once the UIDs are known, so that a
     STOW-RS answer can name the instance), then the spool and the job table."""
     received = arrival.path
-    check_room(ctx, received.stat().st_size, extra)
+    content = arrival.content or file_content(received)
+    check_room(ctx, content[1], extra)
     syntax = arrival.transfer_syntax or str(ds.file_meta.get("TransferSyntaxUID", ""))
     _check_supported(uids, syntax, arrival.study, extra)
     check_pixel_data(ds, received, extra)
-    relative, digest, size = _spool_move(ctx, received, extra)
-    record = InstanceRecord(
-        sop_instance_uid=uids["SOPInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        sop_class_uid=uids["SOPClassUID"],
-        transfer_syntax_uid=syntax,
-        spool_path=relative,
-        sha256=digest,
-        size_bytes=size,
-        header=header,
-        calling_ae_title=arrival.calling_ae_title,
-        peer_address=arrival.peer_address,
-    )
-    return _record(ctx, record, extra)
+    relative = _spool_move(ctx, received, extra)
+    inspected = Inspected(uids, header, syntax)
+    sender = (arrival.calling_ae_title, arrival.peer_address)
+    return _record(ctx, instance_record(inspected, relative, content, sender), extra)
 
 
 def check_room(ctx: NodeContext, needed: int, extra: dict[str, Any]) -> None:
@@ -166,19 +159,15 @@ def _check_supported(
         raise Refused(DATASET_MISMATCH, "StudyInstanceUID differs from the request")
 
 
-def _spool_move(ctx: NodeContext, received: Path, extra: dict[str, Any]) -> tuple[str, str, int]:
-    """Move the received file into the spool durably, written once: the relative path,
-    the SHA-256 of the bytes and their size."""
-    digest = hashlib.sha256()
+def _spool_move(ctx: NodeContext, received: Path, extra: dict[str, Any]) -> str:
+    """Move the received file into the spool durably, written once: its relative path."""
     try:
-        size = received.stat().st_size
-        relative = ctx.spool.adopt(received, digest)
+        return ctx.spool.adopt(received)
     except OSError as exc:
         log.error(
             "%s refused: cannot write the spool: %s", service(extra), exc.strerror, extra=extra
         )
         raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
-    return relative, digest.hexdigest(), size
 
 
 def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> str:
@@ -206,7 +195,8 @@ def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> 
     if outcome is RecordOutcome.NEW:
         log.debug("instance stored", extra={**extra, "spool_path": record.spool_path})
         return "stored"
-    spool.remove(record.spool_path)
+    if kept != record.spool_path:  # a row names this very file: it stays
+        spool.remove(record.spool_path)
     if outcome is RecordOutcome.IDENTICAL:
         log.debug("instance received again with identical content; stored once", extra=extra)
         return "already stored"

@@ -307,6 +307,37 @@ def test_store_status_decides_retry_or_failure(
         assert [d.state for d in ctx.queries.destinations(job_id)] == [DeliveryState.FAILED]
 
 
+def test_instances_go_out_without_waiting_for_delayed_acknowledgements(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TCP_NODELAY on the sender's connection while it sends, as storescu sets it."""
+    opened: list[Any] = []
+    associate = AE.associate
+
+    def keep(ae: AE, *args: Any, **kwargs: Any) -> Any:
+        opened.append(associate(ae, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(AE, "associate", keep)
+    no_delay: list[int] = []
+
+    def look_at_the_sender() -> None:  # at each C-STORE, while the connection is open
+        connection = opened[-1].dul.socket.socket
+        no_delay.append(connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    scp = status_scp(0x0000, on_store=look_at_the_sender)
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert len(no_delay) == len(uids) and all(no_delay)
+
+
 def test_implicit_only_peer_gets_the_explicit_files_converted(
     status_scp: Callable[..., StatusSCP],
     make_context: Callable[..., NodeContext],

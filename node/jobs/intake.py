@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
+from node.instance_checks import Inspected
 from node.jobs.states import EventKind, JobState
 from node.jobs.tables import Instance, Job, JobInstance, Series
 from node.jobs.writer import JobWriter, dialect_of, event_row, rows_changed
@@ -38,6 +39,27 @@ class InstanceRecord:
     header: dict[str, Any]
     calling_ae_title: str
     peer_address: str
+
+
+def instance_record(
+    inspected: Inspected, spool_path: str, content: tuple[str, int], sender: tuple[str, str]
+) -> InstanceRecord:
+    """The row of a checked instance at ``spool_path``: ``content`` is its (SHA-256, size),
+    ``sender`` the (calling AE title, peer address) it came from."""
+    uids = inspected.uids
+    return InstanceRecord(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=inspected.transfer_syntax_uid,
+        spool_path=spool_path,
+        sha256=content[0],
+        size_bytes=content[1],
+        header=inspected.header,
+        calling_ae_title=sender[0],
+        peer_address=sender[1],
+    )
 
 
 @dataclass(frozen=True)

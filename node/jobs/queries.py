@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, and_, func, or_, select, union
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from node.jobs.records import (
     DerivedView,
@@ -309,15 +309,17 @@ class JobQueries:
             .order_by(Job.finished_at, Job.id),
         )
 
-    def spool_paths_in_use(self) -> set[str]:
-        """Every spool path a row names: received instances, job inputs, derived instances."""
-        named = union(
-            select(Instance.spool_path),
-            select(JobInstance.spool_path),
-            select(DerivedInstance.spool_path),
-        )
+    def spool_paths_in_use(self, folder: str | None = None) -> set[str]:
+        """Every spool path a row names: received instances, job inputs, derived instances;
+        only those under ``folder`` (a relative folder such as ``incoming/20261207``) if given."""
+
+        def named(column: InstrumentedAttribute[str]) -> Select[Any]:
+            query = select(column)
+            return query if folder is None else query.where(column.like(f"{folder}/%"))
+
+        columns = (Instance.spool_path, JobInstance.spool_path, DerivedInstance.spool_path)
         with self._sessions() as session:
-            return set(session.scalars(named))
+            return set(session.scalars(union(*map(named, columns))))
 
     def unfinished_job_ids(self) -> set[int]:
         """Jobs whose folder of derived files may still grow."""
