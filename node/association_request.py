@@ -38,7 +38,7 @@ def request_association(
         if isinstance(event.pdu, A_ASSOCIATE_RJ):
             answers.append(event.pdu)
 
-    handlers = [*kwargs.pop("evt_handlers", []), (evt.EVT_PDU_RECV, keep_rejection)]
+    handlers = [*(kwargs.pop("evt_handlers", None) or []), (evt.EVT_PDU_RECV, keep_rejection)]
     assoc = ae.associate(host, port, evt_handlers=handlers, **kwargs)
     if assoc.is_established or not answers:
         return assoc, None

@@ -22,6 +22,8 @@ from node.jobs.states import DeliveryState
 PREFIX = "denoise_node"
 SLICE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NOISE_DROP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: Each kind of destination is checked its own way.
+DESTINATION_UP_HELP = "1 when the destination answers C-ECHO (DICOM) or a QIDO-RS query (DICOMweb)"
 
 
 def _gauge(name: str, text: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -139,11 +141,7 @@ class NodeCollector(Collector):
                 provider.add_metric([worker.name, worker.provider], 1.0)
         yield from (heartbeat, alive, provider)
 
-        reachable = _gauge(
-            "destination_up",
-            "1 when the destination answers C-ECHO (DICOM) or a QIDO-RS query (DICOMweb)",
-            ["destination"],
-        )
+        reachable = _gauge("destination_up", DESTINATION_UP_HELP, ["destination"])
         for check in self.destinations():
             reachable.add_metric([check.name], 1.0 if check.reachable else 0.0)
         yield reachable
