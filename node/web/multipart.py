@@ -6,6 +6,11 @@ to its own file in a folder on the spool's disk (so that an accepted part is ren
 the spool, not copied).  The body is bounded: past ``max_bytes`` or ``MAX_PARTS`` it is
 refused.  A body
 that breaks the multipart syntax, or ends before its closing boundary, is malformed.
+
+A part's file ends in ``PART_SUFFIX``, not the spool's ``.partial``: the receiver's
+start removes old ``.partial`` files, and a finished part of a long upload is old
+while it waits for the rest of its body.  The web role clears its folder at its own
+start (``remove_part_files``), when none of its requests can be running.
 """
 
 from __future__ import annotations
@@ -18,10 +23,9 @@ from typing import BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
-from node.spool import TMP_SUFFIX
-
 #: Parts per request: each is a file, so a body of tiny parts cannot make millions.
 MAX_PARTS = 10_000
+PART_SUFFIX = ".stow-part"
 
 
 class MalformedBody(ValueError):
@@ -30,6 +34,15 @@ class MalformedBody(ValueError):
 
 class BodyTooLarge(Exception):
     """The body is longer than the node accepts in one request."""
+
+
+def remove_part_files(folder: Path) -> int:
+    """Remove the part files a stopped web role left in ``folder``; how many there were."""
+    removed = 0
+    for path in folder.glob(f"*{PART_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @dataclass
@@ -98,7 +111,7 @@ class PartsToFiles:
         self._close_handle()
         if len(self.parts) >= MAX_PARTS:
             raise BodyTooLarge(f"the request has more than {MAX_PARTS} parts")
-        part = Part(self.folder / f"{uuid.uuid4().hex}{TMP_SUFFIX}")
+        part = Part(self.folder / f"{uuid.uuid4().hex}{PART_SUFFIX}")
         self.parts.append(part)
         try:
             self._handle = open(part.path, "xb")  # noqa: SIM115 - closed at the part's end

@@ -7,7 +7,7 @@ FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 40
 stored.  The body (``multipart/related; type="application/dicom"``) is streamed to files
 part by part (``node.web.multipart``, into ``<spool>/stow``), at most
 ``stow_max_request_mb``; a malformed body stores nothing (400).  What a crash leaves there
-(``*.partial``) goes at the receiver's next start or with housekeeping's orphans.
+goes at the web role's next start (one web role per spool) or with housekeeping's orphans.
 
 Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a bearer token
 (``node.web.auth``), from an address in ``allowed_addresses``.  A request with a foreign
@@ -34,7 +34,13 @@ from node.instance_checks import CANNOT_UNDERSTAND, Refused, valid_uid
 from node.listener import ListenerLimits
 from node.storing import HANDLER_FAILED, SPOOL_FULL, Accepted, Arrival
 from node.web.auth import Principal, client_address, same_origin
-from node.web.multipart import BodyTooLarge, MalformedBody, Part, PartsToFiles
+from node.web.multipart import (
+    BodyTooLarge,
+    MalformedBody,
+    Part,
+    PartsToFiles,
+    remove_part_files,
+)
 from node.web.state import WebState, web_state
 
 log = logging.getLogger(__name__)
@@ -50,8 +56,14 @@ AE_TITLE_LENGTH = 16
 
 
 def router(ctx: NodeContext) -> APIRouter:
-    """The STOW-RS routes of one node (its allow-list read once, as the listener does)."""
+    """The STOW-RS routes of one node (its allow-list read once, as the listener does).
+
+    Made once at the web role's start: the part files a stopped one left go now.
+    """
     limits = ListenerLimits.from_settings(ctx.settings)
+    folder = ctx.spool.root / STOW_FOLDER
+    if folder.is_dir() and (removed := remove_part_files(folder)):
+        log.info("removed %s STOW-RS part files a stopped web role left", removed)
     routes = APIRouter(include_in_schema=False)
 
     def storer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
