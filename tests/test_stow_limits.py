@@ -20,10 +20,12 @@ import pytest
 from devtools.node_process import NodeProcess
 from node.web.multipart import PART_SUFFIX
 from tests.test_stow_endpoint import (
+    BOUNDARY,
     DICOM_PARTS,
     PASSWORD,
     multipart,
     start_stow_node,
+    stow,
     uid_of,
 )
 
@@ -98,3 +100,29 @@ def test_a_receiver_start_leaves_the_parts_of_a_running_upload(
     assert answer.status == 200
     assert stored_uids(answer) == [uid_of(path) for path in phantom_series[:2]]
     assert not part_files(web)
+
+
+@SQLITE_ONLY
+def test_part_headers_longer_than_8_kib_are_a_malformed_body(
+    node_factory: Callable[..., NodeProcess], phantom_series: list[Path]
+) -> None:
+    """Each header line is short enough for python-multipart; together they are not."""
+    node = start_stow_node(node_factory)
+    padding = b"".join(b"X-Padding-%d: %s\r\n" % (n, b"a" * 3000) for n in range(3))
+    boundary = BOUNDARY.encode()
+    body = (
+        b"--"
+        + boundary
+        + b"\r\nContent-Type: application/dicom\r\n"
+        + padding
+        + b"\r\n"
+        + phantom_series[0].read_bytes()
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
+    answer = stow(node, body)
+    assert answer.status_code == 400
+    assert "headers are longer than 8192 bytes" in answer.text
+    assert node.queries.list_jobs() == []
+    assert not part_files(node)

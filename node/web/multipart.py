@@ -26,6 +26,9 @@ from python_multipart.multipart import MultipartParser
 #: Parts per request: each is a file, so a body of tiny parts cannot make millions.
 MAX_PARTS = 10_000
 PART_SUFFIX = ".stow-part"
+#: A part's header fields and values together: a DICOM part needs a Content-Type, and
+#: older python-multipart releases bound no header line, newer ones each to 4 KiB.
+MAX_PART_HEADER_BYTES = 8192
 
 
 class MalformedBody(ValueError):
@@ -68,12 +71,17 @@ class PartsToFiles:
         self._handle: BinaryIO | None = None
         self._field = bytearray()
         self._value = bytearray()
+        self._header_bytes = 0
         self._parser = MultipartParser(
             boundary,
             {
                 "on_part_begin": self._part_begin,
-                "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
-                "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+                "on_header_field": lambda data, start, end: self._header(
+                    self._field, data[start:end]
+                ),
+                "on_header_value": lambda data, start, end: self._header(
+                    self._value, data[start:end]
+                ),
                 "on_header_end": self._header_end,
                 "on_part_data": self._part_data,
                 "on_part_end": self._part_end,
@@ -109,6 +117,7 @@ class PartsToFiles:
 
     def _part_begin(self) -> None:
         self._close_handle()
+        self._header_bytes = 0
         if len(self.parts) >= MAX_PARTS:
             raise BodyTooLarge(f"the request has more than {MAX_PARTS} parts")
         part = Part(self.folder / f"{uuid.uuid4().hex}{PART_SUFFIX}")
@@ -117,6 +126,12 @@ class PartsToFiles:
             self._handle = open(part.path, "xb")  # noqa: SIM115 - closed at the part's end
         except OSError:
             part.write_failed = True
+
+    def _header(self, buffer: bytearray, data: bytes) -> None:
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise MalformedBody(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+        buffer.extend(data)
 
     def _header_end(self) -> None:
         if bytes(self._field).strip().lower() == b"content-type" and self.parts:
