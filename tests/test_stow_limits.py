@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,3 +127,73 @@ def test_part_headers_longer_than_8_kib_are_a_malformed_body(
     assert "headers are longer than 8192 bytes" in answer.text
     assert node.queries.list_jobs() == []
     assert not part_files(node)
+
+
+def watermark_below_free(tmp_path: Path, margin_mb: int) -> int:
+    """A spool_min_free_mb that leaves ``margin_mb`` above it on this test's disk now."""
+    return shutil.disk_usage(tmp_path).free // 2**20 - margin_mb
+
+
+@SQLITE_ONLY
+def test_a_body_declared_longer_than_the_room_is_refused_before_it_is_sent(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = start_stow_node(
+        node_factory,
+        spool_min_free_mb=watermark_below_free(tmp_path, 256),
+        stow_retry_after_seconds=42.5,
+    )
+    answer = open_upload(node, b"", 2**30).getresponse()  # the headers only, no body
+    assert answer.status == 503
+    assert answer.getheader("Retry-After") == "43"
+    assert "spool is full" in answer.read().decode()
+    assert "MiB watermark" in node.log_text()
+
+
+@SQLITE_ONLY
+def test_a_spool_that_fills_while_the_body_streams_stops_it_at_the_next_part(
+    node_factory: Callable[..., NodeProcess], phantom_series: list[Path], tmp_path: Path
+) -> None:
+    """The body fits when it starts; then the disk fills (another writer): the next part
+    is not written, and nothing of the request is stored."""
+    watermark_mb = watermark_below_free(tmp_path, 256)
+    node = start_stow_node(node_factory, spool_min_free_mb=watermark_mb)
+    first, second = (path.read_bytes() for path in phantom_series[:2])
+    body = multipart([first, second])
+    head = body[: len(first) // 2]
+    upload = open_upload(node, head, len(body))
+    wait_part_files(node, 1)
+    filler = tmp_path / "another-writer"
+    with open(filler, "wb") as handle:  # the disk's free space 64 MiB below the watermark
+        size = shutil.disk_usage(tmp_path).free - watermark_mb * 2**20 + 2**26
+        os.posix_fallocate(handle.fileno(), 0, size)
+    try:
+        answer = finish_upload(upload, body[len(head) :])
+    finally:
+        filler.unlink()
+    assert answer.status == 503
+    assert answer.getheader("Retry-After") == "60"
+    assert answer.getheader("Content-Type") == "application/json"  # not a STOW-RS answer
+    assert node.queries.list_jobs() == []
+    assert not part_files(node)
+    assert not list((node.state_dir / "spool").glob("**/*.dcm"))
+
+
+@SQLITE_ONLY
+def test_requests_past_stow_max_concurrent_requests_are_answered_503(
+    node_factory: Callable[..., NodeProcess], phantom_series: list[Path]
+) -> None:
+    node = start_stow_node(node_factory, stow_max_concurrent_requests=1)
+    single = multipart([phantom_series[0].read_bytes()])
+    held = open_upload(node, single[:1000], len(single))
+    wait_part_files(node, 1)
+    refused = stow(node, multipart([phantom_series[1].read_bytes()]))
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "60"
+    assert "as many requests as allowed are running" in node.log_text()
+
+    answer = finish_upload(held, single[1000:])
+    assert answer.status == 200
+    assert stored_uids(answer) == [uid_of(phantom_series[0])]
+    again = stow(node, multipart([phantom_series[1].read_bytes()]))
+    assert again.status_code == 200

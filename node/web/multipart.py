@@ -16,6 +16,7 @@ start (``remove_part_files``), when none of its requests can be running.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +30,8 @@ PART_SUFFIX = ".stow-part"
 #: A part's header fields and values together: a DICOM part needs a Content-Type, and
 #: older python-multipart releases bound no header line, newer ones each to 4 KiB.
 MAX_PART_HEADER_BYTES = 8192
+#: Within a long part, the room on the disk is checked again after this many bytes.
+ROOM_CHECK_BYTES = 64 * 2**20
 
 
 class MalformedBody(ValueError):
@@ -59,14 +62,26 @@ class Part:
 
 
 class PartsToFiles:
-    """Feed ``write`` the body's chunks, then ``finish``; ``close`` removes what is left."""
+    """Feed ``write`` the body's chunks, then ``finish``; ``close`` removes what is left.
 
-    def __init__(self, folder: Path, boundary: bytes, max_bytes: int) -> None:
+    ``room`` is called with the bytes received so far at each part's start and every
+    ``ROOM_CHECK_BYTES``; it raises (the spool's SpoolFull) to stop the body there.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        boundary: bytes,
+        max_bytes: int,
+        room: Callable[[int], None] | None = None,
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.max_bytes = max_bytes
         self.parts: list[Part] = []
+        self._room = room
         self._received = 0
+        self._room_checked_at = 0
         self._ended = False
         self._handle: BinaryIO | None = None
         self._field = bytearray()
@@ -94,6 +109,8 @@ class PartsToFiles:
         self._received += len(chunk)
         if self._received > self.max_bytes:
             raise BodyTooLarge(f"the request body is longer than {self.max_bytes} bytes")
+        if self._received - self._room_checked_at >= ROOM_CHECK_BYTES:
+            self._check_room()
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
@@ -120,12 +137,18 @@ class PartsToFiles:
         self._header_bytes = 0
         if len(self.parts) >= MAX_PARTS:
             raise BodyTooLarge(f"the request has more than {MAX_PARTS} parts")
+        self._check_room()
         part = Part(self.folder / f"{uuid.uuid4().hex}{PART_SUFFIX}")
         self.parts.append(part)
         try:
             self._handle = open(part.path, "xb")  # noqa: SIM115 - closed at the part's end
         except OSError:
             part.write_failed = True
+
+    def _check_room(self) -> None:
+        self._room_checked_at = self._received
+        if self._room is not None:
+            self._room(self._received)
 
     def _header(self, buffer: bytearray, data: bytes) -> None:
         self._header_bytes += len(data)

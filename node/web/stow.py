@@ -6,7 +6,10 @@ once ``node.storing`` has checked it, fsynced it and recorded it; every other pa
 FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 409: none
 stored.  The body (``multipart/related; type="application/dicom"``) is streamed to files
 part by part (``node.web.multipart``, into ``<spool>/stow``), at most
-``stow_max_request_mb``; a malformed body stores nothing (400).  What a crash leaves there
+``stow_max_request_mb``; a malformed body stores nothing (400).  The spool's watermark
+is checked before the body (for its declared length) and again as it streams (each part,
+each 64 MiB), and at most ``stow_max_concurrent_requests`` run at once: else 503 with
+Retry-After, before the disk fills.  What a crash leaves there
 goes at the web role's next start (one web role per spool) or with housekeeping's orphans.
 
 Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a bearer token
@@ -19,7 +22,10 @@ dependency reads its allow-list) and FastAPI must see their real annotations.
 
 import json
 import logging
+import math
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -32,6 +38,7 @@ from node import storing
 from node.context import NodeContext
 from node.instance_checks import CANNOT_UNDERSTAND, Refused, valid_uid
 from node.listener import ListenerLimits
+from node.spool import SpoolFull
 from node.storing import HANDLER_FAILED, SPOOL_FULL, Accepted, Arrival
 from node.web.auth import Principal, client_address, same_origin
 from node.web.multipart import (
@@ -61,6 +68,7 @@ def router(ctx: NodeContext) -> APIRouter:
     Made once at the web role's start: the part files a stopped one left go now.
     """
     limits = ListenerLimits.from_settings(ctx.settings)
+    admission = _Admission(ctx)
     folder = ctx.spool.root / STOW_FOLDER
     if folder.is_dir() and (removed := remove_part_files(folder)):
         log.info("removed %s STOW-RS part files a stopped web role left", removed)
@@ -89,7 +97,7 @@ def router(ctx: NodeContext) -> APIRouter:
     @routes.post("/dicomweb/studies")
     async def store(request: Request, principal: Annotated[Principal, Depends(storer)]) -> Response:
         """Store the posted instances, of any study."""
-        return await _stow(ctx, request, principal, None)
+        return await _stow(ctx, admission, request, principal, None)
 
     @routes.post("/dicomweb/studies/{study}")
     async def store_study(
@@ -98,7 +106,7 @@ def router(ctx: NodeContext) -> APIRouter:
         """Store the posted instances of ``study``; an instance of another fails (0xA900)."""
         if not valid_uid(study):
             raise HTTPException(400, "the study in the path is not a UID")
-        return await _stow(ctx, request, principal, study)
+        return await _stow(ctx, admission, request, principal, study)
 
     return routes
 
@@ -116,34 +124,6 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
-async def _stow(
-    ctx: NodeContext, request: Request, principal: Principal, study: str | None
-) -> Response:
-    boundary = _boundary(request)
-    max_bytes = ctx.settings.stow_max_request_mb * 2**20
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"the request is longer than {max_bytes} bytes")
-    parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes)
-    try:
-        async for chunk in request.stream():
-            await run_in_threadpool(parts.write, chunk)
-        received = await run_in_threadpool(parts.finish)
-        source = _Source(principal, client_address(request), study)
-        answer = await run_in_threadpool(_store_parts, ctx, received, source)
-    except MalformedBody as exc:
-        log.warning("STOW-RS from %s refused: %s", principal.actor, exc)
-        raise HTTPException(400, str(exc)) from exc
-    except BodyTooLarge as exc:
-        raise HTTPException(413, str(exc)) from exc
-    except ClientDisconnect:
-        log.warning("STOW-RS from %s: the client left before the body ended", principal.actor)
-        return Response(status_code=400)  # nobody reads it; nothing was stored
-    finally:
-        await run_in_threadpool(parts.close)
-    return answer
-
-
 @dataclass(frozen=True)
 class _Source:
     """Who posted the parts, from where, for which study (None: any)."""
@@ -156,6 +136,88 @@ class _Source:
         """A part as the shared checks take it; the account's name is its calling AE."""
         calling_ae = self.principal.name[:AE_TITLE_LENGTH]
         return Arrival(part.path, calling_ae, self.address, study=self.study)
+
+
+class _Admission:
+    """How many STOW-RS requests run at once, and whether the spool has room for one."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.spool = ctx.spool
+        self.slots = threading.BoundedSemaphore(ctx.settings.stow_max_concurrent_requests)
+        self.retry_after = str(math.ceil(ctx.settings.stow_retry_after_seconds))
+
+    def unavailable(self, reason: str) -> HTTPException:
+        """503 with Retry-After: the client sends the request again later."""
+        return HTTPException(503, reason, headers={"Retry-After": self.retry_after})
+
+    def room(self, declared: int | None) -> Callable[[int], None]:
+        """The check ``PartsToFiles`` makes as the body streams: the rest of the declared
+        body (none when undeclared) must fit above the watermark; raises SpoolFull."""
+
+        def check(received: int) -> None:
+            self.spool.check_room(max((declared or 0) - received, 0))
+
+        return check
+
+
+def _declared_length(request: Request, max_bytes: int) -> int | None:
+    """The body's Content-Length, if it has one; 413 past ``max_bytes``."""
+    declared = request.headers.get("content-length", "")
+    if not (declared.isascii() and declared.isdigit()):
+        return None
+    if int(declared) > max_bytes:
+        raise HTTPException(413, f"the request is longer than {max_bytes} bytes")
+    return int(declared)
+
+
+async def _stow(
+    ctx: NodeContext,
+    admission: _Admission,
+    request: Request,
+    principal: Principal,
+    study: str | None,
+) -> Response:
+    """Admit the request (a slot, room for its body), then receive and store it."""
+    boundary = _boundary(request)
+    max_bytes = ctx.settings.stow_max_request_mb * 2**20
+    room = admission.room(_declared_length(request, max_bytes))
+    actor = principal.actor
+    if not admission.slots.acquire(blocking=False):
+        log.warning("STOW-RS from %s refused: as many requests as allowed are running", actor)
+        raise admission.unavailable("too many STOW-RS requests at once, try again later")
+    try:
+        room(0)
+        parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes, room)
+        source = _Source(principal, client_address(request), study)
+        return await _receive(ctx, request, parts, source)
+    except SpoolFull as exc:
+        log.warning("STOW-RS from %s refused: %s", actor, exc)
+        raise admission.unavailable("node spool is full, try again later") from exc
+    finally:
+        admission.slots.release()
+
+
+async def _receive(
+    ctx: NodeContext, request: Request, parts: PartsToFiles, source: _Source
+) -> Response:
+    """Stream the body into part files, then store each; the files left go at the end."""
+    actor = source.principal.actor
+    try:
+        async for chunk in request.stream():
+            await run_in_threadpool(parts.write, chunk)
+        received = await run_in_threadpool(parts.finish)
+        answer = await run_in_threadpool(_store_parts, ctx, received, source)
+    except MalformedBody as exc:
+        log.warning("STOW-RS from %s refused: %s", actor, exc)
+        raise HTTPException(400, str(exc)) from exc
+    except BodyTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    except ClientDisconnect:
+        log.warning("STOW-RS from %s: the client left before the body ended", actor)
+        return Response(status_code=400)  # nobody reads it; nothing was stored
+    finally:
+        await run_in_threadpool(parts.close)
+    return answer
 
 
 def _store_parts(ctx: NodeContext, parts: list[Part], source: _Source) -> Response:
