@@ -24,13 +24,16 @@ from tests.test_stow_endpoint import (
     BOUNDARY,
     DICOM_PARTS,
     PASSWORD,
+    failures,
     multipart,
+    referenced,
     start_stow_node,
     stow,
     uid_of,
 )
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+SPOOL_WRITE_FAILED = 0xA701
 
 
 def open_upload(node: NodeProcess, head: bytes, length: int) -> http.client.HTTPConnection:
@@ -197,3 +200,26 @@ def test_requests_past_stow_max_concurrent_requests_are_answered_503(
     assert stored_uids(answer) == [uid_of(phantom_series[0])]
     again = stow(node, multipart([phantom_series[1].read_bytes()]))
     assert again.status_code == 200
+
+
+@SQLITE_ONLY
+def test_none_stored_for_lack_of_resources_is_503_not_409(
+    node_factory: Callable[..., NodeProcess], phantom_series: list[Path]
+) -> None:
+    """A701 (the spool cannot be written) for every part passes: 503, the client retries;
+    a refused content stays 409 (test_stow_endpoint)."""
+    node = start_stow_node(node_factory, roles="web")
+    incoming = node.state_dir / "spool" / "incoming"
+    if incoming.is_dir():
+        incoming.rmdir()
+    incoming.write_bytes(b"")  # a file where the spool's folder must be: writes fail
+    body = multipart([path.read_bytes() for path in phantom_series[:2]])
+    answer = stow(node, body)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "60"
+    assert failures(answer) == [(uid_of(path), SPOOL_WRITE_FAILED) for path in phantom_series[:2]]
+
+    incoming.unlink()
+    again = stow(node, body)
+    assert again.status_code == 200
+    assert referenced(again) == [uid_of(path) for path in phantom_series[:2]]

@@ -4,7 +4,7 @@ The web role's door for instances, beside the C-STORE receiver and into the same
 and job table under the same rule: an instance is listed in ReferencedSOPSequence only
 once ``node.storing`` has checked it, fsynced it and recorded it; every other part is in
 FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 409: none
-stored.  The body (``multipart/related; type="application/dicom"``) is streamed to files
+stored (503 with Retry-After when every failure is out of resources, A7xx).  The body (``multipart/related; type="application/dicom"``) is streamed to files
 part by part (``node.web.multipart``, into ``<spool>/stow``), at most
 ``stow_max_request_mb``; a malformed body stores nothing (400).  The spool's watermark
 is checked before the body (for its declared length) and again as it streams (each part,
@@ -57,6 +57,8 @@ STOW_FOLDER = "stow"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 MAX_BOUNDARY = 200
+#: Statuses A700..A7FF (the high byte): out of resources, a state that passes.
+OUT_OF_RESOURCES = 0xA700
 #: What an instance that came by STOW-RS records as its calling AE title: the account's
 #: name, cut to an AE title's 16 characters (rules may select on it).
 AE_TITLE_LENGTH = 16
@@ -189,7 +191,7 @@ async def _stow(
         room(0)
         parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes, room)
         source = _Source(principal, client_address(request), study)
-        return await _receive(ctx, request, parts, source)
+        return await _receive(ctx, request, parts, source, admission.retry_after)
     except SpoolFull as exc:
         log.warning("STOW-RS from %s refused: %s", actor, exc)
         raise admission.unavailable("node spool is full, try again later") from exc
@@ -198,7 +200,7 @@ async def _stow(
 
 
 async def _receive(
-    ctx: NodeContext, request: Request, parts: PartsToFiles, source: _Source
+    ctx: NodeContext, request: Request, parts: PartsToFiles, source: _Source, retry_after: str
 ) -> Response:
     """Stream the body into part files, then store each; the files left go at the end."""
     actor = source.principal.actor
@@ -206,7 +208,7 @@ async def _receive(
         async for chunk in request.stream():
             await run_in_threadpool(parts.write, chunk)
         received = await run_in_threadpool(parts.finish)
-        answer = await run_in_threadpool(_store_parts, ctx, received, source)
+        answer = await run_in_threadpool(_store_parts, ctx, received, source, retry_after)
     except MalformedBody as exc:
         log.warning("STOW-RS from %s refused: %s", actor, exc)
         raise HTTPException(400, str(exc)) from exc
@@ -220,17 +222,25 @@ async def _receive(
     return answer
 
 
-def _store_parts(ctx: NodeContext, parts: list[Part], source: _Source) -> Response:
-    """Accept each part in turn; the DICOM JSON answer and its HTTP status."""
+def _store_parts(
+    ctx: NodeContext, parts: list[Part], source: _Source, retry_after: str
+) -> Response:
+    """Accept each part in turn; the DICOM JSON answer and its HTTP status.
+
+    None stored: 503 with Retry-After when every failure is out of resources (A7xx: the
+    spool or the job table, which pass), else 409 (the content is refused).
+    """
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     tally: Counter[str] = Counter()
+    transient = True
     for part in parts:
         try:
             accepted = _store_part(ctx, part, source.arrival(part))
         except Refused as refused:
             failed.append(_sop_item(refused.uids, refused.status))
             tally[f"refused 0x{refused.status:04X}"] += 1
+            transient = transient and refused.status & 0xFF00 == OUT_OF_RESOURCES
         else:
             referenced.append(_sop_item((accepted.sop_class_uid, accepted.sop_instance_uid)))
             tally[accepted.outcome] += 1
@@ -247,8 +257,11 @@ def _store_parts(ctx: NodeContext, parts: list[Part], source: _Source) -> Respon
         body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
     if referenced:
         body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": referenced}
-    status = 200 if not failed else 202 if referenced else 409
     content = json.dumps(body, separators=(",", ":")).encode()
+    if failed and not referenced and transient:
+        headers = {"Retry-After": retry_after}
+        return Response(content, status_code=503, headers=headers, media_type=DICOM_JSON)
+    status = 200 if not failed else 202 if referenced else 409
     return Response(content, status_code=status, media_type=DICOM_JSON)
 
 
