@@ -4,13 +4,14 @@ The web role's door for instances, beside the C-STORE receiver and into the same
 and job table under the same rule: an instance is listed in ReferencedSOPSequence only
 once ``node.storing`` has checked it, fsynced it and recorded it; every other part is in
 FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 409: none
-stored (503 with Retry-After when every failure is out of resources, A7xx).  The body (``multipart/related; type="application/dicom"``) is streamed to files
-part by part (``node.web.multipart``, into ``<spool>/stow``), at most
-``stow_max_request_mb``; a malformed body stores nothing (400).  The spool's watermark
-is checked before the body (for its declared length) and again as it streams (each part,
-each 64 MiB), and at most ``stow_max_concurrent_requests`` run at once: else 503 with
-Retry-After, before the disk fills.  What a crash leaves there
-goes at the web role's next start (one web role per spool) or with housekeeping's orphans.
+stored (503 with Retry-After when every failure is out of resources, A7xx).  The body
+(``multipart/related; type="application/dicom"``) is streamed to files part by part
+(``node.web.multipart``, into ``<spool>/stow``), at most ``stow_max_request_mb``; a
+malformed body stores nothing (400).  The spool's watermark is checked before the body
+(for its declared length) and again as it streams (each part, each 64 MiB), and at most
+``stow_max_concurrent_requests`` run at once: else 503 with Retry-After, before the disk
+fills.  What a crash leaves there goes at the web role's next start (one web role per
+spool) or with housekeeping's orphans.
 
 Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a bearer token
 (``node.web.auth``), from an address in ``allowed_addresses``.  A request with a foreign
