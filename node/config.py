@@ -323,6 +323,10 @@ class Settings(BaseSettings):
     # STOW-RS (POST /dicomweb/studies): a larger request body is refused with 413; the
     # body is spooled to disk part by part, never held in memory whole.
     stow_max_request_mb: int = Field(2048, ge=1)
+    # More requests at once, or a spool below its watermark (checked before the body and
+    # at each part as it streams), are answered 503 with this Retry-After.
+    stow_max_concurrent_requests: int = Field(4, ge=1)
+    stow_retry_after_seconds: float = Field(60.0, gt=0.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
 

@@ -153,7 +153,8 @@ class Spool:
         """Delete temporary files a crash left behind; they were never acknowledged.
 
         Only files untouched for ``older_than`` seconds: another process (a worker
-        sharing the spool) may be writing a fresh one right now.
+        sharing the spool) may be writing a fresh one right now.  STOW-RS part files
+        have a suffix of their own: the web role, not this, clears them.
         """
         cutoff = time.time() - older_than
         removed = 0

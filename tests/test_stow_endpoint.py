@@ -165,13 +165,13 @@ def test_each_bad_part_fails_on_its_own(
     assert failures(other_study) == [(uid_of(phantom_series[0]), DATASET_MISMATCH)]
 
 
-def test_below_the_disk_watermark_every_part_fails_out_of_resources(
+def test_below_the_disk_watermark_the_request_is_refused_before_its_body(
     node_factory, phantom_series: list[Path]
 ) -> None:
     node = start_stow_node(node_factory, spool_min_free_mb=10**9)
     answer = stow(node, multipart([path.read_bytes() for path in phantom_series[:3]]))
-    assert answer.status_code == 409, answer.text
-    assert failures(answer) == [(uid_of(path), SPOOL_FULL) for path in phantom_series[:3]]
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "60"
     assert node.queries.list_jobs() == []
     assert not list((node.state_dir / "spool").glob("**/*.dcm"))
 

@@ -6,11 +6,17 @@ to its own file in a folder on the spool's disk (so that an accepted part is ren
 the spool, not copied).  The body is bounded: past ``max_bytes`` or ``MAX_PARTS`` it is
 refused.  A body
 that breaks the multipart syntax, or ends before its closing boundary, is malformed.
+
+A part's file ends in ``PART_SUFFIX``, not the spool's ``.partial``: the receiver's
+start removes old ``.partial`` files, and a finished part of a long upload is old
+while it waits for the rest of its body.  The web role clears its folder at its own
+start (``remove_part_files``), when none of its requests can be running.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -18,10 +24,14 @@ from typing import BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
-from node.spool import TMP_SUFFIX
-
 #: Parts per request: each is a file, so a body of tiny parts cannot make millions.
 MAX_PARTS = 10_000
+PART_SUFFIX = ".stow-part"
+#: A part's header fields and values together: a DICOM part needs a Content-Type, and
+#: older python-multipart releases bound no header line, newer ones each to 4 KiB.
+MAX_PART_HEADER_BYTES = 8192
+#: Within a long part, the room on the disk is checked again after this many bytes.
+ROOM_CHECK_BYTES = 64 * 2**20
 
 
 class MalformedBody(ValueError):
@@ -30,6 +40,15 @@ class MalformedBody(ValueError):
 
 class BodyTooLarge(Exception):
     """The body is longer than the node accepts in one request."""
+
+
+def remove_part_files(folder: Path) -> int:
+    """Remove the part files a stopped web role left in ``folder``; how many there were."""
+    removed = 0
+    for path in folder.glob(f"*{PART_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @dataclass
@@ -43,24 +62,41 @@ class Part:
 
 
 class PartsToFiles:
-    """Feed ``write`` the body's chunks, then ``finish``; ``close`` removes what is left."""
+    """Feed ``write`` the body's chunks, then ``finish``; ``close`` removes what is left.
 
-    def __init__(self, folder: Path, boundary: bytes, max_bytes: int) -> None:
+    ``room`` is called with the bytes received so far at each part's start and every
+    ``ROOM_CHECK_BYTES``; it raises (the spool's SpoolFull) to stop the body there.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        boundary: bytes,
+        max_bytes: int,
+        room: Callable[[int], None] | None = None,
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.max_bytes = max_bytes
         self.parts: list[Part] = []
+        self._room = room
         self._received = 0
+        self._room_checked_at = 0
         self._ended = False
         self._handle: BinaryIO | None = None
         self._field = bytearray()
         self._value = bytearray()
+        self._header_bytes = 0
         self._parser = MultipartParser(
             boundary,
             {
                 "on_part_begin": self._part_begin,
-                "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
-                "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+                "on_header_field": lambda data, start, end: self._header(
+                    self._field, data[start:end]
+                ),
+                "on_header_value": lambda data, start, end: self._header(
+                    self._value, data[start:end]
+                ),
                 "on_header_end": self._header_end,
                 "on_part_data": self._part_data,
                 "on_part_end": self._part_end,
@@ -73,6 +109,8 @@ class PartsToFiles:
         self._received += len(chunk)
         if self._received > self.max_bytes:
             raise BodyTooLarge(f"the request body is longer than {self.max_bytes} bytes")
+        if self._received - self._room_checked_at >= ROOM_CHECK_BYTES:
+            self._check_room()
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
@@ -96,14 +134,27 @@ class PartsToFiles:
 
     def _part_begin(self) -> None:
         self._close_handle()
+        self._header_bytes = 0
         if len(self.parts) >= MAX_PARTS:
             raise BodyTooLarge(f"the request has more than {MAX_PARTS} parts")
-        part = Part(self.folder / f"{uuid.uuid4().hex}{TMP_SUFFIX}")
+        self._check_room()
+        part = Part(self.folder / f"{uuid.uuid4().hex}{PART_SUFFIX}")
         self.parts.append(part)
         try:
             self._handle = open(part.path, "xb")  # noqa: SIM115 - closed at the part's end
         except OSError:
             part.write_failed = True
+
+    def _check_room(self) -> None:
+        self._room_checked_at = self._received
+        if self._room is not None:
+            self._room(self._received)
+
+    def _header(self, buffer: bytearray, data: bytes) -> None:
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise MalformedBody(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+        buffer.extend(data)
 
     def _header_end(self) -> None:
         if bytes(self._field).strip().lower() == b"content-type" and self.parts:

@@ -4,10 +4,14 @@ The web role's door for instances, beside the C-STORE receiver and into the same
 and job table under the same rule: an instance is listed in ReferencedSOPSequence only
 once ``node.storing`` has checked it, fsynced it and recorded it; every other part is in
 FailedSOPSequence with its FailureReason.  200: all stored, 202: some failed, 409: none
-stored.  The body (``multipart/related; type="application/dicom"``) is streamed to files
-part by part (``node.web.multipart``, into ``<spool>/stow``), at most
-``stow_max_request_mb``; a malformed body stores nothing (400).  What a crash leaves there
-(``*.partial``) goes at the receiver's next start or with housekeeping's orphans.
+stored (503 with Retry-After when every failure is out of resources, A7xx).  The body
+(``multipart/related; type="application/dicom"``) is streamed to files part by part
+(``node.web.multipart``, into ``<spool>/stow``), at most ``stow_max_request_mb``; a
+malformed body stores nothing (400).  The spool's watermark is checked before the body
+(for its declared length) and again as it streams (each part, each 64 MiB), and at most
+``stow_max_concurrent_requests`` run at once: else 503 with Retry-After, before the disk
+fills.  What a crash leaves there goes at the web role's next start (one web role per
+spool) or with housekeeping's orphans.
 
 Who may store: the ``admin`` and ``store`` roles, by HTTP Basic or a bearer token
 (``node.web.auth``), from an address in ``allowed_addresses``.  A request with a foreign
@@ -19,7 +23,10 @@ dependency reads its allow-list) and FastAPI must see their real annotations.
 
 import json
 import logging
+import math
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -32,9 +39,16 @@ from node import storing
 from node.context import NodeContext
 from node.instance_checks import CANNOT_UNDERSTAND, Refused, valid_uid
 from node.listener import ListenerLimits
+from node.spool import SpoolFull
 from node.storing import HANDLER_FAILED, SPOOL_FULL, Accepted, Arrival
 from node.web.auth import Principal, client_address, same_origin
-from node.web.multipart import BodyTooLarge, MalformedBody, Part, PartsToFiles
+from node.web.multipart import (
+    BodyTooLarge,
+    MalformedBody,
+    Part,
+    PartsToFiles,
+    remove_part_files,
+)
 from node.web.state import WebState, web_state
 
 log = logging.getLogger(__name__)
@@ -44,14 +58,23 @@ STOW_FOLDER = "stow"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 MAX_BOUNDARY = 200
+#: Statuses A700..A7FF (the high byte): out of resources, a state that passes.
+OUT_OF_RESOURCES = 0xA700
 #: What an instance that came by STOW-RS records as its calling AE title: the account's
 #: name, cut to an AE title's 16 characters (rules may select on it).
 AE_TITLE_LENGTH = 16
 
 
 def router(ctx: NodeContext) -> APIRouter:
-    """The STOW-RS routes of one node (its allow-list read once, as the listener does)."""
+    """The STOW-RS routes of one node (its allow-list read once, as the listener does).
+
+    Made once at the web role's start: the part files a stopped one left go now.
+    """
     limits = ListenerLimits.from_settings(ctx.settings)
+    admission = _Admission(ctx)
+    folder = ctx.spool.root / STOW_FOLDER
+    if folder.is_dir() and (removed := remove_part_files(folder)):
+        log.info("removed %s STOW-RS part files a stopped web role left", removed)
     routes = APIRouter(include_in_schema=False)
 
     def storer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
@@ -77,7 +100,7 @@ def router(ctx: NodeContext) -> APIRouter:
     @routes.post("/dicomweb/studies")
     async def store(request: Request, principal: Annotated[Principal, Depends(storer)]) -> Response:
         """Store the posted instances, of any study."""
-        return await _stow(ctx, request, principal, None)
+        return await _stow(ctx, admission, request, principal, None)
 
     @routes.post("/dicomweb/studies/{study}")
     async def store_study(
@@ -86,7 +109,7 @@ def router(ctx: NodeContext) -> APIRouter:
         """Store the posted instances of ``study``; an instance of another fails (0xA900)."""
         if not valid_uid(study):
             raise HTTPException(400, "the study in the path is not a UID")
-        return await _stow(ctx, request, principal, study)
+        return await _stow(ctx, admission, request, principal, study)
 
     return routes
 
@@ -104,34 +127,6 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
-async def _stow(
-    ctx: NodeContext, request: Request, principal: Principal, study: str | None
-) -> Response:
-    boundary = _boundary(request)
-    max_bytes = ctx.settings.stow_max_request_mb * 2**20
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"the request is longer than {max_bytes} bytes")
-    parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes)
-    try:
-        async for chunk in request.stream():
-            await run_in_threadpool(parts.write, chunk)
-        received = await run_in_threadpool(parts.finish)
-        source = _Source(principal, client_address(request), study)
-        answer = await run_in_threadpool(_store_parts, ctx, received, source)
-    except MalformedBody as exc:
-        log.warning("STOW-RS from %s refused: %s", principal.actor, exc)
-        raise HTTPException(400, str(exc)) from exc
-    except BodyTooLarge as exc:
-        raise HTTPException(413, str(exc)) from exc
-    except ClientDisconnect:
-        log.warning("STOW-RS from %s: the client left before the body ended", principal.actor)
-        return Response(status_code=400)  # nobody reads it; nothing was stored
-    finally:
-        await run_in_threadpool(parts.close)
-    return answer
-
-
 @dataclass(frozen=True)
 class _Source:
     """Who posted the parts, from where, for which study (None: any)."""
@@ -146,17 +141,107 @@ class _Source:
         return Arrival(part.path, calling_ae, self.address, study=self.study)
 
 
-def _store_parts(ctx: NodeContext, parts: list[Part], source: _Source) -> Response:
-    """Accept each part in turn; the DICOM JSON answer and its HTTP status."""
+class _Admission:
+    """How many STOW-RS requests run at once, and whether the spool has room for one."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.spool = ctx.spool
+        self.slots = threading.BoundedSemaphore(ctx.settings.stow_max_concurrent_requests)
+        self.retry_after = str(math.ceil(ctx.settings.stow_retry_after_seconds))
+
+    def unavailable(self, reason: str) -> HTTPException:
+        """503 with Retry-After: the client sends the request again later."""
+        return HTTPException(503, reason, headers={"Retry-After": self.retry_after})
+
+    def room(self, declared: int | None) -> Callable[[int], None]:
+        """The check ``PartsToFiles`` makes as the body streams: the rest of the declared
+        body (none when undeclared) must fit above the watermark; raises SpoolFull."""
+
+        def check(received: int) -> None:
+            self.spool.check_room(max((declared or 0) - received, 0))
+
+        return check
+
+
+def _declared_length(request: Request, max_bytes: int) -> int | None:
+    """The body's Content-Length, if it has one; 413 past ``max_bytes``."""
+    declared = request.headers.get("content-length", "")
+    if not (declared.isascii() and declared.isdigit()):
+        return None
+    if int(declared) > max_bytes:
+        raise HTTPException(413, f"the request is longer than {max_bytes} bytes")
+    return int(declared)
+
+
+async def _stow(
+    ctx: NodeContext,
+    admission: _Admission,
+    request: Request,
+    principal: Principal,
+    study: str | None,
+) -> Response:
+    """Admit the request (a slot, room for its body), then receive and store it."""
+    boundary = _boundary(request)
+    max_bytes = ctx.settings.stow_max_request_mb * 2**20
+    room = admission.room(_declared_length(request, max_bytes))
+    actor = principal.actor
+    if not admission.slots.acquire(blocking=False):
+        log.warning("STOW-RS from %s refused: as many requests as allowed are running", actor)
+        raise admission.unavailable("too many STOW-RS requests at once, try again later")
+    try:
+        room(0)
+        parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes, room)
+        source = _Source(principal, client_address(request), study)
+        return await _receive(ctx, request, parts, source, admission.retry_after)
+    except SpoolFull as exc:
+        log.warning("STOW-RS from %s refused: %s", actor, exc)
+        raise admission.unavailable("node spool is full, try again later") from exc
+    finally:
+        admission.slots.release()
+
+
+async def _receive(
+    ctx: NodeContext, request: Request, parts: PartsToFiles, source: _Source, retry_after: str
+) -> Response:
+    """Stream the body into part files, then store each; the files left go at the end."""
+    actor = source.principal.actor
+    try:
+        async for chunk in request.stream():
+            await run_in_threadpool(parts.write, chunk)
+        received = await run_in_threadpool(parts.finish)
+        answer = await run_in_threadpool(_store_parts, ctx, received, source, retry_after)
+    except MalformedBody as exc:
+        log.warning("STOW-RS from %s refused: %s", actor, exc)
+        raise HTTPException(400, str(exc)) from exc
+    except BodyTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    except ClientDisconnect:
+        log.warning("STOW-RS from %s: the client left before the body ended", actor)
+        return Response(status_code=400)  # nobody reads it; nothing was stored
+    finally:
+        await run_in_threadpool(parts.close)
+    return answer
+
+
+def _store_parts(
+    ctx: NodeContext, parts: list[Part], source: _Source, retry_after: str
+) -> Response:
+    """Accept each part in turn; the DICOM JSON answer and its HTTP status.
+
+    None stored: 503 with Retry-After when every failure is out of resources (A7xx: the
+    spool or the job table, which pass), else 409 (the content is refused).
+    """
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     tally: Counter[str] = Counter()
+    transient = True
     for part in parts:
         try:
             accepted = _store_part(ctx, part, source.arrival(part))
         except Refused as refused:
             failed.append(_sop_item(refused.uids, refused.status))
             tally[f"refused 0x{refused.status:04X}"] += 1
+            transient = transient and refused.status & 0xFF00 == OUT_OF_RESOURCES
         else:
             referenced.append(_sop_item((accepted.sop_class_uid, accepted.sop_instance_uid)))
             tally[accepted.outcome] += 1
@@ -173,8 +258,11 @@ def _store_parts(ctx: NodeContext, parts: list[Part], source: _Source) -> Respon
         body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
     if referenced:
         body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": referenced}
-    status = 200 if not failed else 202 if referenced else 409
     content = json.dumps(body, separators=(",", ":")).encode()
+    if failed and not referenced and transient:
+        headers = {"Retry-After": retry_after}
+        return Response(content, status_code=503, headers=headers, media_type=DICOM_JSON)
+    status = 200 if not failed else 202 if referenced else 409
     return Response(content, status_code=status, media_type=DICOM_JSON)
 
 
