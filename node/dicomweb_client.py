@@ -82,15 +82,16 @@ def batches(parts: Iterable[Part], max_count: int, max_bytes: int) -> Iterator[l
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """An HTTP Retry-After (seconds or an HTTP date) as seconds from now; None if absent."""
+    """An HTTP Retry-After (seconds or an HTTP date) as seconds from now; None if absent
+    or unreadable.  However large, the sender caps it (``Sender._retry_delay``)."""
     if not value or not value.strip():
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit() alone takes "²", float() does not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -199,13 +199,18 @@ class Sender:
 
     def _retry_delay(self, job: JobView, errors: list[DeliveryError]) -> float:
         """Exponential backoff; where every failure came with a Retry-After, exactly that
-        wish (at least ``send_retry_seconds``), and never sooner than any wish."""
+        wish (at least ``send_retry_seconds``), and never sooner than any wish.
+
+        A wish counts up to the give-up window: waiting longer cannot help (the
+        destination fails at the next try), and a server's absurd Retry-After must not
+        park the job for centuries."""
         previous = self.queries.consecutive_postponements(job.id)
         backoff: float = min(
             self.settings.send_retry_seconds * 2.0 ** min(previous, 30),
             self.settings.send_retry_max_seconds,
         )
-        wishes = [exc.retry_after for exc in errors if exc.retry_after is not None]
+        limit = self.settings.send_give_up_hours * 3600
+        wishes = [min(exc.retry_after, limit) for exc in errors if exc.retry_after is not None]
         if wishes and len(wishes) == len(errors):
             return max([self.settings.send_retry_seconds, *wishes])
         return max([backoff, *wishes])

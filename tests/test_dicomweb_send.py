@@ -517,6 +517,37 @@ def test_busy_answers_honour_retry_after(
 
 
 @pytest.mark.parametrize(
+    ("retry_after", "postponed"),
+    [
+        ("100000000000000", 3600.0),  # 1e14 s: past any date, capped at send_give_up_hours
+        ("10000000000", 3600.0),  # 1e10 s (three centuries): capped the same
+        ("\u00b2", 0.05),  # a digit, but not ASCII: no usable wish, the backoff
+    ],
+)
+def test_an_absurd_retry_after_neither_stops_the_sender_nor_parks_the_job(
+    fake_dicomweb: FakeDicomWeb,
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    retry_after: str,
+    postponed: float,
+) -> None:
+    fake_dicomweb.answers = [lambda uids: (503, {"Retry-After": retry_after}, None)]
+    ctx = make_context(
+        fake_dicomweb.destination(),
+        send_retry_seconds=0.05,
+        send_retry_max_seconds=0.05,
+        send_give_up_hours=1.0,
+    )
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["cloud"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.SENDING and "HTTP 503" in job.last_error
+    assert postponed_for(ctx, job_id) == pytest.approx(postponed, abs=0.01)
+
+
+@pytest.mark.parametrize(
     ("answer", "in_error"),
     [
         (lambda uids: (500, {}, None), "HTTP 500"),
@@ -611,6 +642,9 @@ def test_retry_after_takes_seconds_or_an_http_date() -> None:
     assert retry_after_seconds(http_date_in(-60)) == 0.0
     assert retry_after_seconds(None) is None
     assert retry_after_seconds("soon") is None
+    assert retry_after_seconds("\u00b2") is None  # isdigit() says yes, float() no
+    assert retry_after_seconds("\u0661\u0662") is None  # Arabic-Indic 12: not HTTP
+    assert retry_after_seconds("Mon, 01 Jan 99999 00:00:00 GMT") is None
 
 
 def test_an_answer_counts_only_the_instances_that_were_sent() -> None:
