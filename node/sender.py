@@ -351,6 +351,12 @@ class Sender:
             path = self._spool_file(name, item)
             try:
                 status = assoc.send_c_store(_payload(path, assoc))
+            except RuntimeError as exc:  # pynetdicom's answer once the peer has aborted
+                if assoc.is_established:
+                    raise
+                raise DeliveryError(
+                    name, f"association aborted before the C-STORE of {uid}", Failure.TRANSIENT
+                ) from exc
             except (ValueError, AttributeError, InvalidDicomError) as exc:
                 raise DeliveryError(
                     name, f"cannot send derived instance {uid}: {exc}", Failure.BROKEN
