@@ -42,6 +42,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.association_request import request_association
 from node.commitment import STORAGE_COMMITMENT, Committer
@@ -109,7 +110,7 @@ class Sender:
                 if state.state != DeliveryState.PENDING:
                     continue
                 try:
-                    sent += self._deliver(job, state.destination)
+                    sent += self._deliver_guarded(job, state.destination)
                     self.manager.acknowledge_destination(job.id, self.ctx.name, state.destination)
                 except DeliveryError as exc:
                     self._record_failure(job, exc)
@@ -216,6 +217,27 @@ class Sender:
         return max([backoff, *wishes])
 
     # -- one destination -----------------------------------------------------------------
+
+    def _deliver_guarded(self, job: JobView, name: str) -> int:
+        """``_deliver``, where an exception no one foresaw (a fault, an odd answer) is a
+        transient failure logged with its traceback: it never stops the send role, which
+        would claim the same job again after a restart and stop again."""
+        try:
+            return self._deliver(job, name)
+        except (DeliveryError, Stopping, LostClaim, SQLAlchemyError):
+            raise  # each has its own handling: the job table's outage is the service's
+        except Exception as exc:
+            kind = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+            log.error(
+                "job %s: unexpected %s while sending to %s; tried again after the backoff",
+                job.id,
+                kind,
+                name,
+                exc_info=True,
+                extra={"job_id": job.id, "destination": name, "outcome": "unexpected error"},
+            )
+            message = f"unexpected {kind} while sending (a fault: the node log has its traceback)"
+            raise DeliveryError(name, message, Failure.TRANSIENT) from exc
 
     def _deliver(self, job: JobView, name: str) -> int:
         """Send what ``name`` has not acknowledged over one association; returns the count."""

@@ -4,9 +4,11 @@ answer with chosen statuses.  Every test runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -420,6 +422,34 @@ def test_a_peer_abort_between_two_instances_is_tried_again_not_fatal(
     assert sender.run_once()
     assert ctx.queries.get_job(job_id).state == JobState.DONE
     assert scp.received == uids  # the rest once, on a new association
+
+
+def test_an_unforeseen_error_in_one_destination_is_transient_and_logged_with_its_traceback(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A derived file cut inside its file meta makes pynetdicom raise struct.error, which
+    no one foresaw: the send role goes on, the job is tried again after the backoff."""
+    scp = status_scp(0x0000)
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+    third = ctx.spool.path(ctx.queries.derived_instances(job_id)[2].spool_path)
+    # preamble and DICM (132), (0002,0000) UL (12), then (0002,0001)'s header cut short
+    third.write_bytes(third.read_bytes()[:152])
+
+    with caplog.at_level(logging.ERROR, logger="node.sender"):
+        assert Sender(ctx).run_once()
+
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.SENDING
+    assert "unexpected struct.error while sending" in job.last_error
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
+    assert ctx.queries.delivery_counts(job_id) == {"scp": 2} and scp.received == uids[:2]
+    (record,) = [r for r in caplog.records if "unexpected struct.error" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is struct.error
 
 
 @pytest.fixture(scope="session")
