@@ -145,6 +145,10 @@ class Committer:
                 STORAGE_COMMITMENT,
                 STORAGE_COMMITMENT_INSTANCE,
             )
+        except RuntimeError:  # pynetdicom's answer once the peer has aborted
+            if assoc.is_established:
+                raise
+            status = Dataset()  # no answer: asked again after commitment_retry_seconds
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -135,6 +135,12 @@ class DicomWebDestination(ViewedDestination):
             )
         if parts.query or parts.fragment:
             raise ValueError("url is the service's base address, without query or fragment")
+        try:  # urlsplit checks the port only when asked: ask now, not at the first send
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("the url's port must be a number 1 to 65535")
         return value.rstrip("/")
 
     @field_validator("token_env", "username_env", "password_env")

@@ -42,6 +42,7 @@ WARNING_REASON = "00081196"
 CREDENTIAL_KEYS = {"token_env", "username_env", "password_env"}
 #: HTTP statuses whose answer lists instances (PS3.18 table 10.5.3-1).
 PER_INSTANCE = (200, 202, 409)
+UNREADABLE = -1  # a WarningReason or FailureReason that is not a 16-bit number
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,16 @@ def batches(parts: Iterable[Part], max_count: int, max_bytes: int) -> Iterator[l
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """An HTTP Retry-After (seconds or an HTTP date) as seconds from now; None if absent."""
+    """An HTTP Retry-After (seconds or an HTTP date) as seconds from now; None if absent
+    or unreadable.  However large, the sender caps it (``Sender._retry_delay``)."""
     if not value or not value.strip():
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit() alone takes "²", float() does not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -101,21 +103,27 @@ def parse_answer(status: int, body: bytes, uids: list[str]) -> StowResult:
     """The per-instance outcome of a STOW-RS request whose HTTP status is ``status``.
 
     Only the UIDs that were sent count.  An instance the answer does not mention is
-    stored where the status is 200 (all stored, PS3.18), else not acknowledged.
+    stored where the status is 200 (all stored, PS3.18), else not acknowledged.  The
+    answer is the server's word, read defensively: a UID that is not a string is no
+    mention, a reason that is not a 16-bit number leaves its instance not acknowledged.
     """
     dataset = _dicom_json(body)
     sent = set(uids)
     result = StowResult(status)
     for item in _items(dataset, REFERENCED_SOP_SEQUENCE):
-        uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
+        uid = _uid(item)
         if uid in sent:
-            result.stored[str(uid)] = int(_first(item, WARNING_REASON) or 0)
+            warning = _code(item, WARNING_REASON)
+            if warning == UNREADABLE:
+                result.failed[uid] = None
+            else:
+                result.stored[uid] = warning or 0
     for item in _items(dataset, FAILED_SOP_SEQUENCE):
-        uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
+        uid = _uid(item)
         if uid in sent:
-            reason = _first(item, FAILURE_REASON)
-            result.failed[str(uid)] = None if reason is None else int(reason)
-            result.stored.pop(str(uid), None)
+            reason = _code(item, FAILURE_REASON)
+            result.failed[uid] = None if reason == UNREADABLE else reason
+            result.stored.pop(uid, None)
     for uid in uids:
         if uid not in result.stored and uid not in result.failed:
             if status == 200:
@@ -128,7 +136,7 @@ def parse_answer(status: int, body: bytes, uids: list[str]) -> StowResult:
 def _dicom_json(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body) if body.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         return {}
     if isinstance(value, list):
         value = value[0] if value else {}
@@ -138,13 +146,29 @@ def _dicom_json(body: bytes) -> dict[str, Any]:
 def _items(dataset: dict[str, Any], tag: str) -> list[dict[str, Any]]:
     element = dataset.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
-    return [item for item in values or [] if isinstance(item, dict)]
+    return [item for item in values if isinstance(item, dict)] if isinstance(values, list) else []
 
 
 def _first(item: dict[str, Any], tag: str) -> Any:
     element = item.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
     return values[0] if isinstance(values, list) and values else None
+
+
+def _uid(item: dict[str, Any]) -> str:
+    """The item's SOP Instance UID; "" (no UID sent) where it is not a string."""
+    value = _first(item, REFERENCED_SOP_INSTANCE_UID)
+    return value if isinstance(value, str) else ""
+
+
+def _code(item: dict[str, Any], tag: str) -> int | None:
+    """A reason (US) the item holds: None where absent, UNREADABLE where not 0..0xFFFF."""
+    value = _first(item, tag)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF:
+        return value
+    return UNREADABLE
 
 
 class DicomWebClient:

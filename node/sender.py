@@ -42,6 +42,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.association_request import request_association
 from node.commitment import STORAGE_COMMITMENT, Committer
@@ -109,7 +110,7 @@ class Sender:
                 if state.state != DeliveryState.PENDING:
                     continue
                 try:
-                    sent += self._deliver(job, state.destination)
+                    sent += self._deliver_guarded(job, state.destination)
                     self.manager.acknowledge_destination(job.id, self.ctx.name, state.destination)
                 except DeliveryError as exc:
                     self._record_failure(job, exc)
@@ -199,18 +200,44 @@ class Sender:
 
     def _retry_delay(self, job: JobView, errors: list[DeliveryError]) -> float:
         """Exponential backoff; where every failure came with a Retry-After, exactly that
-        wish (at least ``send_retry_seconds``), and never sooner than any wish."""
+        wish (at least ``send_retry_seconds``), and never sooner than any wish.
+
+        A wish counts up to the give-up window: waiting longer cannot help (the
+        destination fails at the next try), and a server's absurd Retry-After must not
+        park the job for centuries."""
         previous = self.queries.consecutive_postponements(job.id)
         backoff: float = min(
             self.settings.send_retry_seconds * 2.0 ** min(previous, 30),
             self.settings.send_retry_max_seconds,
         )
-        wishes = [exc.retry_after for exc in errors if exc.retry_after is not None]
+        limit = self.settings.send_give_up_hours * 3600
+        wishes = [min(exc.retry_after, limit) for exc in errors if exc.retry_after is not None]
         if wishes and len(wishes) == len(errors):
             return max([self.settings.send_retry_seconds, *wishes])
         return max([backoff, *wishes])
 
     # -- one destination -----------------------------------------------------------------
+
+    def _deliver_guarded(self, job: JobView, name: str) -> int:
+        """``_deliver``, where an exception no one foresaw (a fault, an odd answer) is a
+        transient failure logged with its traceback: it never stops the send role, which
+        would claim the same job again after a restart and stop again."""
+        try:
+            return self._deliver(job, name)
+        except (DeliveryError, Stopping, LostClaim, SQLAlchemyError):
+            raise  # each has its own handling: the job table's outage is the service's
+        except Exception as exc:
+            kind = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+            log.error(
+                "job %s: unexpected %s while sending to %s; tried again after the backoff",
+                job.id,
+                kind,
+                name,
+                exc_info=True,
+                extra={"job_id": job.id, "destination": name, "outcome": "unexpected error"},
+            )
+            message = f"unexpected {kind} while sending (a fault: the node log has its traceback)"
+            raise DeliveryError(name, message, Failure.TRANSIENT) from exc
 
     def _deliver(self, job: JobView, name: str) -> int:
         """Send what ``name`` has not acknowledged over one association; returns the count."""
@@ -346,6 +373,12 @@ class Sender:
             path = self._spool_file(name, item)
             try:
                 status = assoc.send_c_store(_payload(path, assoc))
+            except RuntimeError as exc:  # pynetdicom's answer once the peer has aborted
+                if assoc.is_established:
+                    raise
+                raise DeliveryError(
+                    name, f"association aborted before the C-STORE of {uid}", Failure.TRANSIENT
+                ) from exc
             except (ValueError, AttributeError, InvalidDicomError) as exc:
                 raise DeliveryError(
                     name, f"cannot send derived instance {uid}: {exc}", Failure.BROKEN

@@ -137,6 +137,9 @@ def test_a_dicomweb_destination_names_its_credentials_by_environment_variable(
         ('kind = "dicomweb"', r"destinations\.cloud\.url: Field required"),
         ('kind = "dicomweb"\nurl = "https://me:s3cret@h/dw"', "must not hold credentials"),
         ('kind = "dicomweb"\nurl = "ftp://h/dw"', "http:// or https://"),
+        ('kind = "dicomweb"\nurl = "https://h:99999/dw"', "port must be a number 1 to 65535"),
+        ('kind = "dicomweb"\nurl = "https://h:abc/dw"', "port must be a number 1 to 65535"),
+        ('kind = "dicomweb"\nurl = "https://h:0/dw"', "port must be a number 1 to 65535"),
         ('kind = "dicomweb"\nurl = "https://h"\ntoken_env = "s3cret value"', "not the secret"),
         ('kind = "dicomweb"\nurl = "https://h"\nusername_env = "U"', "needs both username_env"),
         (

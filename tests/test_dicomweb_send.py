@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -477,6 +479,49 @@ def test_the_answer_decides_per_instance_retry_or_failure(
         assert delivery.attempts == 0 and delivery.failing_since is not None
 
 
+def malformed_answer(uids: list[str]) -> Answer:
+    """202 whose DICOM JSON is wrong in every way a careless server may get it wrong."""
+
+    def item(uid: Any, **codes: Any) -> dict[str, Any]:
+        return {"00081155": {"vr": "UI", "Value": [uid]}} | {
+            tag: {"vr": "US", "Value": [code]} for tag, code in codes.items()
+        }
+
+    stored = [
+        item([uids[0]]),  # the UID in a list
+        item(uids[1], **{"00081196": "B000"}),  # a warning as a string
+        item(uids[2], **{"00081196": {"a": 1}}),  # a warning as an object
+        item(uids[3], **{"00081196": 0x1_0000}),  # a warning beyond 16 bits
+        item(uids[4]),  # this one is fine
+    ]
+    failed = [item(uids[0], **{"00081197": 10**400})]  # a failure reason of 401 digits
+    return 202, {}, {"00081199": {"vr": "SQ", "Value": stored}, "00081198": {"Value": failed}}
+
+
+def test_a_malformed_answer_leaves_its_instances_not_acknowledged(
+    fake_dicomweb: FakeDicomWeb, make_context: Callable[..., NodeContext], tmp_path: Path
+) -> None:
+    fake_dicomweb.answers = [malformed_answer, lambda uids: (200, {}, stow_answer(uids))]
+    ctx = make_context(
+        fake_dicomweb.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01
+    )
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["cloud"])
+    sender = Sender(ctx)
+
+    assert sender.run_once()
+
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.SENDING  # a refusal, counted: send_max_attempts is 3
+    assert "did not store 4 instance(s)" in job.last_error
+    assert f"{uids[1]} (not acknowledged)" in job.last_error
+    assert delivery_statuses(ctx, job_id) == {uids[4]: 0}
+
+    time.sleep(0.05)  # past the backoff
+    assert sender.run_once()
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert fake_dicomweb.received[1].uids == uids[:4]  # only what was not acknowledged
+
+
 def http_date_in(seconds: float) -> str:
     return email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=seconds), usegmt=True)
 
@@ -514,6 +559,37 @@ def test_busy_answers_honour_retry_after(
     assert sender.run_once()
     assert ctx.queries.get_job(job_id).state == JobState.DONE
     assert len(fake_dicomweb.received) == 2
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "postponed"),
+    [
+        ("100000000000000", 3600.0),  # 1e14 s: past any date, capped at send_give_up_hours
+        ("10000000000", 3600.0),  # 1e10 s (three centuries): capped the same
+        ("\u00b2", 0.05),  # a digit, but not ASCII: no usable wish, the backoff
+    ],
+)
+def test_an_absurd_retry_after_neither_stops_the_sender_nor_parks_the_job(
+    fake_dicomweb: FakeDicomWeb,
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    retry_after: str,
+    postponed: float,
+) -> None:
+    fake_dicomweb.answers = [lambda uids: (503, {"Retry-After": retry_after}, None)]
+    ctx = make_context(
+        fake_dicomweb.destination(),
+        send_retry_seconds=0.05,
+        send_retry_max_seconds=0.05,
+        send_give_up_hours=1.0,
+    )
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["cloud"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.SENDING and "HTTP 503" in job.last_error
+    assert postponed_for(ctx, job_id) == pytest.approx(postponed, abs=0.01)
 
 
 @pytest.mark.parametrize(
@@ -611,6 +687,9 @@ def test_retry_after_takes_seconds_or_an_http_date() -> None:
     assert retry_after_seconds(http_date_in(-60)) == 0.0
     assert retry_after_seconds(None) is None
     assert retry_after_seconds("soon") is None
+    assert retry_after_seconds("\u00b2") is None  # isdigit() says yes, float() no
+    assert retry_after_seconds("\u0661\u0662") is None  # Arabic-Indic 12: not HTTP
+    assert retry_after_seconds("Mon, 01 Jan 99999 00:00:00 GMT") is None
 
 
 def test_an_answer_counts_only_the_instances_that_were_sent() -> None:
@@ -620,3 +699,46 @@ def test_an_answer_counts_only_the_instances_that_were_sent() -> None:
     assert result.failed == {"b": 0xC122, "c": None}  # c: not mentioned, not acknowledged
     assert parse_answer(200, b"", ["a"]).stored == {"a": 0}
     assert parse_answer(409, b"not json", ["a"]).failed == {"a": None}
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError, not ValueError
+    assert parse_answer(409, deep, ["a"]).failed == {"a": None}
+    for sequence in (5, True, "a", {"00081155": {"Value": ["a"]}}):  # a sequence not a list
+        body = json.dumps({"00081199": {"Value": sequence}}).encode()
+        assert parse_answer(202, body, ["a"]).failed == {"a": None}, sequence
+
+
+#: JSON shaped like a STOW-RS answer, with anything where the values go.
+STOW_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.sampled_from(["a", "b", ""]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["00081199", "00081198", "00081155", "00081196", "00081197", "Value"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=24,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(answer=STOW_JSON, status=st.sampled_from([200, 202, 409]))
+def test_any_answer_is_read_and_each_instance_gets_one_outcome(answer: Any, status: int) -> None:
+    result = parse_answer(status, json.dumps(answer).encode(), ["a", "b"])
+    assert set(result.stored) | set(result.failed) == {"a", "b"}
+    assert not set(result.stored) & set(result.failed)
+    assert all(0 <= code <= 0xFFFF for code in result.stored.values())
+    assert all(code is None or 0 <= code <= 0xFFFF for code in result.failed.values())
+
+
+def test_codes_are_read_only_as_16_bit_numbers() -> None:
+    def answer(tag: str, code: Any) -> bytes:
+        sequence = "00081199" if tag == "00081196" else "00081198"
+        item = {"00081155": {"Value": ["a"]}, tag: {"Value": [code]}}
+        return json.dumps({sequence: {"Value": [item]}}).encode()
+
+    assert parse_answer(202, answer("00081196", 0xB000), ["a"]).stored == {"a": 0xB000}
+    assert parse_answer(202, answer("00081197", 0xA700), ["a"]).failed == {"a": 0xA700}
+    for code in (True, 1.5, -1, 0x10000, "0", [1], 10**400):
+        assert parse_answer(202, answer("00081196", code), ["a"]).failed == {"a": None}, code
+        assert parse_answer(202, answer("00081197", code), ["a"]).failed == {"a": None}, code

@@ -4,9 +4,11 @@ answer with chosen statuses.  Every test runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -33,6 +35,7 @@ from node.sender import Sender
 from node.spool import Spool
 from node.web.metrics import NodeCollector
 from tests.fixtures.jobs import settle_series
+from tests.reliability.checks import wait_until
 
 SLICES = 5
 HOLDER = "test-worker"
@@ -228,6 +231,11 @@ class StatusSCP:
             self.on_store()
         return self.status
 
+    def abort_associations(self) -> None:
+        """A-ABORT every association it holds, as a PACS restarting or out of memory does."""
+        for assoc in self._server.active_associations:
+            assoc.abort()
+
     def destination(self) -> dict[str, dict[str, Any]]:
         peer = {"ae_title": "STATUSSCP", "host": "127.0.0.1", "port": self.port, "tls": self.tls}
         return {"scp": peer}
@@ -370,6 +378,78 @@ def test_stop_releases_the_job_between_instances(
     assert "released" in ctx.queries.job_events(job_id)[-1].message
     assert ctx.queries.delivery_counts(job_id) == {"scp": 1}
     assert scp.received == uids[:1]
+
+
+def test_a_peer_abort_between_two_instances_is_tried_again_not_fatal(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pynetdicom refuses a C-STORE on an aborted association with a RuntimeError: the
+    destination's failure is transient, and the send role goes on."""
+    opened: list[Any] = []
+    associate = AE.associate
+
+    def keep(ae: AE, *args: Any, **kwargs: Any) -> Any:
+        opened.append(associate(ae, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(AE, "associate", keep)
+    scp = status_scp(0x0000)
+    ctx = make_context(scp.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01)
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+    record = ctx.manager.record_delivery
+
+    def record_then_the_peer_aborts(*args: Any) -> None:
+        record(*args)
+        if len(opened) == 1:  # the first association only, after its first instance
+            scp.abort_associations()
+            wait_until(lambda: not opened[0].is_established, 10, "the abort to arrive")
+
+    monkeypatch.setattr(ctx.manager, "record_delivery", record_then_the_peer_aborts)
+    sender = Sender(ctx)
+
+    assert sender.run_once()
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.SENDING
+    assert f"association aborted before the C-STORE of {uids[1]}" in job.last_error
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
+    assert ctx.queries.delivery_counts(job_id) == {"scp": 1}
+
+    time.sleep(0.05)  # past the backoff
+    assert sender.run_once()
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert scp.received == uids  # the rest once, on a new association
+
+
+def test_an_unforeseen_error_in_one_destination_is_transient_and_logged_with_its_traceback(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A derived file cut inside its file meta makes pynetdicom raise struct.error, which
+    no one foresaw: the send role goes on, the job is tried again after the backoff."""
+    scp = status_scp(0x0000)
+    ctx = make_context(scp.destination())
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+    third = ctx.spool.path(ctx.queries.derived_instances(job_id)[2].spool_path)
+    # preamble and DICM (132), (0002,0000) UL (12), then (0002,0001)'s header cut short
+    third.write_bytes(third.read_bytes()[:152])
+
+    with caplog.at_level(logging.ERROR, logger="node.sender"):
+        assert Sender(ctx).run_once()
+
+    job = ctx.queries.get_job(job_id)
+    assert job.state == JobState.SENDING
+    assert "unexpected struct.error while sending" in job.last_error
+    (delivery,) = ctx.queries.destinations(job_id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
+    assert ctx.queries.delivery_counts(job_id) == {"scp": 2} and scp.received == uids[:2]
+    (record,) = [r for r in caplog.records if "unexpected struct.error" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is struct.error
 
 
 @pytest.fixture(scope="session")

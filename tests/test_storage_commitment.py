@@ -34,6 +34,7 @@ from node.receiver import Receiver
 from node.sender import Sender
 from node.web import create_app
 from tests.fixtures.dicom import storescu
+from tests.reliability.checks import wait_until
 from tests.test_sender import make_sending_job
 
 PROCESSING_FAILURE = 0x0110
@@ -146,6 +147,11 @@ class CommitmentPACS:
         for thread in self._reporters:
             thread.join(10)
         return self.statuses
+
+    def abort_associations(self) -> None:
+        """A-ABORT every association it holds, as a PACS restarting or out of memory does."""
+        for assoc in self._server.active_associations:
+            assoc.abort()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -326,6 +332,42 @@ def test_a_report_on_the_request_association_commits_too(
     assert pacs.statuses == [0x0000]
     (state,) = ctx.queries.destinations(job_id)
     assert state.state == DeliveryState.COMMITTED
+
+
+def test_a_peer_abort_before_the_commitment_request_asks_again_later(
+    node: Callable[..., tuple[NodeContext, Receiver]],
+    pacs_for: Callable[[int], CommitmentPACS],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The PACS aborts the commitment association right after accepting it: pynetdicom's
+    N-ACTION raises RuntimeError; the request goes again, the send role goes on."""
+    port = free_port()
+    pacs = pacs_for(port)
+    pacs.report = lambda uids: []
+    ctx, _ = node(committing("PACS", pacs.port, commitment_retry_seconds=0.3), port)
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["pacs"])
+    connect = Sender._connect_for_commitment
+    aborted: list[Any] = []
+
+    def connect_then_the_peer_aborts(sender: Sender, *args: Any) -> Any:
+        assoc = connect(sender, *args)
+        if assoc is not None and not aborted:
+            aborted.append(assoc)
+            pacs.abort_associations()
+            wait_until(lambda: not assoc.is_established, 10, "the abort to arrive")
+        return assoc
+
+    monkeypatch.setattr(Sender, "_connect_for_commitment", connect_then_the_peer_aborts)
+
+    with caplog.at_level(logging.WARNING, logger="node.commitment"):
+        assert send_until_final(ctx, job_id) == JobState.DONE
+
+    assert aborted and len(pacs.requests) == 1  # the aborted request never reached it
+    (state,) = ctx.queries.destinations(job_id)
+    assert state.state == DeliveryState.COMMITTED and state.commitment_uid == pacs.requests[0]
+    assert any("got no answer; asked again" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("propose_role", [True, False])
