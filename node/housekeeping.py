@@ -2,11 +2,12 @@
 
 Spool files of final jobs go after ``retention_days``; when the spool's disk is fuller
 than ``spool_high_water_percent``, final jobs go earlier, oldest first, until it is not.
-Never files of unfinished jobs, nor of deliveries a destination that asks for storage
-commitment has not committed.  A job's derived folder goes whole, recorded files or not
-(a job that failed mid-way never recorded the files it wrote); any other file no row
-names goes once it is older than ``orphan_grace_seconds``.  Each job's purge is a
-``purged`` event in its timeline; the run's totals are kept for ``status``.
+Never files of unfinished jobs, nor of a job whose storage commitment request is still
+awaited (within the destination's commitment timeout).  A job's derived folder goes
+whole, recorded files or not (a job that failed mid-way never recorded the files it
+wrote); any other file no row names goes once it is older than ``orphan_grace_seconds``.
+Each job's purge is a ``purged`` event in its timeline; the run's totals are kept for
+``status``.
 """
 
 from __future__ import annotations
@@ -113,11 +114,11 @@ def _purge_job(
 
 
 def _purgeable(ctx: NodeContext, finished_before: datetime) -> list[JobView]:
-    committing = [
-        name
+    committing = {
+        name: d.commitment_timeout_seconds
         for name, d in ctx.settings.destinations.items()
         if isinstance(d, Destination) and d.storage_commitment
-    ]
+    }
     return ctx.queries.purgeable_jobs(finished_before, committing)
 
 
