@@ -51,15 +51,14 @@ class JobQueries:
         with self._sessions() as session:
             return [from_row(view, row) for row in session.scalars(query)]
 
-    def series_received_from(self, series_instance_uid: str) -> datetime | None:
-        """When the series' current reception began: its first instance since it was new
-        or last forgotten; None for a series with no row."""
+    def series_generation(self, series_instance_uid: str) -> str:
+        """The series' current reception as its derived UIDs name it (a new one after
+        ``jobs forget``); empty for a series received before there was one, or no row."""
         with self._sessions() as session:
-            return session.scalar(
-                select(Series.first_received_at).where(
-                    Series.series_instance_uid == series_instance_uid
-                )
+            generation = session.scalar(
+                select(Series.generation).where(Series.series_instance_uid == series_instance_uid)
             )
+        return generation or ""
 
     def settled_series(self, quiet_since: datetime) -> list[SeriesView]:
         """Series with no new instance since ``quiet_since`` and not yet turned into a job."""
