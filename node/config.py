@@ -308,6 +308,8 @@ class Settings(BaseSettings):
     spool_high_water_percent: float = Field(85.0, ge=0.0, le=100.0)  # fuller: oldest go early
     housekeeping_seconds: float = Field(300.0, gt=0.0)  # interval between runs
     orphan_grace_seconds: float = Field(86400.0)  # files no row names, this old, go
+    # a copy kept after the job table failed to record it (the sender was told to resend)
+    unrecorded_grace_seconds: float = Field(300.0, gt=0.0)
     # Listener limits: an attacker may not hold the slots (README: Configuration).
     max_pdu_size: int = Field(1048576, ge=4096, le=1 << 30)  # advertised and enforced
     max_associations: int = Field(64, ge=1)

@@ -86,8 +86,9 @@ class DerivationSpec:
     node_ae_title: str
     software_version: str = node.__version__
     #: which reception of the source series this is (when its first instance arrived, as
-    #: the job table has it; empty offline): ``jobs forget`` ends a reception, so the
-    #: scanner's corrected resend, with the same source UIDs, gets new derived UIDs
+    #: the job table has it; empty offline and for a series first received before the job
+    #: table kept it): ``jobs forget`` ends a reception, so the scanner's corrected resend,
+    #: with the same source UIDs, gets new derived UIDs
     source_generation: str = ""
 
     def __post_init__(self) -> None:

@@ -2,11 +2,13 @@
 
 Spool files of final jobs go after ``retention_days``; when the spool's disk is fuller
 than ``spool_high_water_percent``, final jobs go earlier, oldest first, until it is not.
-Never files of unfinished jobs, nor of deliveries a destination that asks for storage
-commitment has not committed.  A job's derived folder goes whole, recorded files or not
-(a job that failed mid-way never recorded the files it wrote); any other file no row
-names goes once it is older than ``orphan_grace_seconds``.  Each job's purge is a
-``purged`` event in its timeline; the run's totals are kept for ``status``.
+Never files of unfinished jobs, nor of a job whose storage commitment request is still
+awaited (within the destination's commitment timeout).  A job's derived folder goes
+whole, recorded files or not (a job that failed mid-way never recorded the files it
+wrote); any other file no row names goes once it is older than ``orphan_grace_seconds``,
+or ``unrecorded_grace_seconds`` after a job-table error kept it (``node.unrecorded``).
+Each job's purge is a ``purged`` event in its timeline; the run's totals are kept for
+``status``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from node import unrecorded
 from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
@@ -113,11 +116,11 @@ def _purge_job(
 
 
 def _purgeable(ctx: NodeContext, finished_before: datetime) -> list[JobView]:
-    committing = [
-        name
+    committing = {
+        name: d.commitment_timeout_seconds
         for name, d in ctx.settings.destinations.items()
         if isinstance(d, Destination) and d.storage_commitment
-    ]
+    }
     return ctx.queries.purgeable_jobs(finished_before, committing)
 
 
@@ -139,6 +142,20 @@ def _relieve_spool(ctx: NodeContext, actor: str, report: PurgeReport) -> None:
         _purge_job(ctx, job, now, f"spool {used:.0f}% full, above {mark:g}%", actor, False, report)
 
 
+def _unrecorded_copies(ctx: NodeContext, dry_run: bool) -> tuple[int, int]:
+    """Copies kept after a job-table error (``node.unrecorded``), marked longer than
+    ``unrecorded_grace_seconds`` ago: removed unless a row names them; the marks go."""
+    marked = unrecorded.marked_before(ctx.spool, ctx.settings.unrecorded_grace_seconds)
+    if not marked:
+        return 0, 0
+    named = ctx.queries.spool_paths_in_use()
+    removed = _remove(ctx, [relative for relative in marked if relative not in named], dry_run)
+    if not dry_run:
+        for relative in marked:
+            unrecorded.unmark(ctx.spool, relative)
+    return removed
+
+
 def _orphans(ctx: NodeContext) -> list[str]:
     """Spool files no row names, older than the grace period, of no unfinished job."""
     older_than = time.time() - ctx.settings.orphan_grace_seconds
@@ -149,7 +166,7 @@ def _orphans(ctx: NodeContext) -> list[str]:
         relative = path.relative_to(ctx.spool.root).as_posix()
         parts = relative.split("/")
         of_unfinished = len(parts) > 2 and parts[0] == DERIVED_FOLDER and parts[1] in unfinished
-        if relative in named or of_unfinished:
+        if relative in named or of_unfinished or parts[0] == unrecorded.UNRECORDED_FOLDER:
             continue
         with suppress(FileNotFoundError):
             if path.is_file() and not path.is_symlink() and path.stat().st_mtime < older_than:
@@ -172,8 +189,10 @@ def purge_spool(
         _purge_job(ctx, job, cutoff, f"retention {older_than_days:g} days", actor, dry_run, report)
     if relieve and not dry_run:
         _relieve_spool(ctx, actor, report)
+    copies, copy_bytes = _unrecorded_copies(ctx, dry_run)
     report.orphan_files, orphan_bytes = _remove(ctx, _orphans(ctx), dry_run)
-    report.bytes += orphan_bytes
+    report.orphan_files += copies
+    report.bytes += orphan_bytes + copy_bytes
     if not dry_run:
         files = report.derived_files + report.received_files + report.orphan_files
         ctx.manager.record_housekeeping(

@@ -21,6 +21,7 @@ from node.instance_checks import Refused, inspect
 from node.jobs.intake import instance_record
 from node.jobs.manager import RecordOutcome
 from node.spool import INCOMING_FOLDER, file_content
+from node.unrecorded import is_marked
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def rerecord_unrecorded(ctx: NodeContext) -> int:
     Date folders are walked newest first and the walk stops after two in a row in which
     nothing had to be recorded again: the lost commits are the newest ones, and only an
     instance received just before midnight can be committed after one of the next day.
-    A start costs a listing of the newest folders, not of the whole spool.
+    A start costs a listing of the newest folders, not of the whole spool.  A copy that
+    a job-table error kept (``node.unrecorded``) was answered with a failure and is sent
+    again: it is left to housekeeping, never recorded while housekeeping removes it.
     """
     started = time.monotonic()
     incoming = ctx.spool.root / INCOMING_FOLDER
@@ -47,7 +50,7 @@ def rerecord_unrecorded(ctx: NodeContext) -> int:
         found = 0
         for path in sorted(folder.glob("*.dcm")):
             relative = f"{relative_folder}/{path.name}"
-            if relative not in named and path.is_file():
+            if relative not in named and path.is_file() and not is_marked(ctx.spool, relative):
                 found += _rerecord(ctx, path, relative, senders)
         recorded += found
         whole = 0 if found else whole + 1

@@ -43,6 +43,7 @@ from node.instance_checks import (
 from node.jobs.intake import instance_record
 from node.jobs.manager import InstanceRecord, RecordOutcome
 from node.spool import SpoolFull, file_content
+from node.unrecorded import mark
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +177,18 @@ def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> 
     After a database error the copy stays: the row may exist (a COMMIT whose answer
     was lost), and a row must never name a removed file.  The answer is a failure,
     so the sender resends; the resend finds the row (identical content: success,
-    stored once) or records itself, and the orphan sweep removes a copy no row names.
+    stored once) or records itself.  The copy is marked (``node.unrecorded``):
+    housekeeping removes it soon if no row names it, so that retries during an outage
+    do not fill the spool.
     """
     spool = ctx.spool
     try:
         outcome, kept = ctx.manager.record_instance(record)
     except Exception as exc:
+        mark(spool, record.spool_path)
         log.error(
-            "%s refused: the job table did not record the instance (its spool copy is left "
-            "to the orphan sweep): %s: %s",
+            "%s refused: the job table did not record the instance (its spool copy goes "
+            "after unrecorded_grace_seconds unless a row names it): %s: %s",
             service(extra),
             exc.__class__.__name__,
             str(exc).splitlines()[0][:200] if str(exc) else "",

@@ -140,8 +140,7 @@ class Worker:
         if not inputs:
             raise BadInput("the job has no input instances")
         model = self._model
-        received = self.queries.series_received_from(job.series_instance_uid)
-        generation = received.isoformat() if received else ""
+        generation = self.queries.series_generation(job.series_instance_uid)
         spec = derivation_spec(self.settings, model, job.strength, generation)
         reused = self._reuse(job.id, inputs, spec)
         taken = {file.source_sop_instance_uid for file in reused}

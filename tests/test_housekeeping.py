@@ -17,8 +17,8 @@ from node.cli import main
 from node.db import utcnow
 from node.housekeeping import Housekeeper
 from node.jobs.intake import insert_new_instance
-from node.jobs.states import DeliveryState, EventKind
-from node.jobs.tables import Job, JobDestination
+from node.jobs.states import EventKind
+from node.jobs.tables import Job
 from node.service import _role_loops
 from node.web import create_app
 from tests.fixtures.admin import AdminNode, denoise
@@ -139,31 +139,61 @@ def test_a_failed_jobs_unrecorded_derived_files_go_with_its_retention(
     assert "1 derived" in purged(admin_node, "failed")[0]
 
 
-def test_deliveries_awaiting_commitment_keep_their_files(admin_node: AdminNode) -> None:
-    ctx, job_id = admin_node.ctx, admin_node.jobs["queued"]
-    received, _ = files_of(admin_node, "queued")
-    denoise(ctx, job_id, received)
+def acknowledged_by_pacs(node: AdminNode, name: str) -> None:
+    """Denoise the named queued job and have ``pacs`` acknowledge every instance; the job
+    stays in ``sending`` with the sender's claim."""
+    ctx, job_id = node.ctx, node.jobs[name]
+    denoise(ctx, job_id, files_of(node, name)[0])
     assert ctx.manager.claim_sending_job("sender-1", stale_after=60) is not None
     ctx.manager.open_destinations(job_id, "sender-1", ["pacs"])
     for derived in ctx.queries.derived_instances(job_id):
         ctx.manager.record_delivery(job_id, "pacs", derived.sop_instance_uid, 0)
     ctx.manager.acknowledge_destination(job_id, "sender-1", "pacs")
+
+
+def ask_pacs_for_commitment(node: AdminNode, timeout: float) -> None:
+    pacs = node.ctx.settings.destinations["pacs"].model_copy(
+        update={"storage_commitment": True, "commitment_timeout_seconds": timeout}
+    )
+    configure(node, destinations={"pacs": pacs}, retention_days=0.0)
+
+
+def test_deliveries_made_before_commitment_was_turned_on_do_not_hold_the_job(
+    admin_node: AdminNode,
+) -> None:
+    ctx, job_id = admin_node.ctx, admin_node.jobs["queued"]
+    acknowledged_by_pacs(admin_node, "queued")
     ctx.manager.finish_sending(job_id, "sender-1", "all destinations acknowledged")
-    pacs = ctx.settings.destinations["pacs"].model_copy(update={"storage_commitment": True})
-    configure(admin_node, destinations={"pacs": pacs}, retention_days=0.0)
+    ask_pacs_for_commitment(admin_node, timeout=3600.0)
+    configure(admin_node, spool_high_water_percent=0.0)
+    _, derived = files_of(admin_node, "queued")
+    Housekeeper(ctx).run_once()
+    assert purged(admin_node, "queued"), "no report can come for a request never made"
+    assert not any(p.exists() for p in derived)
+
+
+@pytest.mark.parametrize("wait_ends_by", ["report", "timeout"])
+def test_a_commitment_request_still_awaited_keeps_the_files(
+    admin_node: AdminNode, wait_ends_by: str
+) -> None:
+    ctx, job_id = admin_node.ctx, admin_node.jobs["queued"]
+    acknowledged_by_pacs(admin_node, "queued")
+    ask_pacs_for_commitment(admin_node, timeout=3600.0)
+    uids = [d.sop_instance_uid for d in ctx.queries.derived_instances(job_id)]
+    request = ctx.manager.request_commitment(job_id, "sender-1", "pacs", generate_uid(), len(uids))
+    ctx.manager.cancel_job(job_id, "admin")  # final, while the report is awaited
     configure(admin_node, spool_high_water_percent=0.0)
     _, derived = files_of(admin_node, "queued")
     Housekeeper(ctx).run_once()
     assert purged(admin_node, "done"), "jobs without a destination state are not held"
     assert purged(admin_node, "queued") == [] and all(p.exists() for p in derived)
 
-    # The archive's N-EVENT-REPORT arrives (the commitment writer is not built yet).
-    with ctx.engine.begin() as connection:
-        connection.execute(
-            update(JobDestination)
-            .where(JobDestination.job_id == job_id)
-            .values(state=DeliveryState.COMMITTED)
-        )
+    if wait_ends_by == "report":
+        report = ctx.manager.record_commitment(str(request.commitment_uid), uids, "", "pacs")
+        assert report is not None and report.outcome == "committed"
+    else:
+        ask_pacs_for_commitment(admin_node, timeout=0.5)
+        time.sleep(0.6)
     Housekeeper(ctx).run_once()
     assert purged(admin_node, "queued") and not any(p.exists() for p in derived)
 

@@ -82,3 +82,28 @@ def test_every_event_kind_fits_the_migrated_column(
     for kind in EventKind:
         manager.add_event(job_id, "test", kind, f"a {kind} event")
     assert [e.kind for e in queries.job_events(job_id)][1:] == list(EventKind)
+
+
+def test_series_received_before_0010_have_no_generation_and_new_ones_do(db_url: str) -> None:
+    command.downgrade(db.alembic_config(db_url), "0009")
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,"
+                " instance_count, first_received_at, last_received_at)"
+                " VALUES ('1.2.3.4', '1.2', 'CT1', 1, :now, :now)"
+            ),
+            {"now": db.utcnow()},
+        )
+    engine.dispose()
+    db.upgrade(db_url)
+    engine = db.make_engine(db_url)
+    sessions = db.session_factory(engine)
+    manager, queries = JobManager(sessions), JobQueries(sessions)
+    assert queries.series_generation("1.2.3.4") == ""
+    manager.record_instance(instance_record("1.1", "1.2.3.4"))
+    assert queries.series_generation("1.2.3.4") == "", "a late instance keeps it unmarked"
+    manager.record_instance(instance_record("2.1", "2.2.3.4"))
+    assert queries.series_generation("2.2.3.4") != ""
+    engine.dispose()

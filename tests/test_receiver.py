@@ -298,6 +298,39 @@ def test_database_failure_is_a_failure_status(
     assert spooled(ctx) == []
 
 
+def test_copies_kept_after_database_errors_go_soon_unless_a_row_names_them(
+    db_url: str, tmp_path: Path, phantom_series: list[Path]
+) -> None:
+    context = make_context(db_url, tmp_path, unrecorded_grace_seconds=3600.0)
+    running = Receiver(context)
+    running.start()
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE instances RENAME TO instances_gone"))
+        for _ in range(3):  # the modality retries while the job table is down
+            assert storescu(running.port, phantom_series[:2]) == [DATABASE_UNAVAILABLE] * 2
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE instances_gone RENAME TO instances"))
+        assert storescu(running.port, phantom_series[:2]) == [0, 0]
+        assert len(spooled(context)) == 8
+        running.stop()
+        running = Receiver(context)
+        running.start()  # its recovery leaves the marked copies: they were answered failed
+        assert len(context.queries.series_instances(series_uid(phantom_series[0]))) == 2
+
+        assert purge_spool(context, context.settings.retention_days, "test").orphan_files == 0
+        context.settings = context.settings.model_copy(update={"unrecorded_grace_seconds": 1e-3})
+        assert purge_spool(context, context.settings.retention_days, "test").orphan_files == 6
+        named = context.queries.series_instances(series_uid(phantom_series[0]))
+        assert spooled(context) == sorted(context.spool.path(i.spool_path) for i in named)
+        assert not list(context.spool.root.rglob("*.unrecorded")), "the marks go too"
+    finally:
+        engine.dispose()
+        running.stop()
+        context.close()
+
+
 class CommitAnswerLost:
     """A TCP proxy to PostgreSQL that, once armed, lets one COMMIT reach the server and
     cuts the connection instead of passing its answer back: the row is committed, and
@@ -356,6 +389,9 @@ def test_a_lost_commit_answer_keeps_the_file_and_the_resend_is_stored_once(
         assert proxy.cut.is_set()
         (row,) = context.queries.series_instances(series_uid(phantom_series[0]))
         assert context.spool.path(row.spool_path).is_file(), "a row names a removed file"
+        context.settings = context.settings.model_copy(update={"unrecorded_grace_seconds": 1e-3})
+        assert purge_spool(context, context.settings.retention_days, "test").orphan_files == 0
+        assert context.spool.path(row.spool_path).is_file(), "the sweep removed a named copy"
 
         assert storescu(running.port, phantom_series[:1]) == [0], "the resend is a success"
         (again,) = context.queries.series_instances(series_uid(phantom_series[0]))

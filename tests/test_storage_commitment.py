@@ -270,6 +270,34 @@ def test_a_report_that_never_comes_fails_the_destination_after_the_timeout(
     assert "no storage commitment report" in (ctx.queries.get_job(job_id).last_error or "")
 
 
+def test_a_report_after_the_timeout_still_commits_and_the_job_is_done(
+    node: Callable[..., tuple[NodeContext, Receiver]],
+    pacs_for: Callable[[int], CommitmentPACS],
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    pacs = pacs_for(port)  # answers N-ACTION, reports only when the test sends it
+    timers = {"commitment_timeout_seconds": 0.5, "commitment_retry_seconds": 0.3}
+    ctx, _ = node(committing("PACS", pacs.port, **timers), port)
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["pacs"])
+    assert send_until_final(ctx, job_id) == JobState.FAILED
+
+    transaction = pacs.requests[0]
+    assert send_report(port, _report(transaction, uids[1:], [])) == 0x0000
+    (state,) = ctx.queries.destinations(job_id)
+    assert state.state == DeliveryState.FAILED, "a report missing an instance changes nothing"
+
+    assert send_report(port, _report(transaction, uids, [])) == 0x0000
+    (state,) = ctx.queries.destinations(job_id)
+    assert state.state == DeliveryState.COMMITTED and state.reason is None
+    assert ctx.queries.get_job(job_id).state == JobState.SENDING
+    assert send_until_final(ctx, job_id) == JobState.DONE
+    job = ctx.queries.get_job(job_id)
+    assert job.last_error is None and job.finished_at is not None
+    late = [e.message for e in ctx.queries.job_events(job_id) if "after it had failed" in e.message]
+    assert len(late) == 1 and "no storage commitment report from PACS" in late[0]
+
+
 def test_instances_reported_failed_are_resent_once_then_the_destination_fails(
     node: Callable[..., tuple[NodeContext, Receiver]],
     pacs_for: Callable[[int], CommitmentPACS],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import update
 
 from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.records import file_record, instance_record
@@ -18,9 +19,11 @@ from node.config import Settings
 from node.context import NodeContext
 from node.db import utcnow
 from node.denoise import Denoiser
+from node.derive import DerivationSpec, derived_series_uid, derived_sop_uid
 from node.jobs import JobManager, JobQueries, JobState
 from node.jobs.manager import NewJob
 from node.jobs.states import EventKind
+from node.jobs.tables import Series
 from node.service import run_worker
 from node.worker import Worker
 from tests.fixtures.onnx_models import ScriptedDenoiser
@@ -417,3 +420,32 @@ def test_a_corrected_resend_after_forget_gets_new_derived_uids_and_a_retry_the_s
     series_uid, sop_uids = denoised(queue_series(context, series[:4]))
     assert series_uid != made[0], "the corrected series is a new derived series"
     assert not sop_uids & made[1], "no derived instance of the first series is reused"
+
+
+def test_a_series_received_before_the_upgrade_keeps_its_derived_uids(
+    context: NodeContext, series: list[Path]
+) -> None:
+    """Its row has no generation (migration 0010 leaves it NULL): its derived UIDs are
+    those the node made before, and a late instance adds no second derived series."""
+    worker = Worker(context)
+    first = queue_series(context, series[:6])
+    with context.engine.begin() as connection:
+        connection.execute(update(Series).values(generation=None))
+    assert worker.run_once() is True
+    job = context.queries.get_job(first)
+    spec = DerivationSpec(
+        model_name=str(job.model_name),
+        model_version=str(job.model_version),
+        strength=job.strength,
+        series_number_offset=context.settings.series_number_offset,
+        description_suffix=context.settings.series_description_suffix,
+        node_ae_title=context.settings.ae_title,
+    )
+    before_upgrade = derived_series_uid(job.series_instance_uid, spec)
+    assert job.output_series_uid == before_upgrade
+    later = queue_series(context, series[6:])  # a late instance: the whole series again
+    assert worker.run_once() is True
+    assert context.queries.get_job(later).output_series_uid == before_upgrade
+    sources = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series]
+    made = {d.sop_instance_uid for d in context.queries.derived_instances(later)}
+    assert made == {derived_sop_uid(uid, spec) for uid in sources}

@@ -35,6 +35,7 @@ class ReportOutcome(StrEnum):
     RESEND = "resend"  # some were not: sent once more, then asked again
     FAILED = "failed"  # some were not, after the one resend: the destination failed
     STALE = "stale"  # the destination no longer waits for this report: nothing changed
+    LATE = "committed late"  # every instance, after the timeout had failed the destination
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,9 @@ class Deliveries(JobWriter):
         Every instance delivered to the destination must be in ``committed``; those that
         are not are sent once more, and a second such report fails the destination
         (``detail`` says what the peer gave as reasons).  A job waiting in ``sending``
-        is woken so that the sender concludes it at once.
+        is woken so that the sender concludes it at once.  A report committing everything
+        after its destination failed (the timeout passed) still counts: the archive holds
+        the instances (``_commit_late``).
         """
         with self._sessions.begin() as session:
             by_uid = JobDestination.commitment_uid == transaction_uid
@@ -202,8 +205,6 @@ class Deliveries(JobWriter):
             row = session.scalars(select(JobDestination).where(by_uid)).one_or_none()
             if row is None:  # a resend round cleared the request meanwhile
                 return None
-            if row.state != DeliveryState.ACKNOWLEDGED:
-                return CommitmentReport(row.job_id, row.destination, ReportOutcome.STALE, 0)
             delivered = set(
                 session.scalars(
                     select(Delivery.sop_instance_uid).where(
@@ -212,7 +213,12 @@ class Deliveries(JobWriter):
                 )
             )
             missing = delivered - set(committed)
-            outcome = _apply_report(session, row, delivered, missing, detail, actor)
+            if row.state == DeliveryState.FAILED and delivered and not missing:
+                outcome = _commit_late(session, row, len(delivered), actor)
+            elif row.state != DeliveryState.ACKNOWLEDGED:
+                return CommitmentReport(row.job_id, row.destination, ReportOutcome.STALE, 0)
+            else:
+                outcome = _apply_report(session, row, delivered, missing, detail, actor)
             now = utcnow()
             session.execute(
                 update(Job)
@@ -333,6 +339,46 @@ def _give_up(session: Session, row: JobDestination, actor: str, reason: str) -> 
     row.state, row.reason, row.updated_at = DeliveryState.FAILED, reason, utcnow()
     message = f"destination {row.destination} failed: {reason}"
     session.add(event_row(row.job_id, actor, EventKind.GAVE_UP, message))
+
+
+def _commit_late(
+    session: Session, row: JobDestination, instances: int, actor: str
+) -> ReportOutcome:
+    """The destination failed waiting for this very report, which now commits everything:
+    it is ``committed``, and a job that failed for no other destination is concluded again
+    by the sender (back to ``sending``, due at once)."""
+    failed_for = row.reason
+    row.state, row.reason, row.updated_at = DeliveryState.COMMITTED, None, utcnow()
+    message = (
+        f"{row.destination} committed {instances} instances (transaction "
+        f"{row.commitment_uid}) after it had failed: {failed_for}"
+    )
+    session.add(event_row(row.job_id, actor, EventKind.COMMITMENT, message))
+    others = session.scalar(
+        select(func.count())
+        .select_from(JobDestination)
+        .where(JobDestination.job_id == row.job_id, JobDestination.id != row.id)
+        .where(JobDestination.state.in_([DeliveryState.FAILED, DeliveryState.PENDING]))
+    )
+    job = session.get(Job, row.job_id)
+    if job is None or job.state != JobState.FAILED or others:
+        return ReportOutcome.LATE
+    now = utcnow()
+    job.state, job.claimed_by, job.run_after, job.finished_at = JobState.SENDING, None, now, None
+    job.updated_at = now
+    again = f"late storage commitment report from {row.destination}: concluded again"
+    session.add(
+        event_row(
+            row.job_id,
+            actor,
+            EventKind.COMMITMENT,
+            again,
+            from_state=JobState.FAILED,
+            to_state=JobState.SENDING,
+            at=now,
+        )
+    )
+    return ReportOutcome.LATE
 
 
 def _apply_report(

@@ -188,6 +188,7 @@ def insert_new_instance(connection: Connection, record: InstanceRecord, now: dat
             "instance_count": 1,
             "first_received_at": now,
             "last_received_at": now,
+            "generation": now.isoformat(),
         },
     )
     return True

@@ -6,13 +6,14 @@ never ORM rows.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, and_, func, or_, select, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
+from node.db import utcnow
 from node.jobs.records import (
     DerivedView,
     DestinationView,
@@ -50,15 +51,14 @@ class JobQueries:
         with self._sessions() as session:
             return [from_row(view, row) for row in session.scalars(query)]
 
-    def series_received_from(self, series_instance_uid: str) -> datetime | None:
-        """When the series' current reception began: its first instance since it was new
-        or last forgotten; None for a series with no row."""
+    def series_generation(self, series_instance_uid: str) -> str:
+        """The series' current reception as its derived UIDs name it (a new one after
+        ``jobs forget``); empty for a series received before there was one, or no row."""
         with self._sessions() as session:
-            return session.scalar(
-                select(Series.first_received_at).where(
-                    Series.series_instance_uid == series_instance_uid
-                )
+            generation = session.scalar(
+                select(Series.generation).where(Series.series_instance_uid == series_instance_uid)
             )
+        return generation or ""
 
     def settled_series(self, quiet_since: datetime) -> list[SeriesView]:
         """Series with no new instance since ``quiet_since`` and not yet turned into a job."""
@@ -280,34 +280,45 @@ class JobQueries:
         return [(seconds[job_id], slices[job_id]) for job_id in sorted(seconds)]
 
     def purgeable_jobs(
-        self, finished_before: datetime, committing: Collection[str] = ()
+        self, finished_before: datetime, committing: Mapping[str, float] | None = None
     ) -> list[JobView]:
         """Final jobs finished before ``finished_before`` whose spool was not purged since,
         oldest first.
 
-        A job delivered to a destination in ``committing`` (one that asks for storage
-        commitment) stays until that destination is committed: the archive has not yet
-        said it holds the instances.
+        ``committing`` maps each destination that asks for storage commitment to its
+        commitment timeout (s).  A job stays while such a destination still owes the report
+        of a request made for it: acknowledged, asked less than the timeout ago (a job
+        cancelled while it waited).  Deliveries made before commitment was turned on were
+        never asked about, and no report can come for them: they do not hold the job.
         """
         purged = select(JobEvent.id).where(
             JobEvent.job_id == Job.id,
             JobEvent.kind == EventKind.PURGED,
             JobEvent.at >= Job.finished_at,
         )
-        uncommitted = select(JobDestination.id).where(
-            JobDestination.job_id == Job.id,
-            JobDestination.destination.in_(list(committing)),
-            JobDestination.state.in_([DeliveryState.PENDING, DeliveryState.ACKNOWLEDGED]),
-        )
-        return self._all(
-            JobView,
+        query = (
             select(Job)
             .where(Job.state.in_(list(FINAL_STATES)))
             .where(Job.finished_at < finished_before)
             .where(~purged.exists())
-            .where(~uncommitted.exists())
-            .order_by(Job.finished_at, Job.id),
+            .order_by(Job.finished_at, Job.id)
         )
+        now = utcnow()
+        awaited = [
+            and_(
+                JobDestination.destination == name,
+                JobDestination.commitment_requested_at > now - timedelta(seconds=timeout),
+            )
+            for name, timeout in (committing or {}).items()
+        ]
+        if awaited:
+            awaiting = select(JobDestination.id).where(
+                JobDestination.job_id == Job.id,
+                JobDestination.state == DeliveryState.ACKNOWLEDGED,
+                or_(*awaited),
+            )
+            query = query.where(~awaiting.exists())
+        return self._all(JobView, query)
 
     def spool_paths_in_use(self, folder: str | None = None) -> set[str]:
         """Every spool path a row names: received instances, job inputs, derived instances;

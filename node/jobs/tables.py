@@ -41,6 +41,10 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     settled_through: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: this reception's mark in the derived UIDs (``DerivationSpec.source_generation``),
+    #: set when the row is made; NULL for a series first received before migration 0010,
+    #: whose derived UIDs carry none and must stay as they were
+    generation: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Instance(Base):
