@@ -283,11 +283,11 @@ class Receiver:
             raise Refused(SPOOL_FULL, "node spool is full")
         arrival = Arrival(
             received,
+            (written.sha256(), written.size),
             calling_ae,
             str(event.assoc.requestor.address),
             request=request,
             transfer_syntax=str(event.context.transfer_syntax),
-            content=(written.sha256(), written.size),
         )
         return storing.accept(self.ctx, arrival, extra).outcome
 

@@ -42,7 +42,7 @@ from node.instance_checks import (
 )
 from node.jobs.intake import instance_record
 from node.jobs.manager import InstanceRecord, RecordOutcome
-from node.spool import SpoolFull, file_content
+from node.spool import SpoolFull
 from node.unrecorded import mark
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ class Arrival:
     """
 
     path: Path
+    #: (SHA-256, size) of the file, hashed as its bytes arrived: never read twice
+    content: tuple[str, int]
     calling_ae_title: str
     peer_address: str
     request: tuple[str, str] | None = None
     transfer_syntax: str | None = None
     study: str | None = None
-    #: (SHA-256, size) where the bytes were hashed as they arrived (C-STORE); else read here
-    content: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,15 +123,14 @@ def _store(
     """Room, class, syntax, study and pixel data (once the UIDs are known, so that a
     STOW-RS answer can name the instance), then the spool and the job table."""
     received = arrival.path
-    content = arrival.content or file_content(received)
-    check_room(ctx, content[1], extra)
+    check_room(ctx, arrival.content[1], extra)
     syntax = arrival.transfer_syntax or str(ds.file_meta.get("TransferSyntaxUID", ""))
     _check_supported(uids, syntax, arrival.study, extra)
     check_pixel_data(ds, received, extra)
     relative = _spool_move(ctx, received, extra)
     inspected = Inspected(uids, header, syntax)
     sender = (arrival.calling_ae_title, arrival.peer_address)
-    return _record(ctx, instance_record(inspected, relative, content, sender), extra)
+    return _record(ctx, instance_record(inspected, relative, arrival.content, sender), extra)
 
 
 def check_room(ctx: NodeContext, needed: int, extra: dict[str, Any]) -> None:

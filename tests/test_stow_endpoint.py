@@ -128,6 +128,13 @@ def test_a_posted_series_is_stored_and_settles_into_a_job(
     assert (job.series_instance_uid, job.instance_count) == (series_uid, len(phantom_series))
     assert job.calling_ae_title == "scanner"
     assert job.state == JobState.QUEUED  # no work role here: it waits for a worker
+    posted = {uid_of(path): path.read_bytes() for path in phantom_series}
+    recorded = {row.sop_instance_uid: row for row in node.queries.series_instances(series_uid)}
+    for uid, data in posted.items():  # hashed as streamed: the digest of the posted bytes
+        assert (recorded[uid].sha256, recorded[uid].size_bytes) == (
+            hashlib.sha256(data).hexdigest(),
+            len(data),
+        )
 
     again = stow(
         node,

@@ -15,14 +15,18 @@ start (``remove_part_files``), when none of its requests can be running.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 #: Parts per request: each is a file, so a body of tiny parts cannot make millions.
 MAX_PARTS = 10_000
@@ -54,11 +58,19 @@ def remove_part_files(folder: Path) -> int:
 @dataclass
 class Part:
     """One part's file, its Content-Type (empty when the part has none) and whether
-    writing it failed (the disk is full): such a part is refused, not stored in part."""
+    writing it failed (the disk is full): such a part is refused, not stored in part.
+    Its bytes are hashed as they are written, as the C-STORE receiver does."""
 
     path: Path
     content_type: str = ""
     write_failed: bool = False
+    size: int = 0
+    digest: _Hash = field(default_factory=hashlib.sha256)
+
+    @property
+    def content(self) -> tuple[str, int]:
+        """(SHA-256, size) of what was written, as the job table records them."""
+        return self.digest.hexdigest(), self.size
 
 
 class PartsToFiles:
@@ -166,11 +178,15 @@ class PartsToFiles:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._handle is None:
             return
+        part, chunk = self.parts[-1], data[start:end]
         try:
-            self._handle.write(data[start:end])
+            self._handle.write(chunk)
         except OSError:
-            self.parts[-1].write_failed = True
+            part.write_failed = True
             self._close_handle()
+            return
+        part.digest.update(chunk)
+        part.size += len(chunk)
 
     def _part_end(self) -> None:
         self._close_handle()
