@@ -6,8 +6,9 @@ Each run starts a fresh Orthanc (empty storage).  storescu (``TCP_NODELAY=1``) s
 phantom series' files in one association.  The node's sender gets the same files as the
 derived series of a job in ``sending`` on a fresh SQLite job table (made by the job
 table's own verbs, as a worker leaves it), and the time is that of ``Sender.run_once``,
-which claims the job, opens one association, sends every instance, records each
-acknowledgement and concludes the job.  The runs are interleaved.
+which claims the job, opens its associations (1, 2, and the default
+``associations``), sends every instance, records each acknowledgement and concludes
+the job.  The runs are interleaved.
 
 ``--dicomweb`` compares STOW-RS batch sizes instead: the node's sender posts the series
 to Orthanc's DICOMweb plugin ``BATCHES`` instances per request (16 is the default of
@@ -34,6 +35,7 @@ from devtools.records import file_record
 from node.config import Settings
 from node.context import NodeContext
 from node.db import utcnow
+from node.destinations import Destination
 from node.jobs.manager import DerivedFile, NewJob
 from node.sender import Sender
 from node.spool import Spool
@@ -75,8 +77,18 @@ def sending_job(ctx: NodeContext, paths: Sequence[Path]) -> int:
     return job_id
 
 
-def dicom_destination(server: OrthancServer) -> dict[str, object]:
-    return {"ae_title": server.ae_title, "host": server.host, "port": server.dicom_port}
+def dicom_destination(associations: int) -> Callable[[OrthancServer], dict[str, object]]:
+    """A DICOM destination sending over ``associations`` associations at once."""
+
+    def destination(server: OrthancServer) -> dict[str, object]:
+        return {
+            "ae_title": server.ae_title,
+            "host": server.host,
+            "port": server.dicom_port,
+            "associations": associations,
+        }
+
+    return destination
 
 
 def stow_destination(
@@ -150,11 +162,14 @@ def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
     count = common.slices(args)
     repeat = args.repeat or (1 if args.quick else 3)
     paths = common.phantom_series(count)
-    senders: dict[str, Sender_] = {
-        "DCMTK storescu": storescu,
-        "node's sender": node_sender(dicom_destination),
-    }
-    how = "in one association"
+    default = Destination.model_fields["associations"].default
+    senders: dict[str, Sender_] = {"DCMTK storescu (one association)": storescu}
+    for associations in sorted({1, 2, default}):
+        label = f"node's sender, {associations} association(s)"
+        if associations == default:
+            label += " (default)"
+        senders[label] = node_sender(dicom_destination(associations))
+    how = "by C-STORE"
     if args.dicomweb:
         senders = {
             f"STOW-RS, {n} per request": node_sender(stow_destination(n, proxy)) for n in BATCHES
@@ -183,7 +198,7 @@ def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
         ],
     )
     if not args.dicomweb:
-        common.note("target: the node's sender >= 0.8x storescu")
+        common.note("target: the node's sender (its default settings) >= 0.8x storescu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,9 +33,9 @@ from pynetdicom.events import Event, EventHandlerType
 # Made at import time, so mypy cannot see it.
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
+from node.destinations import Destination
 from node.instance_checks import shown_uid
 from node.jobs.delivery import ReportOutcome
 from node.jobs.manager import JobManager

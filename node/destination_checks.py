@@ -15,8 +15,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node.association_request import request_association
-from node.config import Destination, DicomWebDestination
 from node.context import NodeContext
+from node.destinations import Destination, DicomWebDestination
 from node.dicom_tls import TLSSetupError, client_tls_args
 from node.dicomweb_client import DicomWebClient
 

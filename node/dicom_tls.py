@@ -10,7 +10,8 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from node.config import Destination, Settings
+from node.config import Settings
+from node.destinations import Destination
 
 
 class TLSSetupError(Exception):

@@ -28,7 +28,7 @@ from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit
 
-from node.config import DicomWebDestination
+from node.destinations import DicomWebDestination
 from node.send_errors import DeliveryError, Failure
 
 ACCEPT = "application/dicom+json"

@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from node import unrecorded
-from node.config import Destination
 from node.context import NodeContext
 from node.db import utcnow
+from node.destinations import Destination
 from node.jobs.records import HousekeepingView, JobView
 from node.overview import format_bytes
 

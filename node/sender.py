@@ -29,26 +29,18 @@ else it stays ``sending`` and is tried again after the backoff.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.association_request import request_association
+from node.c_store_client import CStoreClient, associate
 from node.commitment import STORAGE_COMMITMENT, Committer
-from node.config import Destination, DicomWebDestination
 from node.context import NodeContext
-from node.dicom_tls import TLSSetupError, client_tls_args
+from node.destinations import Destination, DicomWebDestination
 from node.dicomweb_client import DicomWebClient, Part, batches
 from node.jobs.manager import LostClaim
 from node.jobs.records import DerivedView, JobView
@@ -56,8 +48,6 @@ from node.jobs.states import DeliveryState
 from node.send_errors import DeliveryError, Failure, is_retryable_status
 
 log = logging.getLogger(__name__)
-
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 class Stopping(Exception):
@@ -253,12 +243,18 @@ class Sender:
         self._heartbeat_if_due(job)
         if isinstance(destination, DicomWebDestination):
             return self._stow_all(job, name, destination, missing)
-        assoc = self._associate(name, destination)
-        try:
-            return self._store_all(job, name, destination, assoc, missing)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        instances = [(item.sop_instance_uid, self._spool_file(name, item)) for item in missing]
+
+        def before_each() -> None:
+            if self._stop.is_set():
+                raise Stopping
+            self._heartbeat_if_due(job)
+
+        def record(acknowledged: list[tuple[str, int]]) -> None:
+            self.manager.record_deliveries(job.id, name, acknowledged)
+
+        client = CStoreClient(self.settings, name, destination, before_each, record)
+        return client.store(instances)
 
     def _stow_all(
         self, job: JobView, name: str, destination: DicomWebDestination, missing: list[DerivedView]
@@ -276,8 +272,7 @@ class Sender:
                 raise Stopping
             self._heartbeat_if_due(job)
             result = client.store(batch)
-            for uid, status in result.stored.items():
-                self.manager.record_delivery(job.id, name, uid, status)
+            self.manager.record_deliveries(job.id, name, list(result.stored.items()))
             sent += len(result.stored)
             refused.update(result.failed)
         if refused:
@@ -305,7 +300,7 @@ class Sender:
     ) -> Association | None:
         """An association for a storage commitment request; None (logged) when refused."""
         try:
-            return self._associate(name, destination, STORAGE_COMMITMENT, handlers)
+            return associate(self.settings, name, destination, STORAGE_COMMITMENT, handlers)
         except DeliveryError as exc:
             log.warning(
                 "storage commitment request not sent: %s",
@@ -313,120 +308,6 @@ class Sender:
                 extra={"destination": name, "outcome": "commitment request failed"},
             )
             return None
-
-    def _associate(
-        self,
-        name: str,
-        destination: Destination,
-        sop_class: str = CTImageStorage,
-        handlers: list[EventHandlerType] | None = None,
-    ) -> Association:
-        """An association that accepted ``sop_class``, or a DeliveryError that says why."""
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
-        timeout = self.settings.send_timeout_seconds
-        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        try:
-            tls_args = client_tls_args(self.settings, destination)
-        except TLSSetupError as exc:
-            raise DeliveryError(name, str(exc), Failure.BROKEN) from exc
-        assoc, rejection = request_association(
-            ae,
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            max_pdu=self.settings.max_pdu_size,
-            tls_args=tls_args,
-            evt_handlers=handlers,
-        )
-        if rejection is not None:
-            # rejected-permanent (an unknown AE title, say) will not change by retrying
-            failure = Failure.REFUSED if rejection.permanent else Failure.TRANSIENT
-            message = f"{peer} rejected the association ({rejection.words})"
-            raise DeliveryError(name, message, failure)
-        if not assoc.is_established:
-            reason = "could not be reached (connection refused, aborted or timed out)"
-            raise DeliveryError(name, f"{peer} {reason}", Failure.TRANSIENT)
-        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
-            assoc.release()
-            raise DeliveryError(
-                name, f"{peer} refused the {UID(sop_class).name} SOP class", Failure.REFUSED
-            )
-        return assoc
-
-    def _store_all(
-        self,
-        job: JobView,
-        name: str,
-        destination: Destination,
-        assoc: Association,
-        missing: list[DerivedView],
-    ) -> int:
-        sent = 0
-        _without_delay(assoc)
-        for item in missing:
-            if self._stop.is_set():
-                raise Stopping
-            self._heartbeat_if_due(job)
-            uid = item.sop_instance_uid
-            path = self._spool_file(name, item)
-            try:
-                status = assoc.send_c_store(_payload(path, assoc))
-            except RuntimeError as exc:  # pynetdicom's answer once the peer has aborted
-                if assoc.is_established:
-                    raise
-                raise DeliveryError(
-                    name, f"association aborted before the C-STORE of {uid}", Failure.TRANSIENT
-                ) from exc
-            except (ValueError, AttributeError, InvalidDicomError) as exc:
-                raise DeliveryError(
-                    name, f"cannot send derived instance {uid}: {exc}", Failure.BROKEN
-                ) from exc
-            if "Status" not in status:
-                raise DeliveryError(
-                    name,
-                    f"no answer to the C-STORE of {uid} (association aborted or timed out)",
-                    Failure.TRANSIENT,
-                )
-            code = int(status.Status)
-            if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
-                self.manager.record_delivery(job.id, name, uid, code)
-                sent += 1
-                continue
-            comment = status.get("ErrorComment")
-            answer = f"status 0x{code:04X}" + (f" ({comment})" if comment else "")
-            raise DeliveryError(
-                name,
-                f"{destination.ae_title} answered {answer} to the C-STORE of {uid}",
-                Failure.TRANSIENT if is_retryable_status(code) else Failure.REFUSED,
-            )
-        return sent
-
-
-def _without_delay(assoc: Association) -> None:
-    """Turn Nagle's algorithm off, as storescu's ``TCP_NODELAY=1`` does: pynetdicom writes
-    each PDU with its own ``send``, and an instance's last, short PDU would otherwise wait
-    for the peer's delayed acknowledgement (measured: 3x fewer instances per second)."""
-    transport = assoc.dul.socket
-    if transport is not None and transport.socket is not None:
-        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _payload(path: Path, assoc: Association) -> Path | Dataset:
-    """The file itself where the peer accepted its transfer syntax (derived instances
-    are Explicit VR Little Endian): pynetdicom then sends the stored bytes as they are,
-    never decoding and encoding them again.  Else the data set, which pynetdicom
-    converts to the syntax the peer accepted."""
-    if any(
-        cx.abstract_syntax == CTImageStorage and cx.transfer_syntax[0] == ExplicitVRLittleEndian
-        for cx in assoc.accepted_contexts
-    ):
-        # Process-wide in pynetdicom; it applies only to C-STOREs given a path, and the
-        # node sends a path nowhere else.
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        return path
-    return dcmread(path)
 
 
 def _stow_refusal(name: str, url: str, refused: dict[str, int | None]) -> DeliveryError:

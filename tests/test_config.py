@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from node.config import ConfigError, Destination, DicomWebDestination, load_settings
+from node.config import ConfigError, load_settings
+from node.destinations import Destination, DicomWebDestination
 
 
 def test_defaults_run_on_a_laptop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

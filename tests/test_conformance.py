@@ -24,8 +24,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from devtools.tools import free_port
-from node.config import Destination, Settings
+from node.c_store_client import associate
+from node.config import Settings
 from node.context import NodeContext
+from node.destinations import Destination
 from node.receiver import Receiver
 from node.sender import Sender
 
@@ -113,7 +115,7 @@ def test_the_sender_proposes_exactly_the_listed_classes_and_syntaxes(ctx: NodeCo
         destination = Destination(ae_title="PACS", host="127.0.0.1", port=port)
         sender = Sender(ctx, threading.Event())
         for assoc in (
-            sender._associate("pacs", destination),
+            associate(ctx.settings, "pacs", destination),
             sender._connect_for_commitment("pacs", destination, []),
         ):
             assert assoc is not None

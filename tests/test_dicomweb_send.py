@@ -305,7 +305,7 @@ def test_orthanc_restarted_mid_series_gets_the_rest_once(
             send_retry_max_seconds=0.1,
         )
         job_id, uids, output_uid = make_sending_job(ctx, tmp_path, ["cloud"])
-        record = ctx.manager.record_delivery
+        record = ctx.manager.record_deliveries
 
         def record_then_stop_orthanc_after_the_first_batch(*args: Any) -> None:
             record(*args)
@@ -313,7 +313,7 @@ def test_orthanc_restarted_mid_series_gets_the_rest_once(
                 orthanc.stop()
 
         monkeypatch.setattr(
-            ctx.manager, "record_delivery", record_then_stop_orthanc_after_the_first_batch
+            ctx.manager, "record_deliveries", record_then_stop_orthanc_after_the_first_batch
         )
         sender = Sender(ctx)
         assert sender.run_once()

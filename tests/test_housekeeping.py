@@ -147,7 +147,7 @@ def acknowledged_by_pacs(node: AdminNode, name: str) -> None:
     assert ctx.manager.claim_sending_job("sender-1", stale_after=60) is not None
     ctx.manager.open_destinations(job_id, "sender-1", ["pacs"])
     for derived in ctx.queries.derived_instances(job_id):
-        ctx.manager.record_delivery(job_id, "pacs", derived.sop_instance_uid, 0)
+        ctx.manager.record_deliveries(job_id, "pacs", [(derived.sop_instance_uid, 0)])
     ctx.manager.acknowledge_destination(job_id, "sender-1", "pacs")
 
 

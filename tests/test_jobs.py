@@ -58,7 +58,7 @@ def test_full_lifecycle_writes_a_timeline(manager: JobManager, queries: JobQueri
     sending = manager.claim_sending_job("s1", stale_after=60)
     assert sending is not None and sending.id == job_id
     assert [d.sop_instance_uid for d in queries.missing_deliveries(job_id, "pacs")] == ["9.1"]
-    manager.record_delivery(job_id, "pacs", "9.1", 0)
+    manager.record_deliveries(job_id, "pacs", [("9.1", 0)])
     assert queries.missing_deliveries(job_id, "pacs") == []
     manager.finish_sending(job_id, "s1", "1 instance acknowledged")
     assert queries.get_job(job_id).state == JobState.DONE
@@ -227,7 +227,7 @@ def test_resend_adds_the_destination_and_sends_only_to_it_again(
     )
     manager.finish_denoising(job_id, "w1", "9", "m", "1", "done")
     manager.claim_sending_job("s1", 60)
-    manager.record_delivery(job_id, "pacs", "9.1", 0)
+    manager.record_deliveries(job_id, "pacs", [("9.1", 0)])
     manager.finish_sending(job_id, "s1", "ok")
     manager.resend_job(job_id, "archive", "admin")
     job = queries.get_job(job_id)

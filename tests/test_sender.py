@@ -147,7 +147,7 @@ def test_after_a_restart_only_the_missing_instances_are_sent(
     crashed = ctx.manager.claim_sending_job("crashed-sender", 0.5)
     assert crashed is not None
     for uid in uids[:2]:
-        ctx.manager.record_delivery(job_id, "pacs", uid, 0x0000)
+        ctx.manager.record_deliveries(job_id, "pacs", [(uid, 0x0000)])
 
     sender = Sender(ctx)
     assert not sender.run_once()  # its claim is still fresh
@@ -214,6 +214,7 @@ class StatusSCP:
         self.status = 0x0000
         self.on_store: Callable[[], None] | None = None
         self.received: list[str] = []
+        self.associations: list[int] = []  # which association stored each instance
         self.port = free_port()
         self.tls = ssl_context is not None
         ae = AE(ae_title="STATUSSCP")
@@ -227,6 +228,7 @@ class StatusSCP:
 
     def _handle_store(self, event: evt.Event) -> int:
         self.received.append(event.request.AffectedSOPInstanceUID)
+        self.associations.append(id(event.assoc))
         if self.on_store is not None:
             self.on_store()
         return self.status
@@ -236,9 +238,10 @@ class StatusSCP:
         for assoc in self._server.active_associations:
             assoc.abort()
 
-    def destination(self) -> dict[str, dict[str, Any]]:
+    def destination(self, associations: int = 1) -> dict[str, dict[str, Any]]:
+        """One association unless asked: most tests follow the instances in order."""
         peer = {"ae_title": "STATUSSCP", "host": "127.0.0.1", "port": self.port, "tls": self.tls}
-        return {"scp": peer}
+        return {"scp": {**peer, "associations": associations}}
 
     def close(self) -> None:
         self._server.shutdown()
@@ -270,7 +273,7 @@ def status_scp(
         if key not in scp_servers:
             scp_servers[key] = StatusSCP(list(syntaxes), ssl_context)
         scp = scp_servers[key]
-        scp.status, scp.on_store, scp.received = status, on_store, []
+        scp.status, scp.on_store, scp.received, scp.associations = status, on_store, [], []
         return scp
 
     return make
@@ -346,6 +349,75 @@ def test_instances_go_out_without_waiting_for_delayed_acknowledgements(
     assert len(no_delay) == len(uids) and all(no_delay)
 
 
+def test_instances_are_spread_over_the_destinations_associations(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    """Each instance once, over as many associations as the destination asks for."""
+    scp = status_scp(0x0000, on_store=lambda: time.sleep(0.05))  # a slow PACS: all 3 busy
+    ctx = make_context(scp.destination(associations=3))
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert sorted(scp.received) == sorted(uids)
+    assert len(set(scp.associations)) == 3
+    assert ctx.queries.delivery_counts(job_id) == {"scp": SLICES}
+
+
+def test_a_peer_that_takes_one_association_gets_every_instance_over_it(
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PACS limiting associations per calling AE rejects the extra ones (local limit
+    exceeded): the sender goes on over the one it got."""
+    received: list[str] = []
+    peer = AE(ae_title="ONLYONE")
+    peer.maximum_associations = 1
+    peer.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+
+    def store(event: evt.Event) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    port = free_port()
+    server = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+    )
+    try:
+        destination = {"ae_title": "ONLYONE", "host": "127.0.0.1", "port": port}
+        ctx = make_context({"pacs": {**destination, "associations": 4}})
+        job_id, uids, _ = make_sending_job(ctx, tmp_path, ["pacs"])
+        with caplog.at_level(logging.INFO, logger="node.c_store_client"):
+            assert Sender(ctx).run_once()
+    finally:
+        server.shutdown()
+
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert received == uids
+    assert "sending over 1 association(s) of 4" in caplog.text
+
+
+def test_a_refusal_stops_every_association_after_its_instance_in_flight(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    scp = status_scp(0xA900)
+    ctx = make_context(scp.destination(associations=3))
+    job_id, _, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    job = ctx.queries.get_job(job_id)
+    assert "STATUSSCP answered status 0xA900" in job.last_error
+    assert 1 <= len(scp.received) <= 3  # at most one instance per association, then none
+    assert ctx.queries.delivery_counts(job_id) == {}
+
+
 def test_implicit_only_peer_gets_the_explicit_files_converted(
     status_scp: Callable[..., StatusSCP],
     make_context: Callable[..., NodeContext],
@@ -399,7 +471,7 @@ def test_a_peer_abort_between_two_instances_is_tried_again_not_fatal(
     scp = status_scp(0x0000)
     ctx = make_context(scp.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01)
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
-    record = ctx.manager.record_delivery
+    record = ctx.manager.record_deliveries
 
     def record_then_the_peer_aborts(*args: Any) -> None:
         record(*args)
@@ -407,7 +479,7 @@ def test_a_peer_abort_between_two_instances_is_tried_again_not_fatal(
             scp.abort_associations()
             wait_until(lambda: not opened[0].is_established, 10, "the abort to arrive")
 
-    monkeypatch.setattr(ctx.manager, "record_delivery", record_then_the_peer_aborts)
+    monkeypatch.setattr(ctx.manager, "record_deliveries", record_then_the_peer_aborts)
     sender = Sender(ctx)
 
     assert sender.run_once()

@@ -285,7 +285,7 @@ def test_a_late_instance_costs_its_own_denoising_and_the_rest_is_reused(
     assert worker.run_once() is True
     assert context.queries.get_job(first).state == JobState.SENDING
     acknowledged = context.queries.derived_instances(first)[0].sop_instance_uid
-    context.manager.record_delivery(first, "pacs", acknowledged, 0)
+    context.manager.record_deliveries(first, "pacs", [(acknowledged, 0)])
     second = queue_series(context, series[6:])  # the series settles again: all 8 slices
     assert [i.sop_instance_uid for i in context.queries.job_inputs(second)] == [
         pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series

@@ -13,12 +13,12 @@ more (the destination is ``pending`` again), then the destination fails.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
@@ -243,25 +243,37 @@ class Deliveries(JobWriter):
         )
         return self._claim(query, JobState.SENDING, JobState.SENDING, sender, now, attempt=False)
 
-    def record_delivery(self, job_id: int, destination: str, sop_uid: str, status: int) -> None:
+    def record_deliveries(
+        self, job_id: int, destination: str, acknowledged: Sequence[tuple[str, int]]
+    ) -> None:
+        """Record acknowledged (SOP Instance UID, status) pairs in one transaction; one
+        already recorded (an instance sent again after a lost acknowledgement) stays as it was."""
+        if not acknowledged:
+            return
         with self._sessions.begin() as session:
-            exists = session.scalar(
-                select(Delivery.id).where(
-                    Delivery.job_id == job_id,
-                    Delivery.destination == destination,
-                    Delivery.sop_instance_uid == sop_uid,
-                )
-            )
-            if exists is None:
-                session.add(
-                    Delivery(
-                        job_id=job_id,
-                        destination=destination,
-                        sop_instance_uid=sop_uid,
-                        status=status,
-                        sent_at=utcnow(),
+            known = set(
+                session.scalars(
+                    select(Delivery.sop_instance_uid).where(
+                        Delivery.job_id == job_id,
+                        Delivery.destination == destination,
+                        Delivery.sop_instance_uid.in_([uid for uid, _ in acknowledged]),
                     )
                 )
+            )
+            now = utcnow()
+            rows = {
+                uid: {
+                    "job_id": job_id,
+                    "destination": destination,
+                    "sop_instance_uid": uid,
+                    "status": status,
+                    "sent_at": now,
+                }
+                for uid, status in acknowledged
+                if uid not in known
+            }
+            if rows:
+                session.execute(insert(Delivery), list(rows.values()))
 
     def postpone_sending(self, job_id: int, holder: str, error: str, delay: float) -> None:
         """A destination is unreachable: keep the job in ``sending`` and try later."""

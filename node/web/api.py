@@ -12,7 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from node import overview
-from node.config import AE_TITLE, PRIORITY_MAX, PRIORITY_MIN
+from node.config import PRIORITY_MAX, PRIORITY_MIN
+from node.destinations import AE_TITLE
 from node.jobs import JobState
 from node.overview import JobDetail, JobSummary, NodeStatus, naive_utc
 from node.web.auth import CSRF_HEADER, Principal, check_post
