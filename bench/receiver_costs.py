@@ -1,0 +1,178 @@
+"""Where the receiver's time goes: each stage of the C-STORE handler, and CPU per instance.
+
+``python -m bench.receiver_costs [--quick] [--slices N] [--senders 8]``
+
+The node's receiver runs in this process (``Receiver`` on a fresh SQLite job table and
+spool, durability on) so that its stages can be timed: ``storing.accept`` and the
+functions it calls are wrapped in ``time.perf_counter`` pairs, as are ``os.fsync`` calls.
+storescu sends the phantom series in one association; the wall time per instance is
+split into the handler's stages and the rest (pynetdicom receiving the data set, with
+its hash as the bytes arrive).  Then the process CPU time per instance (``getrusage``)
+with one association and with ``--senders`` at once, beside the durable floor of
+``bench.ingest`` (write once, fsync file and folder, one row) with one association.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import common
+from bench.ingest import durable_floor, storescu_parallel
+from devtools.tools import free_port
+from node import storing
+from node.config import Settings
+from node.context import NodeContext
+from node.receiver import Receiver
+
+#: The handler's stages, in the order ``storing.accept`` runs them.
+STAGES = (
+    "read_header",
+    "checked_uids",
+    "check_room",
+    "_check_supported",
+    "check_pixel_data",
+    "_spool_move",
+    "_record",
+)
+
+
+class StageClock:
+    """Seconds and calls per wrapped function, while installed."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.calls: Counter[str] = Counter()
+
+    def wrap(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - started
+                self.calls[label] += 1
+
+        return timed
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        originals = {name: getattr(storing, name) for name in (*STAGES, "accept")}
+        fsync = os.fsync
+        try:
+            for name, function in originals.items():
+                setattr(storing, name, self.wrap(name, function))
+            os.fsync = self.wrap("os.fsync (file and folder)", fsync)
+            yield
+        finally:
+            for name, function in originals.items():
+                setattr(storing, name, function)
+            os.fsync = fsync
+
+
+@contextmanager
+def receiver(folder: Path) -> Iterator[Receiver]:
+    """The node's receiver in this process, on a fresh SQLite job table and spool."""
+    settings = Settings(
+        state_dir=folder / "state",
+        database_url=f"sqlite:///{folder / 'jobs.sqlite'}",
+        port=free_port(),
+        spool_min_free_mb=0,
+        settle_seconds=3600,
+    )
+    ctx = NodeContext.open(settings)
+    started = Receiver(ctx)
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+        ctx.close()
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stage_table(paths: Sequence[Path]) -> None:
+    clock = StageClock()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
+        receiver(Path(folder)) as r,
+        clock.installed(),
+    ):
+        seconds = common.storescu(r.port, paths, r.ctx.settings.ae_title)
+    count = len(paths)
+    handler = clock.seconds["accept"]
+    rows: list[list[object]] = [["whole C-STORE, wall", seconds / count * 1000, ""]]
+    rows.append(["  storing.accept (the handler)", handler / count * 1000, ""])
+    for label in (*STAGES, "os.fsync (file and folder)"):
+        calls = clock.calls[label]
+        rows.append([f"    {label}", clock.seconds[label] / count * 1000, calls])
+    rows.append(
+        ["  the rest (pynetdicom receiving, hashing)", (seconds - handler) / count * 1000, ""]
+    )
+    common.print_table(
+        f"The node's receiver, {count} slices in one association (SQLite), ms per instance",
+        ["stage", "ms per instance", "calls"],
+        rows,
+    )
+
+
+def cpu_table(paths: Sequence[Path], senders: int) -> None:
+    count = len(paths)
+    rows: list[list[object]] = []
+    for associations in (1, senders):
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
+            receiver(Path(folder)) as r,
+        ):
+            title = r.ctx.settings.ae_title
+            before = cpu_seconds()
+            if associations == 1:
+                seconds = common.storescu(r.port, paths, title)
+            else:
+                seconds = storescu_parallel(r.port, paths, title, associations)
+            spent = cpu_seconds() - before
+        rows.append([f"node, {associations} association(s)", count / seconds, spent / count * 1000])
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
+        durable_floor("sqlite")(Path(folder)) as peer,
+    ):
+        before = cpu_seconds()
+        seconds = common.storescu(peer.port, paths, peer.ae_title)
+        spent = cpu_seconds() - before
+    rows.append(["durable floor (SQLite), 1 association", count / seconds, spent / count * 1000])
+    common.print_table(
+        f"CPU time of the receiving process, {count} slices",
+        ["receiver", "slices/s", "CPU ms per instance"],
+        rows,
+    )
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    paths = common.phantom_series(common.slices(args))
+    stage_table(paths)
+    cpu_table(paths, args.senders)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = common.parser(__doc__.splitlines()[0])
+    options.add_argument("--senders", type=int, default=8, help="concurrent associations (8)")
+    return common.run("Receiver costs", options, benchmark, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
