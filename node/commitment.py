@@ -77,10 +77,7 @@ class Committer:
 
     def _committing(self, name: str) -> Destination | None:
         """The DICOM destination ``name`` where it asks for commitment (DICOMweb has none)."""
-        destination = self.ctx.settings.destinations.get(name)
-        if isinstance(destination, Destination) and destination.storage_commitment:
-            return destination
-        return None
+        return self.ctx.settings.committing().get(name)
 
     def step(self, job: JobView, state: DestinationView) -> None:
         """Fail the destination when its timeout passed; else send the request when due."""

@@ -248,6 +248,14 @@ class Settings(BaseSettings):
     def model_file(self) -> Path:
         return self.model_path or SHIPPED_MODEL
 
+    def committing(self) -> dict[str, Destination]:
+        """The DICOM destinations that ask for storage commitment (DICOMweb defines none)."""
+        return {
+            name: destination
+            for name, destination in self.destinations.items()
+            if isinstance(destination, Destination) and destination.storage_commitment
+        }
+
     def check_references(self) -> None:
         """Rules may only name destinations that exist."""
         for index, rule in enumerate(self.rules):

@@ -24,7 +24,6 @@ from pathlib import Path
 from node import unrecorded
 from node.context import NodeContext
 from node.db import utcnow
-from node.destinations import Destination
 from node.jobs.records import HousekeepingView, JobView
 from node.overview import format_bytes
 
@@ -116,12 +115,11 @@ def _purge_job(
 
 
 def _purgeable(ctx: NodeContext, finished_before: datetime) -> list[JobView]:
-    committing = {
-        name: d.commitment_timeout_seconds
-        for name, d in ctx.settings.destinations.items()
-        if isinstance(d, Destination) and d.storage_commitment
+    timeouts = {
+        name: destination.commitment_timeout_seconds
+        for name, destination in ctx.settings.committing().items()
     }
-    return ctx.queries.purgeable_jobs(finished_before, committing)
+    return ctx.queries.purgeable_jobs(finished_before, timeouts)
 
 
 def spool_used_percent(ctx: NodeContext) -> float:
