@@ -1,7 +1,11 @@
 """``denoise-node jobs forget ID`` and the dashboard's Forget: a clean slate for a resend.
 
 The rows go first (``JobManager.forget_job``), then the files no row names any more, so a
-crash in between leaves only unreferenced files, never rows without files.  Audited.
+crash in between leaves only unreferenced files, never rows without files.  Those files
+are marked as the receiver marks copies no row names (``node.unrecorded``) before the
+rows' deletion commits: after such a crash the start-up recovery leaves them (it would
+otherwise record a forgotten series again) and housekeeping removes them after
+``unrecorded_grace_seconds``.  Audited.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 
+from node import unrecorded
 from node.context import NodeContext
 from node.jobs import TransitionError
 from node.jobs.forgetting import ForgottenJob
@@ -29,14 +34,10 @@ def forget(ctx: NodeContext, job_id: int, actor: str) -> ForgottenJob:
     except TransitionError as exc:
         raise JobNotFound(str(exc)) from exc
     try:
-        forgotten = ctx.manager.forget_job(job_id)
+        forgotten = ctx.manager.forget_job(job_id, lambda paths: mark_forgotten(ctx, paths))
     except TransitionError as exc:
         raise ActionRefused(str(exc)) from exc
-    removed = 0
-    for path in forgotten.spool_paths:
-        with suppress(FileNotFoundError):
-            ctx.spool.path(path).unlink()
-            removed += 1
+    removed = remove_forgotten(ctx, forgotten.spool_paths)
     drop_previews(ctx.settings, job_id)
     log.warning(
         "job %s forgotten by %s: its series' rows and %d spool files removed",
@@ -52,6 +53,23 @@ def forget(ctx: NodeContext, job_id: int, actor: str) -> ForgottenJob:
         },
     )
     return forgotten
+
+
+def mark_forgotten(ctx: NodeContext, paths: list[str]) -> None:
+    """Mark the files whose rows are about to go (``node.unrecorded``)."""
+    for path in paths:
+        unrecorded.mark(ctx.spool, path)
+
+
+def remove_forgotten(ctx: NodeContext, paths: list[str]) -> int:
+    """Remove the forgotten files, then their marks; returns how many files were there."""
+    removed = 0
+    for path in paths:
+        with suppress(FileNotFoundError):
+            ctx.spool.path(path).unlink()
+            removed += 1
+        unrecorded.unmark(ctx.spool, path)
+    return removed
 
 
 def add_forget_command(

@@ -6,7 +6,10 @@ lost), and marks it: an empty file at the same relative path under ``unrecorded/
 sender was answered with a failure and sends again, so a marked copy that no row names
 after ``unrecorded_grace_seconds`` holds nothing acknowledged.  Housekeeping removes it
 then, not after the day-long grace of other orphans: a database outage with retries
-must not fill the spool with one copy per retry.
+must not fill the spool with one copy per retry.  ``jobs forget`` marks the files of the
+series it forgets the same way before their rows go (``node.forget``): a crash before it
+removes them leaves them to housekeeping too, and the start-up recovery, which records
+unnamed files again, leaves every marked file alone.
 """
 
 from __future__ import annotations

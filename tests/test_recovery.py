@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+import node.forget
 from devtools.phantom import PhantomSpec, write_phantom_series
 from node.context import NodeContext
 from node.db import utcnow
+from node.housekeeping import purge_spool
 from node.recovery import rerecord_unrecorded
+from tests.fixtures.jobs import settle_series
 from tests.test_receiver import make_context
 
 
@@ -52,3 +55,32 @@ def test_the_walk_stops_after_two_whole_date_folders(ctx: NodeContext, tmp_path:
     assert oldest not in recorded(ctx, series_uid)
     (series,) = ctx.queries.settled_series(utcnow() + timedelta(days=1))
     assert (series.series_instance_uid, series.instance_count) == (series_uid, 3)
+
+
+def test_a_forget_cut_short_leaves_its_files_to_housekeeping_not_to_recovery(
+    ctx: NodeContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows of a forgotten series are gone and the process dies before its files are:
+    the next start must not record the series again (the administrator asked for it to be
+    gone), and housekeeping removes the files."""
+    paths = write_phantom_series(tmp_path / "series", PhantomSpec(slices=3, size=64, seed=6))
+    series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    for path in paths:
+        put(ctx, path, "20260105")
+    assert rerecord_unrecorded(ctx) == 3
+    job_id = settle_series(ctx.manager, ctx.queries, series_uid, skip="too few slices")
+
+    def crash(_ctx: NodeContext, _paths: list[str]) -> int:
+        raise SystemExit("killed between the rows and the files")
+
+    monkeypatch.setattr(node.forget, "remove_forgotten", crash)
+    with pytest.raises(SystemExit):
+        node.forget.forget(ctx, job_id, "test")
+    spooled = sorted((ctx.spool.root / "incoming" / "20260105").glob("*.dcm"))
+    assert len(spooled) == 3 and recorded(ctx, series_uid) == set()
+
+    assert rerecord_unrecorded(ctx) == 0, "a forgotten series is not recorded again"
+    ctx.settings = ctx.settings.model_copy(update={"unrecorded_grace_seconds": 1e-3})
+    assert purge_spool(ctx, ctx.settings.retention_days, "test").orphan_files == 3
+    assert not any(path.exists() for path in spooled)
+    assert not list(ctx.spool.root.rglob("*.unrecorded")), "the marks go too"

@@ -3,11 +3,14 @@
 A different copy of an already-received instance keeps the first copy (by design), so a
 series that failed on bad input could never be fixed by the scanner; forgetting drops
 the series, its instances and the job (events, inputs, derived files, deliveries).
-Files are only named here: the caller removes them after the rows are gone.
+Files are only named here: the caller removes them after the rows are gone, and
+marks them before (``before_commit``), so that a crash in between leaves them to
+housekeeping, not to the start-up recovery that records unnamed files again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -34,8 +37,13 @@ class ForgottenJob:
     spool_paths: list[str]
 
 
-def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
+def forget_job(
+    sessions: sessionmaker[Session],
+    job_id: int,
+    before_commit: Callable[[list[str]], None] | None = None,
+) -> ForgottenJob:
     """Delete the rows; TransitionError when the job is missing, unfinished or not alone.
+    ``before_commit`` gets the files that no row will name, before the deletion commits.
 
     The series row is locked first: the receiver counts each new instance on it in the
     instance's own transaction, so an instance is either committed before and forgotten
@@ -84,4 +92,7 @@ def forget_job(sessions: sessionmaker[Session], job_id: int) -> ForgottenJob:
                 select(table.spool_path).where(table.spool_path.in_(candidates))
             )
         }
-    return ForgottenJob(job_id, series_uid, [p for p in candidates if p not in still_used])
+        unnamed = [path for path in candidates if path not in still_used]
+        if before_commit is not None:
+            before_commit(unnamed)
+    return ForgottenJob(job_id, series_uid, unnamed)

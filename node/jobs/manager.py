@@ -7,6 +7,7 @@ Reads live in ``node.jobs.queries``, the process registry in ``node.jobs.registr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -334,9 +335,11 @@ class JobManager(Intake, Deliveries):
         """A series' received files no job needs, locked while removed (``node.jobs.purging``)."""
         return held_received_files(self._sessions, series_instance_uid, finished_before)
 
-    def forget_job(self, job_id: int) -> ForgottenJob:
+    def forget_job(
+        self, job_id: int, before_commit: Callable[[list[str]], None] | None = None
+    ) -> ForgottenJob:
         """Drop a finished job and its series' rows (``node.jobs.forgetting``)."""
-        return forget_job(self._sessions, job_id)
+        return forget_job(self._sessions, job_id, before_commit)
 
     def set_priority(self, job_id: int, priority: int, actor: str) -> int:
         """Change a job's priority in any state; returns the old one.  Audited in the timeline."""
