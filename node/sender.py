@@ -1,8 +1,10 @@
-"""The sender: a job's derived series to each of its destinations, by C-STORE or, for
-``kind = "dicomweb"`` destinations, by STOW-RS (``node.dicomweb_client``).
+"""The sender: a job's derived series to each of its destinations, by C-STORE over several
+associations (``node.c_store_client``) or, for ``kind = "dicomweb"`` destinations, by
+STOW-RS (``node.dicomweb_client``).
 
-Acknowledgements are recorded one by one, so after a restart (or an outage) only what
-is missing is sent.  Each destination has a delivery state (``pending``,
+Acknowledgements are recorded as they arrive (a batch per transaction where several
+associations or a STOW-RS request bring them together), so after a restart (or an
+outage) only what is missing is sent.  Each destination has a delivery state (``pending``,
 ``acknowledged``, ``committed``, ``failed``); a failure to send falls in one of three kinds:
 
 * transient — the association could not be opened, was aborted or timed out, was
