@@ -160,13 +160,14 @@ class CStoreClient:
 
     def _send_over(self, assoc: Association, instances: Iterator[tuple[str, Path]]) -> int:
         _without_delay(assoc)
-        sent = 0
+        sent = previous = 0
         for uid, path in instances:
+            self._acknowledged.wait(previous)
             self._before_each()
             status = self._c_store(assoc, uid, path)
             code = int(status.Status)
             if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
-                self._acknowledged.add(uid, code)
+                previous = self._acknowledged.add(uid, code)
                 sent += 1
                 continue
             comment = status.get("ErrorComment")
@@ -203,42 +204,64 @@ class CStoreClient:
 
 class GroupCommit:
     """Acknowledgements of several associations, recorded by whichever of their threads
-    is free: a batch per transaction instead of one per instance, and no thread waits
-    for another's commit (SQLite would make them queue for its write lock).
+    is free: a batch per transaction instead of one per instance, and no thread queues
+    for another's commit (SQLite would make them wait for its write lock in turn).
 
-    With one association every acknowledgement is committed before the next C-STORE,
-    as before.  Acknowledgements not yet committed when the process dies are sent
-    again by the next attempt: the PACS gets those instances twice, with the same UIDs.
+    Each association waits, before its next C-STORE, until its previous acknowledgement
+    is recorded (``wait``), so at most one of its instances is ever stored by the peer
+    and not yet recorded, as with one association.  What was not recorded when the
+    process died is sent again by the next attempt: the PACS gets those few instances
+    twice, with the same UIDs.
     """
 
     def __init__(self, record: Record) -> None:
         self._record = record
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._pending: list[tuple[str, int]] = []
+        self._queued = 0  # tickets handed out, one per acknowledgement
+        self._recorded = 0  # tickets recorded (batches are recorded in ticket order)
         self._recording = False
+        self._failed: BaseException | None = None
 
-    def add(self, uid: str, status: int) -> None:
-        """Queue one; record the queue unless another thread is already doing it."""
-        with self._lock:
+    def add(self, uid: str, status: int) -> int:
+        """Queue one and return its ticket; record the queue unless another thread is
+        already doing it."""
+        with self._changed:
             self._pending.append((uid, status))
+            self._queued += 1
+            ticket = self._queued
             if self._recording:
-                return
+                return ticket
             self._recording = True
         self.drain()
+        return ticket
+
+    def wait(self, ticket: int) -> None:
+        """Until the acknowledgement of ``ticket`` is recorded; raises what recording raised."""
+        with self._changed:
+            while self._recorded < ticket:
+                if self._failed is not None:
+                    raise self._failed
+                self._changed.wait()
 
     def drain(self) -> None:
         """Record batches until nothing is queued (raises what recording raised)."""
         try:
             while True:
-                with self._lock:
+                with self._changed:
                     batch, self._pending = self._pending, []
                     if not batch:
                         self._recording = False
                         return
                 self._record(batch)
-        except BaseException:
-            with self._lock:
+                with self._changed:
+                    self._recorded += len(batch)
+                    self._changed.notify_all()
+        except BaseException as exc:
+            with self._changed:
                 self._recording = False
+                self._failed = exc
+                self._changed.notify_all()
             raise
 
 
