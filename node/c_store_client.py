@@ -106,8 +106,16 @@ class CStoreClient:
 
     def store(self, instances: Sequence[tuple[str, Path]]) -> int:
         """C-STORE each (SOP Instance UID, file); raises the first failure, after every
-        association has finished the instance it had in flight."""
-        associations = self._open(max(1, min(self.destination.associations, len(instances))))
+        association has finished the instance it had in flight.
+
+        The first association opens before anything is sent (its failure is the
+        destination's); the others open beside it while it sends, each in its own thread,
+        which releases it when the queue is empty.  A peer that serves one association at
+        a time (DCMTK's storescp without ``--fork``) answers the others only after the
+        first is released, when nothing is left for them.
+        """
+        wanted = max(1, min(self.destination.associations, len(instances)))
+        first = associate(self.settings, self.name, self.destination)
         queue = iter(instances)
         lock = threading.Lock()
         failed = threading.Event()
@@ -120,43 +128,39 @@ class CStoreClient:
                     return
                 yield item
 
-        def send_all(assoc: Association) -> int:
+        def send_all(assoc: Association | None) -> int:
+            assoc = assoc or self._open_another(wanted)
+            if assoc is None:
+                return 0
             try:
                 return self._send_over(assoc, take())
             except BaseException:
                 failed.set()
                 raise
-
-        try:
-            with ThreadPoolExecutor(len(associations), thread_name_prefix="c-store") as pool:
-                futures = [pool.submit(send_all, assoc) for assoc in associations]
-            errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
-            self._acknowledged.drain()  # what was acknowledged is recorded, failure or not
-            if errors:
-                raise _first(errors)
-            return sum(f.result() for f in futures)
-        finally:
-            for assoc in associations:
+            finally:
                 if assoc.is_established:
                     assoc.release()
 
-    def _open(self, wanted: int) -> list[Association]:
-        """The first association must open (else its DeliveryError); of the others, those
-        the peer accepts."""
-        opened = [associate(self.settings, self.name, self.destination)]
-        for _ in range(wanted - 1):
-            try:
-                opened.append(associate(self.settings, self.name, self.destination))
-            except DeliveryError as exc:
-                log.info(
-                    "sending over %d association(s) of %d: %s",
-                    len(opened),
-                    wanted,
-                    exc,
-                    extra={"destination": self.name, "outcome": "fewer associations"},
-                )
-                break
-        return opened
+        with ThreadPoolExecutor(wanted, thread_name_prefix="c-store") as pool:
+            futures = [pool.submit(send_all, first if i == 0 else None) for i in range(wanted)]
+        errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
+        self._acknowledged.drain()  # what was acknowledged is recorded, failure or not
+        if errors:
+            raise _first(errors)
+        return sum(f.result() for f in futures)
+
+    def _open_another(self, wanted: int) -> Association | None:
+        """One more association, or None (logged) where the peer refuses or does not answer."""
+        try:
+            return associate(self.settings, self.name, self.destination)
+        except DeliveryError as exc:
+            log.info(
+                "an association of the %d asked for was not opened: %s",
+                wanted,
+                exc,
+                extra={"destination": self.name, "outcome": "fewer associations"},
+            )
+            return None
 
     def _send_over(self, assoc: Association, instances: Iterator[tuple[str, Path]]) -> int:
         _without_delay(assoc)
