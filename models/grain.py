@@ -9,7 +9,9 @@ texture: a radial NPS drawn at random, either
 - analytic filtered back projection: ``f * W(f / fc)^2`` below the cutoff ``fc``, with the
   window ``W`` a ramp, Shepp-Logan or Hann apodisation; or
 - measured on a real water phantom (Siemens head / body kernels, GE Revolution STANDARD),
-  once, cached, then stretched as if the image were resampled to another pixel size;
+  or on real low-dose patient series from differences of neighbouring slices (GE Discovery
+  ST: the texture of real low-dose noise, which no simulation made), once, cached, then
+  stretched as if the image were resampled to another pixel size;
 
 and, for both, an optional Gaussian blur (smoother kernels, slice interpolation).  White noise
 shaped by the square root of that NPS, normalised to unit variance, is the noise.
@@ -21,8 +23,16 @@ import math
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
-from models.data import SHARED_CT, CTSeries, cache_dir, load_series
+from models.data import (
+    REAL_LOWDOSE_TRAIN,
+    SHARED_CT,
+    SHARED_LOWDOSE,
+    CTSeries,
+    cache_dir,
+    load_series,
+)
 
 #: Water phantoms whose noise texture is measured (all are training data: no anatomy).
 WATER_PHANTOMS = (
@@ -38,6 +48,12 @@ FLAT_RANGE_HU = (-150.0, 250.0)
 WINDOWS = ("ramp", "shepp-logan", "hann")
 #: Bump when the measurement changes: part of the cache file name.
 NPS_VERSION = "nps-v1"
+#: Patient series: square patches of neighbouring-slice differences (smaller than NPS_PATCH:
+#: a cropped limb holds few 64 px squares of soft tissue; zero-padded to NPS_PATCH for the
+#: FFT, so the profile has the phantoms' bins), and the smoothing (px) of the pair's mean
+#: that decides what is soft tissue (raw low-dose pixels stray outside FLAT_RANGE_HU).
+DIFF_PATCH, DIFF_SMOOTH_PX = 48, 3.0
+DIFF_NPS_VERSION = "nps-diff-v1"
 
 
 def _plane_detrended(block: np.ndarray) -> np.ndarray:
@@ -63,11 +79,25 @@ def radial_profile(nps2d: np.ndarray) -> np.ndarray:
     return out
 
 
+def _flatter_half(found: list[tuple[float, np.ndarray]], name: str) -> tuple[np.ndarray, float]:
+    """Radial NPS (unit total power) and std of the flatter half of detrended patches: the
+    others hold edges (inserts, a phantom's rim, anatomy that did not cancel)."""
+    if len(found) < 4:
+        raise ValueError(f"{name}: too few flat patches to measure the NPS")
+    found.sort(key=lambda item: item[0])
+    flat = [r for _, r in found[: max(4, len(found) // 2)]]
+    size = (NPS_PATCH, NPS_PATCH)
+    power = np.mean([np.abs(np.fft.fft2(r, s=size)) ** 2 for r in flat], axis=0)
+    profile = radial_profile(power / flat[0].size)
+    variance = float(np.mean([r.var() for r in flat]))
+    return profile / profile.sum(), math.sqrt(variance)
+
+
 def measure_nps(series: CTSeries, stride: int = NPS_PATCH // 2) -> tuple[np.ndarray, float]:
     """Radial NPS (unit total power) and noise std (HU) of a uniform phantom's flat patches.
 
     Patches wholly inside water (FLAT_RANGE_HU, no padding) are plane-detrended; the flatter
-    half of them (the others hold insert edges or the phantom's rim) are averaged.
+    half of them are averaged.
     """
     lo, hi = FLAT_RANGE_HU
     found: list[tuple[float, np.ndarray]] = []
@@ -82,14 +112,38 @@ def measure_nps(series: CTSeries, stride: int = NPS_PATCH // 2) -> tuple[np.ndar
                     continue
                 residual = _plane_detrended(block)
                 found.append((float(residual.std()), residual))
-    if len(found) < 4:
-        raise ValueError(f"{series.name}: too few flat patches to measure the NPS")
-    found.sort(key=lambda item: item[0])
-    flat = [r for _, r in found[: max(4, len(found) // 2)]]
-    nps2d = np.mean([np.abs(np.fft.fft2(r)) ** 2 for r in flat], axis=0) / NPS_PATCH**2
-    profile = radial_profile(nps2d)
-    variance = float(np.mean([r.var() for r in flat]))
-    return profile / profile.sum(), math.sqrt(variance)
+    return _flatter_half(found, series.name)
+
+
+def measure_difference_nps(
+    series: CTSeries, stride: int = DIFF_PATCH // 4
+) -> tuple[np.ndarray, float]:
+    """Radial NPS (unit total power) and noise std (HU) of a patient series, from differences
+    of neighbouring slices in flat soft tissue.
+
+    Why differences: a patient has no uniform region large enough, and anatomy in one slice
+    would pass for grain.  Noise of two contiguous (not overlapping) slices is independent,
+    so their difference over sqrt(2) is noise of one slice's std and texture, while anatomy
+    that changes slowly along z cancels.  Patches lie wholly in soft tissue (the pair's
+    smoothed mean inside FLAT_RANGE_HU, no padding in either slice) and are plane-detrended;
+    the flatter half (the others hold edges that did not cancel) are averaged.
+    """
+    lo, hi = FLAT_RANGE_HU
+    found: list[tuple[float, np.ndarray]] = []
+    n_slices, h, w = series.hu.shape
+    p = DIFF_PATCH
+    for i in range(n_slices - 1):
+        a, b = series.hu[i].astype(np.float64), series.hu[i + 1].astype(np.float64)
+        mean = ndi.gaussian_filter(0.5 * (a + b), DIFF_SMOOTH_PX)
+        tissue = (mean > lo) & (mean < hi) & ~series.keep[i] & ~series.keep[i + 1]
+        difference = (b - a) / math.sqrt(2.0)
+        for y in range(0, h - p + 1, stride):
+            for x in range(0, w - p + 1, stride):
+                if not tissue[y : y + p, x : x + p].all():
+                    continue
+                residual = _plane_detrended(difference[y : y + p, x : x + p])
+                found.append((float(residual.std()), residual))
+    return _flatter_half(found, series.name)
 
 
 def phantom_profiles(names: tuple[str, ...] = WATER_PHANTOMS) -> dict[str, np.ndarray]:
@@ -104,6 +158,27 @@ def phantom_profiles(names: tuple[str, ...] = WATER_PHANTOMS) -> dict[str, np.nd
             np.save(tmp, profile)
             tmp.replace(path)
         out[name] = np.load(path)
+    return out
+
+
+def real_profiles(
+    names: tuple[str, ...] = REAL_LOWDOSE_TRAIN,
+) -> dict[str, tuple[np.ndarray, float]]:
+    """The radial NPS and noise std (HU) of each real low-dose training series
+    (:func:`measure_difference_nps`), cached in cache_dir()/nps."""
+    out = {}
+    for name in names:
+        if name not in REAL_LOWDOSE_TRAIN:
+            raise ValueError(f"{name} is not a real low-dose training series (models.data)")
+        path = cache_dir() / "nps" / f"{name}-{DIFF_NPS_VERSION}.npz"
+        if not path.exists():
+            profile, std = measure_difference_nps(load_series(SHARED_LOWDOSE / name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, profile=profile, std_hu=std)
+            tmp.replace(path)
+        with np.load(path) as stored:
+            out[name] = (stored["profile"], float(stored["std_hu"]))
     return out
 
 
@@ -158,10 +233,21 @@ class GrainBank:
     """
 
     def __init__(
-        self, config: dict, profiles: list[np.ndarray], device: torch.device | str = "cpu"
+        self,
+        config: dict,
+        profiles: list[np.ndarray],
+        device: torch.device | str = "cpu",
+        real: list[np.ndarray] | None = None,
     ) -> None:
         self.device = torch.device(device)
+        if real and not profiles:
+            raise ValueError("real low-dose profiles join the phantoms' profiles: none given")
         self.measured_prob = float(config.get("grain_measured_prob", 0.4)) if profiles else 0.0
+        #: Among measured textures, the share drawn from real low-dose series (``real``).
+        self.real_prob = float(config.get("grain_real_prob", 0.5)) if real else 0.0
+        self.real = (
+            torch.tensor(np.stack(real), dtype=torch.float32, device=self.device) if real else None
+        )
         self.cutoff = tuple(float(v) for v in config.get("grain_cutoff", (0.12, 0.5)))
         self.pixel_scale = tuple(float(v) for v in config.get("grain_pixel_scale", (0.5, 1.5)))
         self.blur_prob = float(config.get("grain_blur_prob", 0.3))
@@ -181,10 +267,15 @@ class GrainBank:
         shapes = analytic_nps(radius, window, cutoff)
         measured = (torch.rand(n, generator=g) < self.measured_prob).to(self.device)
         which = torch.randint(len(self.profiles), (n,), generator=g).to(self.device)
+        table = self.profiles[which]
+        if self.real is not None:
+            real = (torch.rand(n, generator=g) < self.real_prob).to(self.device)
+            pick = torch.randint(len(self.real), (n,), generator=g).to(self.device)
+            table = torch.where(real[:, None], self.real[pick], table)
         lo, hi = (math.log(v) for v in self.pixel_scale)
         scale = torch.exp(self._uniform(g, n, (lo, hi)))
-        phantom = stretched_profile(self.profiles[which], radius, scale)
-        shapes = torch.where(measured[:, None, None], phantom, shapes)
+        stretched = stretched_profile(table, radius, scale)
+        shapes = torch.where(measured[:, None, None], stretched, shapes)
         blurred = (torch.rand(n, generator=g) < self.blur_prob).to(self.device)
         sigma = torch.where(
             blurred, self._uniform(g, n, self.blur_px), torch.zeros(n).to(self.device)

@@ -46,8 +46,10 @@ class PatchSampler:
     The series are stacked once on the training device and each batch is one gather there,
     so a GPU never waits for the CPU.  The random numbers come from a seeded CPU generator:
     a seed draws the same patches on every machine.  ``profiles`` are the measured radial
-    NPS (models.grain.phantom_profiles) that grain patches may take their texture from; each
-    series may carry its full-dose noise std as ``native_hu`` (else ``native_noise_hu``).
+    NPS (models.grain.phantom_profiles) that grain patches may take their texture from, and
+    ``real_profiles`` those of real low-dose series (models.grain.real_profiles), drawn with
+    probability ``grain_real_prob`` among measured textures; each series may carry its
+    full-dose noise std as ``native_hu`` (else ``native_noise_hu``).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class PatchSampler:
         device: torch.device | str = "cpu",
         seed: int = 0,
         profiles: list[np.ndarray] | None = None,
+        real_profiles: list[np.ndarray] | None = None,
     ) -> None:
         if len({s["full"].shape[1:] for s in data}) != 1:
             raise ValueError("the training series must share one slice size")
@@ -90,7 +93,7 @@ class PatchSampler:
         self.grain_tilt = float(config.get("grain_tilt", 0.4))
         self.slab_prob = float(config.get("slab_prob", 0.0))
         self.slab_max = int(config.get("slab_max", 3))
-        self.grain = GrainBank(config, list(profiles or []), self.device)
+        self.grain = GrainBank(config, list(profiles or []), self.device, real_profiles)
         default_native = float(config.get("native_noise_hu", 10.0))
         self.native = torch.cat(
             [

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from models import SHIPPED_MODEL
 from models.data import SHARED_CT, TRAIN_SERIES, cache_dir, load_series
-from models.grain import phantom_profiles
+from models.grain import phantom_profiles, real_profiles
 from models.network import build, parameter_count
 from models.sampler import PatchSampler
 from models.simulate import SIM_VERSION, series_calibration, simulate_series
@@ -225,11 +225,15 @@ def train(
     t0 = time.perf_counter()
     train_data, val_data = load_pairs(config)
     profiles = list(phantom_profiles().values()) if config.get("grain_prob") else []
+    real = real_profiles(tuple(config.get("grain_real_series") or ()))
+    for name, (_, std) in real.items():
+        print(f"real low-dose texture {name}: noise {std:.1f} HU", flush=True)
     validate_now = _validation(config, val_data)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     budget_s = (minutes if minutes is not None else float(config["minutes"])) * 60
     run = Run(command, budget_s, resume, stop_after)
-    return fit(config, train_data, profiles, validate_now, run)
+    real_list = [profile for profile, _ in real.values()]
+    return fit(config, train_data, profiles, validate_now, run, real_list)
 
 
 def _masked_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -278,13 +282,15 @@ def fit(
     profiles: list[np.ndarray],
     validate_now: Callable[[torch.nn.Module, torch.device], dict],
     run: Run,
+    real_textures: list[np.ndarray] | None = None,
 ) -> Path:
     """Train (or continue from the last checkpoint); return the best checkpoint's path.
 
     The checkpoint ``last.pt`` (every ``save_every`` steps and at each validation) holds the
     weights, the optimizer, the sampler's random state, the history and the training time
     so far, so a run stopped at any point loses at most ``save_every`` steps; the time
-    budget and the step count are over the whole run, resumes included.
+    budget and the step count are over the whole run, resumes included.  ``real_textures``
+    are the radial NPS of real low-dose series that grain patches may take (PatchSampler).
     """
     torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(int(config["seed"]))
@@ -292,7 +298,7 @@ def fit(
     run_dir = cache_dir() / "checkpoints" / config["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sampler = PatchSampler(train_data, config, device, int(config["seed"]), profiles)
+    sampler = PatchSampler(train_data, config, device, int(config["seed"]), profiles, real_textures)
     model = build(config.get("model"))
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"])
