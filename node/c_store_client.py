@@ -3,12 +3,12 @@
 One pynetdicom association sends about half as many instances per second as DCMTK's
 storescu into the same PACS: each 16 KB PDU costs pynetdicom ~0.1 ms of Python, and the
 reactor waits for the next answer in 1 ms steps (``bench.send``).  Those costs overlap
-across associations, so a destination's ``associations`` (default 4) are opened at once
+across associations, so a destination's ``associations`` (default 4) are opened together
 and take the instances from one shared queue: a slow association never holds the tail.
-Where the peer refuses the extra ones (a PACS that limits associations per calling AE),
-the instances go over those it accepted.  The first failure stops every association
-after its instance in flight; what was acknowledged is recorded, the rest is sent again
-by the next attempt.
+Where the peer refuses or does not answer the extra ones (a PACS that limits associations
+per calling AE, or serves one at a time), the instances go over those it accepted.  The
+first failure stops every association after its instance in flight; what was
+acknowledged is recorded, the rest is sent again by the next attempt.
 """
 
 from __future__ import annotations
@@ -144,34 +144,49 @@ class CStoreClient:
         with ThreadPoolExecutor(wanted, thread_name_prefix="c-store") as pool:
             futures = [pool.submit(send_all, first if i == 0 else None) for i in range(wanted)]
         errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
-        self._acknowledged.drain()  # what was acknowledged is recorded, failure or not
+        try:
+            self._acknowledged.drain()  # what was acknowledged is recorded, failure or not
+        except Exception:
+            if not errors:
+                raise
+            log.warning(
+                "acknowledgements of %s not recorded after an earlier failure; they are sent again",
+                self.name,
+                exc_info=True,
+                extra={"destination": self.name},
+            )
         if errors:
             raise _first(errors)
         return sum(f.result() for f in futures)
 
     def _open_another(self, wanted: int) -> Association | None:
-        """One more association, or None (logged) where the peer refuses or does not answer."""
+        """One more association, or None (logged) where the peer refuses or does not answer,
+        or opening it fails otherwise: the first association sends without it."""
         try:
             return associate(self.settings, self.name, self.destination)
         except DeliveryError as exc:
-            log.info(
-                "an association of the %d asked for was not opened: %s",
-                wanted,
-                exc,
-                extra={"destination": self.name, "outcome": "fewer associations"},
-            )
-            return None
+            reason, trace = str(exc), False
+        except Exception as exc:  # a fault while opening an extra one fails nothing
+            reason, trace = f"{type(exc).__name__} while opening it", True
+        log.info(
+            "an association of the %d asked for was not opened: %s",
+            wanted,
+            reason,
+            exc_info=trace,
+            extra={"destination": self.name, "outcome": "fewer associations"},
+        )
+        return None
 
     def _send_over(self, assoc: Association, instances: Iterator[tuple[str, Path]]) -> int:
         _without_delay(assoc)
-        sent = previous = 0
+        sent = 0
         for uid, path in instances:
-            self._acknowledged.wait(previous)
             self._before_each()
             status = self._c_store(assoc, uid, path)
             code = int(status.Status)
             if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
-                previous = self._acknowledged.add(uid, code)
+                # recorded before the next is taken (and the queue checked for a failure)
+                self._acknowledged.wait(self._acknowledged.add(uid, code))
                 sent += 1
                 continue
             comment = status.get("ErrorComment")
@@ -211,9 +226,9 @@ class GroupCommit:
     is free: a batch per transaction instead of one per instance, and no thread queues
     for another's commit (SQLite would make them wait for its write lock in turn).
 
-    Each association waits, before its next C-STORE, until its previous acknowledgement
-    is recorded (``wait``), so at most one of its instances is ever stored by the peer
-    and not yet recorded, as with one association.  What was not recorded when the
+    Each association waits, before it takes its next instance, until its last
+    acknowledgement is recorded (``wait``), so at most one of its instances is ever stored
+    by the peer and not yet recorded, as with one association.  What was not recorded when the
     process died is sent again by the next attempt: the PACS gets those few instances
     twice, with the same UIDs.
     """

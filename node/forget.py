@@ -2,10 +2,10 @@
 
 The rows go first (``JobManager.forget_job``), then the files no row names any more, so a
 crash in between leaves only unreferenced files, never rows without files.  Those files
-are marked as the receiver marks copies no row names (``node.unrecorded``) before the
-rows' deletion commits: after such a crash the start-up recovery leaves them (it would
-otherwise record a forgotten series again) and housekeeping removes them after
-``unrecorded_grace_seconds``.  Audited.
+are marked as the receiver marks copies no row names (``node.unrecorded``), durably,
+before the rows' deletion commits (no mark, no forgetting): after such a crash the
+start-up recovery leaves them (it would otherwise record a forgotten series again) and
+housekeeping removes them after ``unrecorded_grace_seconds``.  Audited.
 """
 
 from __future__ import annotations
@@ -34,9 +34,16 @@ def forget(ctx: NodeContext, job_id: int, actor: str) -> ForgottenJob:
     except TransitionError as exc:
         raise JobNotFound(str(exc)) from exc
     try:
-        forgotten = ctx.manager.forget_job(job_id, lambda paths: mark_forgotten(ctx, paths))
+        forgotten = ctx.manager.forget_job(
+            job_id, lambda paths: unrecorded.mark_durably(ctx.spool, paths)
+        )
     except TransitionError as exc:
         raise ActionRefused(str(exc)) from exc
+    except OSError as exc:
+        raise ActionRefused(
+            f"job {job_id} not forgotten: its spool files could not be marked first "
+            f"({exc.strerror}); check the spool's disk and try again"
+        ) from exc
     removed = remove_forgotten(ctx, forgotten.spool_paths)
     drop_previews(ctx.settings, job_id)
     log.warning(
@@ -53,12 +60,6 @@ def forget(ctx: NodeContext, job_id: int, actor: str) -> ForgottenJob:
         },
     )
     return forgotten
-
-
-def mark_forgotten(ctx: NodeContext, paths: list[str]) -> None:
-    """Mark the files whose rows are about to go (``node.unrecorded``)."""
-    for path in paths:
-        unrecorded.mark(ctx.spool, path)
 
 
 def remove_forgotten(ctx: NodeContext, paths: list[str]) -> int:

@@ -232,7 +232,8 @@ class Sender:
             raise DeliveryError(name, message, Failure.TRANSIENT) from exc
 
     def _deliver(self, job: JobView, name: str) -> int:
-        """Send what ``name`` has not acknowledged over one association; returns the count."""
+        """Send what ``name`` has not acknowledged (``node.c_store_client`` or STOW-RS);
+        returns the count."""
         destination = self.settings.destinations.get(name)
         if destination is None:
             known = ", ".join(sorted(self.settings.destinations)) or "none"

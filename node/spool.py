@@ -110,6 +110,11 @@ class Spool:
                     break
             self._durable_folders.add(folder)
 
+    def sync_folder(self, folder: Path) -> None:
+        """Make the entries of ``folder`` (under the root) durable, the folder's own too."""
+        self._durable_folder(folder)
+        _fsync_dir(folder)
+
     def path(self, relative: str) -> Path:
         """The absolute path of a relative spool path; refuses anything outside the root."""
         candidate = (self.root / relative).resolve()

@@ -46,6 +46,19 @@ def mark(spool: Spool, relative: str) -> None:
         )
 
 
+def mark_durably(spool: Spool, relatives: list[str]) -> None:
+    """Mark every file and make the marks durable; raises OSError: a caller that relies
+    on the marks (``node.forget``) must not go on without them."""
+    folders = set()
+    for relative in relatives:
+        marker = _marker(spool, relative)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        folders.add(marker.parent)
+    for folder in sorted(folders):
+        spool.sync_folder(folder)
+
+
 def is_marked(spool: Spool, relative: str) -> bool:
     return _marker(spool, relative).is_file()
 

@@ -48,3 +48,34 @@ def test_a_failed_commit_reaches_those_waiting_for_it() -> None:
         acks.add("1", 0)
     with pytest.raises(Outage):
         acks.wait(1)
+
+
+def test_acknowledgements_queued_behind_a_failed_commit_learn_of_the_failure() -> None:
+    class Outage(Exception):
+        pass
+
+    commit_started, commit_may_fail = threading.Event(), threading.Event()
+
+    def record(batch: list[tuple[str, int]]) -> None:
+        commit_started.set()
+        commit_may_fail.wait(10)
+        raise Outage("job table down")
+
+    acks = GroupCommit(record)
+    failures: list[BaseException] = []
+
+    def add_first() -> None:
+        try:
+            acks.add("1", 0)
+        except Outage as exc:
+            failures.append(exc)
+
+    first = threading.Thread(target=add_first)
+    first.start()
+    assert commit_started.wait(10)
+    ticket = acks.add("2", 0)  # queued behind the commit that will fail
+    commit_may_fail.set()
+    with pytest.raises(Outage):
+        acks.wait(ticket)
+    first.join(10)
+    assert len(failures) == 1

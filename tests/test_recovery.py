@@ -15,6 +15,7 @@ from devtools.phantom import PhantomSpec, write_phantom_series
 from node.context import NodeContext
 from node.db import utcnow
 from node.housekeeping import purge_spool
+from node.overview import ActionRefused
 from node.recovery import rerecord_unrecorded
 from tests.fixtures.jobs import settle_series
 from tests.test_receiver import make_context
@@ -84,3 +85,21 @@ def test_a_forget_cut_short_leaves_its_files_to_housekeeping_not_to_recovery(
     assert purge_spool(ctx, ctx.settings.retention_days, "test").orphan_files == 3
     assert not any(path.exists() for path in spooled)
     assert not list(ctx.spool.root.rglob("*.unrecorded")), "the marks go too"
+
+
+def test_a_forget_that_cannot_mark_its_files_forgets_nothing(
+    ctx: NodeContext, tmp_path: Path
+) -> None:
+    paths = write_phantom_series(tmp_path / "series", PhantomSpec(slices=3, size=64, seed=8))
+    series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    uids = {put(ctx, path, "20260106") for path in paths}
+    assert rerecord_unrecorded(ctx) == 3
+    job_id = settle_series(ctx.manager, ctx.queries, series_uid, skip="too few slices")
+    (ctx.spool.root / "unrecorded").write_bytes(b"")  # the marks' folder cannot be made
+
+    with pytest.raises(ActionRefused, match="could not be marked first"):
+        node.forget.forget(ctx, job_id, "test")
+
+    assert recorded(ctx, series_uid) == uids
+    assert ctx.queries.get_job(job_id).id == job_id
+    assert len(list((ctx.spool.root / "incoming" / "20260106").glob("*.dcm"))) == 3

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db import utcnow
 from node.jobs.records import DestinationView, JobView, from_row
 from node.jobs.states import DeliveryState, EventKind, JobState
 from node.jobs.tables import Delivery, Job, JobDestination
-from node.jobs.writer import PRIORITY_ORDER, JobWriter, event_row
+from node.jobs.writer import PRIORITY_ORDER, JobWriter, dialect_of, event_row
 
 
 class ReportOutcome(StrEnum):
@@ -246,34 +246,35 @@ class Deliveries(JobWriter):
     def record_deliveries(
         self, job_id: int, destination: str, acknowledged: Sequence[tuple[str, int]]
     ) -> None:
-        """Record acknowledged (SOP Instance UID, status) pairs in one transaction; one
-        already recorded (an instance sent again after a lost acknowledgement) stays as it was."""
+        """Record acknowledged (SOP Instance UID, status) pairs in one statement; one
+        already recorded (an instance sent again after a lost acknowledgement, or by a
+        sender that took the job over) stays as it was."""
         if not acknowledged:
             return
+        now = utcnow()
+        rows = {
+            uid: {
+                "job_id": job_id,
+                "destination": destination,
+                "sop_instance_uid": uid,
+                "status": status,
+                "sent_at": now,
+            }
+            for uid, status in acknowledged
+        }
         with self._sessions.begin() as session:
-            known = set(
-                session.scalars(
-                    select(Delivery.sop_instance_uid).where(
-                        Delivery.job_id == job_id,
-                        Delivery.destination == destination,
-                        Delivery.sop_instance_uid.in_([uid for uid, _ in acknowledged]),
-                    )
+            new_rows = (
+                dialect_of(session)
+                .insert(Delivery)
+                .on_conflict_do_nothing(
+                    index_elements=[
+                        Delivery.job_id,
+                        Delivery.destination,
+                        Delivery.sop_instance_uid,
+                    ]
                 )
             )
-            now = utcnow()
-            rows = {
-                uid: {
-                    "job_id": job_id,
-                    "destination": destination,
-                    "sop_instance_uid": uid,
-                    "status": status,
-                    "sent_at": now,
-                }
-                for uid, status in acknowledged
-                if uid not in known
-            }
-            if rows:
-                session.execute(insert(Delivery), list(rows.values()))
+            session.execute(new_rows, list(rows.values()))
 
     def postpone_sending(self, job_id: int, holder: str, error: str, delay: float) -> None:
         """A destination is unreachable: keep the job in ``sending`` and try later."""
