@@ -55,3 +55,47 @@ def write_mean_filter_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def write_dncnn_model(path: Path, depth: int = 17, channels: int = 64, seed: int = 0) -> Path:
+    """A DnCNN of ``depth`` 3 x 3 convolutions of ``channels`` (Zhang et al. 2017: Conv+ReLU,
+    depth-2 x Conv+BN+ReLU with BN folded into the Conv, Conv; residual), random weights:
+    the reference whose time issue #17's speed target is a fraction of."""
+    rng = np.random.default_rng(seed)
+    initializers, nodes = [], []
+    current = "hu"
+    for layer in range(depth):
+        inputs = 1 if layer == 0 else channels
+        outputs = 1 if layer == depth - 1 else channels
+        scale = np.sqrt(2.0 / (9 * inputs))
+        weight = (rng.standard_normal((outputs, inputs, 3, 3)) * scale).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"w{layer}"),
+            numpy_helper.from_array(np.zeros(outputs, np.float32), f"b{layer}"),
+        ]
+        conv = f"conv{layer}"
+        nodes.append(
+            helper.make_node(
+                "Conv", [current, f"w{layer}", f"b{layer}"], [conv], pads=[1, 1, 1, 1], name=conv
+            )
+        )
+        current = conv
+        if layer < depth - 1:
+            nodes.append(helper.make_node("Relu", [conv], [f"relu{layer}"], name=f"relu{layer}"))
+            current = f"relu{layer}"
+    nodes.append(helper.make_node("Sub", ["hu", current], ["denoised"], name="residual"))
+    shape = ["N", 1, "H", "W"]
+    graph = helper.make_graph(
+        nodes,
+        "dncnn",
+        [helper.make_tensor_value_info("hu", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, shape)],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"name": f"dncnn-{depth}x{channels}", "version": "reference"})
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path

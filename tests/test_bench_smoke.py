@@ -12,7 +12,17 @@ from types import ModuleType
 
 import pytest
 
-from bench import common, end_to_end, inference, ingest, receiver_costs, scale_out, send, stow
+from bench import (
+    common,
+    end_to_end,
+    inference,
+    ingest,
+    model_speed,
+    receiver_costs,
+    scale_out,
+    send,
+    stow,
+)
 
 pytestmark = pytest.mark.slow  # each case runs a benchmark's quick mode: 10-20 s
 
@@ -31,6 +41,7 @@ def bench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.param(ingest, False, marks=pytest.mark.postgres, id="ingest"),
         pytest.param(inference, True, id="inference"),
         pytest.param(receiver_costs, False, id="receiver_costs"),
+        pytest.param(model_speed, True, id="model_speed"),
         pytest.param(end_to_end, True, id="end_to_end"),
         pytest.param(scale_out, True, marks=pytest.mark.postgres, id="scale_out"),
         pytest.param(send, False, id="send"),
