@@ -40,16 +40,28 @@ def write_mean_filter_model(
             )
         )
         current = output
+    return _save(path, "mean_filter", nodes, [weight], (name, version))
+
+
+def _save(
+    path: Path,
+    graph_name: str,
+    nodes: list[onnx.NodeProto],
+    weights: list[onnx.TensorProto],
+    name_version: tuple[str, str],
+) -> Path:
+    """The node's contract around ``nodes``: ``hu`` [N,1,H,W] in, ``denoised`` out, opset 17."""
     shape = ["N", 1, "H", "W"]
     graph = helper.make_graph(
         nodes,
-        "mean_filter",
+        graph_name,
         [helper.make_tensor_value_info("hu", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, shape)],
-        initializer=[weight],
+        initializer=weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    name, version = name_version
     helper.set_model_props(model, {"name": name, "version": version})
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,18 +96,4 @@ def write_dncnn_model(path: Path, depth: int = 17, channels: int = 64, seed: int
             nodes.append(helper.make_node("Relu", [conv], [f"relu{layer}"], name=f"relu{layer}"))
             current = f"relu{layer}"
     nodes.append(helper.make_node("Sub", ["hu", current], ["denoised"], name="residual"))
-    shape = ["N", 1, "H", "W"]
-    graph = helper.make_graph(
-        nodes,
-        "dncnn",
-        [helper.make_tensor_value_info("hu", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, shape)],
-        initializer=initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    helper.set_model_props(model, {"name": f"dncnn-{depth}x{channels}", "version": "reference"})
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return _save(path, "dncnn", nodes, initializers, (f"dncnn-{depth}x{channels}", "reference"))
