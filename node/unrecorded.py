@@ -31,12 +31,18 @@ def _marker(spool: Spool, relative: str) -> Path:
     return spool.path(f"{UNRECORDED_FOLDER}/{relative}{MARK_SUFFIX}")
 
 
+def _touch(spool: Spool, relative: str) -> Path:
+    """The (empty) mark of the copy at ``relative``, created with its folder."""
+    marker = _marker(spool, relative)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return marker
+
+
 def mark(spool: Spool, relative: str) -> None:
     """Mark the copy at ``relative``; without the mark it waits for the orphan sweep."""
-    marker = _marker(spool, relative)
     try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+        _touch(spool, relative)
     except OSError as exc:
         log.warning(
             "spool copy %s not marked as unrecorded (%s): the orphan sweep removes it "
@@ -49,12 +55,7 @@ def mark(spool: Spool, relative: str) -> None:
 def mark_durably(spool: Spool, relatives: list[str]) -> None:
     """Mark every file and make the marks durable; raises OSError: a caller that relies
     on the marks (``node.forget``) must not go on without them."""
-    folders = set()
-    for relative in relatives:
-        marker = _marker(spool, relative)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        folders.add(marker.parent)
+    folders = {_touch(spool, relative).parent for relative in relatives}
     for folder in sorted(folders):
         spool.sync_folder(folder)
 
