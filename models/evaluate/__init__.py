@@ -49,6 +49,7 @@ The package, one job per module: ``common`` (settings, cache), ``methods``, ``re
 ``cases``, ``observer`` (CHO), ``scoring``, ``report`` (targets, markdown), ``figures``,
 ``cli``; and the grain checks of issue #17, each with its own docstring: ``texture`` (the
 texture grid: --texture-grid), ``real_noise`` (real low-dose, no reference: --real-noise),
-``lesions`` (small inserted lesions: --lesions).  ``--split validation`` runs the grain
-checks on the validation series, to choose between candidates.
+``lesions`` (small inserted lesions: --lesions; their CHO d' in ``lesion_cho``).
+``--split validation`` runs the grain checks on the validation series, to choose between
+candidates.
 """

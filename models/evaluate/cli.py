@@ -17,7 +17,7 @@ from models.data import (
     VALIDATION_SERIES,
     cache_dir,
 )
-from models.evaluate import lesions, real_noise, texture
+from models.evaluate import lesion_cho, lesions, real_noise, texture
 from models.evaluate.cases import pair_case, series_case
 from models.evaluate.common import (
     DEFAULT_MODEL,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lesions",
         action="store_true",
-        help="only the small-lesion contrast check on --slices held-out slices per series",
+        help="only the small-lesion checks (contrast kept, CHO d') on --slices slices per series",
     )
     parser.add_argument(
         "--split",
@@ -207,8 +207,10 @@ def grain_checks(
     if lesion:
         methods = {model.name: model, texture.GAUSSIAN: texture.gaussian_px}
         found = lesions.lesion_check(methods, slices, series[0], log)
-        report = lesions.lesion_markdown(found)
+        cho = lesion_cho.lesion_cho(methods, slices, series[0], log)
+        report = lesions.lesion_markdown(found) + "\n\n" + lesion_cho.cho_markdown(cho)
         (out / "lesions.md").write_text(report + "\n")
         (out / "lesions.json").write_text(json.dumps(found, indent=1))
+        (out / "lesions_cho.json").write_text(json.dumps(cho, indent=1))
         print(report)
     log(f"results in {out}")

@@ -13,19 +13,20 @@ one noise realisation.  Then
     contrast kept = mean over the disc of (D(low + discs) - D(low)) / mean of the disc
 
 in which the noise cancels except where the method treats it differently because of the
-lesion.  Target: >= 90 % for every kind.  (The CHO d' of the 5 mm, 10 HU disc is in the
-main evaluation; a d' for every kind here is not yet built.)
+lesion.  Target: >= 90 % for every kind.  The CHO d' of every kind, on the same slices
+over independent noise realisations (at uniform places of its own), is in ``lesion_cho``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from models import metrics
-from models.data import SHARED_CT, load_series
+from models.data import SHARED_CT, CTSeries, load_series
 from models.evaluate.cases import simulate_slices
 from models.evaluate.common import EVAL_SEED, Log
 from models.evaluate.regions import body_slices, pick_slices
@@ -81,11 +82,32 @@ def contrast_kept(
     return kept
 
 
-def lesion_check(
-    methods: dict[str, Denoiser], slices: int, series_names: tuple[str, ...], log: Log
-) -> dict[str, dict[str, list[float]]]:
-    """Per method, per lesion kind ("3 mm / 5 HU"): contrast kept (%) of every disc placed."""
-    out: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+@dataclass
+class Site:
+    """One held-out slice of the lesion checks with the contrast check's disc places, per
+    diameter (mm)."""
+
+    series: CTSeries
+    index: int  # slice of ``series``
+    low: np.ndarray  # at LESION_DOSE, the LESION_SEED realisation, without discs
+    centres: dict[float, list[tuple[int, int]]]
+
+    @property
+    def full(self) -> np.ndarray:
+        return np.asarray(self.series.hu[self.index])
+
+    @property
+    def keep(self) -> np.ndarray:
+        return np.asarray(self.series.keep[self.index])
+
+    def radius_px(self, diameter_mm: float) -> float:
+        return diameter_mm / 2 / self.series.pixel_mm
+
+
+def lesion_sites(slices: int, series_names: tuple[str, ...]) -> Iterator[Site]:
+    """``slices`` body slices per series, simulated at LESION_DOSE, with up to
+    LESIONS_PER_SLICE places per diameter for the contrast check, drawn from one LESION_SEED
+    generator in a fixed order (the CHO reads the same slices, at places of its own)."""
     rng = np.random.default_rng(LESION_SEED)
     for series_name in series_names:
         series = load_series(SHARED_CT / series_name)
@@ -93,15 +115,34 @@ def lesion_check(
         lows = simulate_slices(series, chosen, LESION_DOSE, LESION_SEED)
         for low, index in zip(lows, chosen, strict=True):
             full, keep = series.hu[index], series.keep[index]
-            for diameter in LESION_DIAMETERS_MM:
-                radius = diameter / 2 / series.pixel_mm
-                centres = lesion_centres(full, keep, radius, LESIONS_PER_SLICE, rng)
-                for contrast in LESION_CONTRASTS_HU:
-                    kind = f"{diameter:g} mm / {contrast:g} HU"
-                    for name, method in methods.items():
-                        found = contrast_kept(low, keep, method, centres, radius, contrast)
-                        out[name].setdefault(kind, []).extend(found)
-        log(f"lesions: {series_name} done")
+            centres = {
+                diameter: lesion_centres(
+                    full, keep, diameter / 2 / series.pixel_mm, LESIONS_PER_SLICE, rng
+                )
+                for diameter in LESION_DIAMETERS_MM
+            }
+            yield Site(series, index, low, centres)
+
+
+def lesion_kind(diameter_mm: float, contrast_hu: float) -> str:
+    """The name of a lesion kind, as the reports list it: "3 mm / 5 HU"."""
+    return f"{diameter_mm:g} mm / {contrast_hu:g} HU"
+
+
+def lesion_check(
+    methods: dict[str, Denoiser], slices: int, series_names: tuple[str, ...], log: Log
+) -> dict[str, dict[str, list[float]]]:
+    """Per method, per lesion kind ("3 mm / 5 HU"): contrast kept (%) of every disc placed."""
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+    for site in lesion_sites(slices, series_names):
+        for diameter, centres in site.centres.items():
+            radius = site.radius_px(diameter)
+            for contrast in LESION_CONTRASTS_HU:
+                kind = lesion_kind(diameter, contrast)
+                for name, method in methods.items():
+                    found = contrast_kept(site.low, site.keep, method, centres, radius, contrast)
+                    out[name].setdefault(kind, []).extend(found)
+        log(f"lesions: {site.series.name} slice {site.index} done")
     return out
 
 
