@@ -15,21 +15,26 @@ is created during the run.  The time is storescu's, from its start to its exit.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import text
 
 from bench import common
@@ -127,60 +132,109 @@ def bare_pynetdicom(_folder: Path) -> Iterator[Peer]:
         server.shutdown()
 
 
-def durable_floor(backend: str) -> Starter:
-    """A pynetdicom SCP in this process that does only what durability needs.
+class FloorStore:
+    """What durability needs and nothing more: the received bytes written once to a file,
+    the file and its folder fsynced, one row inserted and committed, then success."""
 
-    Each data set's received bytes are written once to a file, the file and its folder
-    fsynced, one row inserted and committed in a fresh job table database of
-    ``backend`` (the node's engine: SQLite in WAL mode with ``synchronous=NORMAL``, whose
-    lost tail after a power loss the node rebuilds from the spool), then success is
-    answered: the best a durable pynetdicom receiver can do.
+    def __init__(self, url: str, out: Path) -> None:
+        self.engine = make_engine(url)
+        self.out = out
+        self.insert = text("INSERT INTO bench_floor VALUES (:uid, :path)")
+
+    def handle_store(self, event: evt.Event) -> int:
+        path = self.out / f"{uuid.uuid4().hex}.dcm"
+        with open(path, "xb") as handle:
+            handle.write(event.encoded_dataset())
+            handle.flush()
+            os.fsync(handle.fileno())
+        descriptor = os.open(self.out, os.O_RDONLY)
+        os.fsync(descriptor)
+        os.close(descriptor)
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self.engine.begin() as connection:
+            connection.execute(self.insert, {"uid": uid, "path": path.name})
+        return 0x0000
+
+    def stored(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.exec_driver_sql("SELECT count(*) FROM bench_floor").scalar_one())
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's server on a socket that other processes bind too (SO_REUSEPORT): the
+    kernel spreads incoming connections over them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def floor_server(store: FloorStore, port: int) -> ThreadedAssociationServer:
+    """The floor's SCP on 127.0.0.1:``port`` (0: any), serving in a background thread."""
+    ae = AE(ae_title="FLOOR")
+    ae.maximum_pdu_size = 0
+    ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
+    server = ae.make_server(
+        ("127.0.0.1", port),
+        evt_handlers=[(evt.EVT_C_STORE, store.handle_store)],
+        server_class=SharedPortServer,
+    )
+    # As AE.start_server does for a non-blocking server; server.shutdown expects it.
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def serve_floor(url: str, out: Path, port: int, ready: EventType, stop: EventType) -> None:
+    """One more floor process on ``port`` (a ``multiprocessing`` target), until ``stop``."""
+    store = FloorStore(url, out)
+    server = floor_server(store, port)
+    ready.set()
+    stop.wait()
+    server.shutdown()
+    store.engine.dispose()
+
+
+def durable_floor(backend: str, processes: int = 1) -> Starter:
+    """A pynetdicom SCP that does only what durability needs (``FloorStore``), in this
+    process and ``processes - 1`` more sharing its port.
+
+    The job table database is a fresh one of ``backend`` with the node's engine (SQLite
+    in WAL mode with ``synchronous=NORMAL``, whose lost tail after a power loss the node
+    rebuilds from the spool): the best a durable pynetdicom receiver can do, and with
+    several processes what it could do free of one interpreter lock.
     """
 
     @contextmanager
     def start(folder: Path) -> Iterator[Peer]:
         with common.database(backend, folder) as url:
-            engine = make_engine(url)
-            with engine.begin() as connection:
+            store = FloorStore(url, folder / "floor")
+            store.out.mkdir()
+            with store.engine.begin() as connection:
                 connection.exec_driver_sql(
                     "CREATE TABLE bench_floor (sop_instance_uid VARCHAR(64) PRIMARY KEY, "
                     "path VARCHAR(64) NOT NULL)"
                 )
-            out = folder / "floor"
-            out.mkdir()
-            insert = text("INSERT INTO bench_floor VALUES (:uid, :path)")
-
-            def handle_store(event: evt.Event) -> int:
-                path = out / f"{uuid.uuid4().hex}.dcm"
-                with open(path, "xb") as handle:
-                    handle.write(event.encoded_dataset())
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                descriptor = os.open(out, os.O_RDONLY)
-                os.fsync(descriptor)
-                os.close(descriptor)
-                uid = str(event.request.AffectedSOPInstanceUID)
-                with engine.begin() as connection:
-                    connection.execute(insert, {"uid": uid, "path": path.name})
-                return 0x0000
-
-            def stored() -> int:
-                with engine.connect() as connection:
-                    return int(
-                        connection.exec_driver_sql("SELECT count(*) FROM bench_floor").scalar_one()
-                    )
-
-            ae = AE(ae_title="FLOOR")
-            ae.maximum_pdu_size = 0
-            ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
-            server = ae.start_server(
-                ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
-            )
+            server = floor_server(store, 0)
+            port = int(server.server_address[1])
+            spawn = multiprocessing.get_context("spawn")
+            stop = spawn.Event()
+            others = []
+            for _ in range(processes - 1):
+                ready = spawn.Event()
+                other = spawn.Process(target=serve_floor, args=(url, store.out, port, ready, stop))
+                other.start()
+                others.append(other)
+                if not ready.wait(START_TIMEOUT):
+                    raise common.CannotRun("a durable floor process did not start")
             try:
-                yield Peer(int(server.server_address[1]), "FLOOR", stored)
+                yield Peer(port, "FLOOR", store.stored)
             finally:
+                stop.set()
+                for other in others:
+                    other.join(START_TIMEOUT)
                 server.shutdown()
-                engine.dispose()
+                store.engine.dispose()
 
     return start
 
@@ -338,6 +392,9 @@ def concurrent(paths: Sequence[Path], senders: int, repeat: int) -> None:
     """The same series split over ``senders`` concurrent associations from one address."""
     receivers: dict[str, Starter] = {
         "Orthanc": orthanc,
+        "durable floor, SQLite": durable_floor("sqlite"),
+        "durable floor, SQLite, 2 processes on one port": durable_floor("sqlite", 2),
+        "durable floor, SQLite, 4 processes on one port": durable_floor("sqlite", 4),
         "node, SQLite": node("sqlite"),
         "node, PostgreSQL": node("postgresql"),
     }
