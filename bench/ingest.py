@@ -266,15 +266,23 @@ def pid_of(argument: bytes) -> int | None:
     return None
 
 
-def node(backend: str) -> Starter:
-    """The node's receiver on a fresh job table of ``backend`` (sqlite or postgresql)."""
+def node(backend: str, receiver_processes: int = 1) -> Starter:
+    """The node's receiver on a fresh job table of ``backend`` (sqlite or postgresql), in
+    ``receiver_processes`` processes on its port."""
 
     @contextmanager
     def start(folder: Path) -> Iterator[Peer]:
         with (
             common.database(backend, folder) as url,
-            common.node_process(folder, url, "receive", settle_seconds=NO_SETTLE) as process,
+            common.node_process(
+                folder,
+                url,
+                "receive",
+                settle_seconds=NO_SETTLE,
+                receiver_processes=receiver_processes,
+            ) as process,
         ):
+            process.wait_for(lambda: "running roles" in process.log_text(), START_TIMEOUT)
             assert process.process is not None
             yield Peer(
                 process.port,
@@ -396,7 +404,10 @@ def concurrent(paths: Sequence[Path], senders: int, repeat: int) -> None:
         "durable floor, SQLite, 2 processes on one port": durable_floor("sqlite", 2),
         "durable floor, SQLite, 4 processes on one port": durable_floor("sqlite", 4),
         "node, SQLite": node("sqlite"),
+        "node, SQLite, 2 receiver processes": node("sqlite", 2),
+        "node, SQLite, 4 receiver processes": node("sqlite", 4),
         "node, PostgreSQL": node("postgresql"),
+        "node, PostgreSQL, 2 receiver processes": node("postgresql", 2),
     }
     runs: dict[str, list[float]] = {name: [] for name in receivers}
     for attempt in range(1, repeat + 1):

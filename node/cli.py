@@ -31,8 +31,16 @@ COMMAND_PLUGINS = "denoise_node.commands"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
-    configure_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+    """The settings with the command line's log level and format in them (a receiver
+    process, ``node.receiver_processes``, logs as its node does)."""
+    loaded = load_settings(args.config)
+    settings = loaded.model_copy(
+        update={
+            "log_level": args.log_level or loaded.log_level,
+            "log_format": args.log_format or loaded.log_format,
+        }
+    )
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 

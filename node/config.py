@@ -158,6 +158,7 @@ class Settings(BaseSettings):
     max_pdu_size: int = Field(1048576, ge=4096, le=1 << 30)  # advertised and enforced
     max_associations: int = Field(64, ge=1)
     max_associations_per_address: int = Field(16, ge=1)
+    receiver_processes: int = Field(1, ge=1, le=16)  # processes accepting on one port
     association_request_timeout_seconds: float = Field(10.0, gt=0.0)  # whole A-ASSOCIATE-RQ
     idle_timeout_seconds: float = Field(60.0, gt=0.0)  # no complete PDU for this long
     web_host: str = "127.0.0.1"

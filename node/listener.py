@@ -22,7 +22,6 @@ import ssl
 import struct
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,6 +30,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.association_slots import AssociationSlots
 from node.config import Settings
 
 log = logging.getLogger(__name__)
@@ -239,10 +239,18 @@ class GuardedServer(ThreadedAssociationServer):
 
     block_on_close = False  # stop() decides how long associations may finish
 
-    def __init__(self, *args: Any, limits: ListenerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        limits: ListenerLimits,
+        slots: AssociationSlots,
+        process: int = 0,
+        **kwargs: Any,
+    ) -> None:
         self.limits = limits
-        self._open: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        #: Open associations of the node, this server's process as ``process``.
+        self.slots = slots
+        self.process = process
         #: Called with each association once it has ended (the receiver's file cleanup).
         self.on_release: list[Callable[[Association], None]] = []
         self.refused = RefusedConnections(limits.association_request_timeout)
@@ -256,16 +264,15 @@ class GuardedServer(ThreadedAssociationServer):
         if not self.limits.address_allowed(address):
             reason, answer = "address not in allowed_addresses", REJECT_ADDRESS
         else:
-            with self._lock:
-                total, here = sum(self._open.values()), self._open[address]
-                if total >= self.limits.max_associations:
-                    reason, answer = f"{total} associations open (max_associations)", REJECT_LIMIT
-                elif here >= self.limits.max_associations_per_address:
-                    reason = f"{here} associations open from it (max_associations_per_address)"
-                    answer = REJECT_LIMIT
-                else:
-                    self._open[address] += 1
-                    return True
+            refusal = self.slots.take(
+                self.process,
+                address,
+                self.limits.max_associations,
+                self.limits.max_associations_per_address,
+            )
+            if refusal is None:
+                return True
+            reason, answer = refusal, REJECT_LIMIT
         self._log_refusal(address, reason)
         if not isinstance(request, ssl.SSLSocket):  # no handshake here: TLS callers just close
             self.refused.take(request, answer)
@@ -295,11 +302,16 @@ class GuardedServer(ThreadedAssociationServer):
         if request not in self.refused:
             super().shutdown_request(request)
 
+    def server_bind(self) -> None:
+        """Bind; beside the node's other receiver processes on the port when there are any
+        (``SO_REUSEPORT``: the kernel spreads connections over them)."""
+        if self.slots.processes > 1:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def release(self, address: str) -> None:
         """The connection is over: free its slot."""
-        with self._lock:
-            self._open[_plain_address(address)] -= 1
-            self._open += Counter()  # drop addresses at zero
+        self.slots.release(self.process, _plain_address(address))
 
 
 def _plain_address(address: str) -> str:

@@ -16,10 +16,13 @@ listener's policy (``node.listener``).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import ssl
 import threading
 import time
 from collections import Counter
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import cast
 
@@ -33,7 +36,9 @@ from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import receiving, storing
+from node.association_slots import AssociationSlots
 from node.commitment import STORAGE_COMMITMENT, handle_report
+from node.config import Settings
 from node.context import NodeContext
 from node.dicom_tls import server_context
 from node.instance_checks import (
@@ -46,6 +51,8 @@ from node.instance_checks import (
     shown_uid,
 )
 from node.listener import GuardedServer, ListenerLimits
+from node.logs import configure_logging
+from node.receiver_processes import ReceiverProcesses
 from node.recovery import rerecord_unrecorded
 from node.storing import (
     DATABASE_UNAVAILABLE,
@@ -82,14 +89,22 @@ SUCCESS = 0x0000
 #: Seconds ``stop`` lets running associations finish before aborting them.
 STOP_GRACE_SECONDS = 5.0
 RECEIVING_FOLDER = "receiving"
+#: Seconds between a receiver process's checks that the node's process still runs.
+PARENT_CHECK_SECONDS = 1.0
 
 
 class Receiver:
     """A non-blocking C-ECHO/C-STORE SCP on ``settings.bind_address:port``."""
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(
+        self, ctx: NodeContext, process: int = 0, slots: AssociationSlots | None = None
+    ) -> None:
+        """``process`` 0 is the node's own receiver; 1 and above serve beside it on its
+        port (``node.receiver_processes``), counting associations in its ``slots``."""
         self.ctx = ctx
         settings = ctx.settings
+        self.process = process
+        self.slots = slots or AssociationSlots(settings.receiver_processes)
         self.limits = ListenerLimits.from_settings(settings)
         self._ae = AE(ae_title=settings.ae_title)
         self._ae.maximum_pdu_size = settings.max_pdu_size
@@ -104,8 +119,9 @@ class Receiver:
         self._ae.add_supported_context(
             STORAGE_COMMITMENT, COMMITMENT_SYNTAXES, scu_role=False, scp_role=True
         )
-        self.receiving = receiving.ReceivingFolder(ctx.spool.root / RECEIVING_FOLDER)
+        self.receiving = receiving.ReceivingFolder(ctx.spool.root / receiving_folder(process))
         self._servers: list[GuardedServer] = []
+        self._others: ReceiverProcesses | None = None
         self._tallies: dict[int, Counter[str]] = {}
         self._tallies_lock = threading.Lock()
 
@@ -125,11 +141,30 @@ class Receiver:
 
     def start(self) -> None:
         """Remove what an earlier run left half-received, record again what the job table
-        lost (``node.recovery``), then listen in background threads."""
-        removed = self.ctx.spool.remove_partials() + self.receiving.clear()
+        lost (``node.recovery``), then listen in background threads, and start the other
+        receiver processes (``receiver_processes``) on the same port."""
+        others = self.ctx.spool.root.glob(f"{RECEIVING_FOLDER}-*")  # receiver processes' folders
+        removed = (
+            self.ctx.spool.remove_partials()
+            + self.receiving.clear()
+            + sum(receiving.ReceivingFolder(folder).clear() for folder in others if folder.is_dir())
+        )
         if removed:
             log.info("removed %d partial files left by an earlier run", removed)
         rerecord_unrecorded(self.ctx)
+        self.listen()
+        if self.ctx.settings.receiver_processes > 1:
+            bound = self.ctx.settings.model_copy(
+                update={"port": self.port, "tls_port": self.tls_port}
+            )
+            self._others = ReceiverProcesses(bound, self.slots, run_receiver_process)
+            self._others.start()
+
+    def listen(self) -> None:
+        """Listen on the configured ports (one more process of the node's receiver starts
+        here, with what it left from an earlier run of its own removed)."""
+        if self.process:
+            self.receiving.clear()
         # Process-wide in pynetdicom: C-STORE data sets go to a file in ``receiving``.
         _config.STORE_RECV_CHUNKED_DATASET = True
         receiving.install()
@@ -140,7 +175,11 @@ class Receiver:
             settings.ae_title,
             settings.bind_address,
             self.port,
-            extra={"ae_title": settings.ae_title, "port": self.port},
+            extra={
+                "ae_title": settings.ae_title,
+                "port": self.port,
+                "receiver_process": self.process,
+            },
         )
         if settings.tls_port is not None:
             self._listen(settings.tls_port, server_context(settings))
@@ -170,6 +209,8 @@ class Receiver:
                 evt_handlers=handlers,
                 server_class=GuardedServer,
                 limits=self.limits,
+                slots=self.slots,
+                process=self.process,
             ),
         )
         server.on_release.append(lambda assoc: self.receiving.release(assoc.dul))
@@ -182,6 +223,8 @@ class Receiver:
         """Stop accepting, let running associations finish briefly, then abort the rest."""
         if not self._servers:
             return
+        if self._others is not None:
+            self._others.stop()  # in parallel with this process's own grace
         for server in self._servers:
             server.shutdown()
         self._servers = []
@@ -189,6 +232,9 @@ class Receiver:
         for association in self._ae.active_associations:
             association.join(max(0.0, deadline - time.monotonic()))
         self._ae.shutdown()
+        if self._others is not None:
+            self._others.join()
+            self._others = None
         log.info("receiver stopped")
 
     def handle_open(self, event: Event) -> None:
@@ -259,7 +305,7 @@ class Receiver:
                 "association from %s closed: %s",
                 _calling_ae(event),
                 ", ".join(f"{count} {outcome}" for outcome, count in sorted(tally.items())),
-                extra={"calling_ae": _calling_ae(event)},
+                extra={"calling_ae": _calling_ae(event), "receiver_process": self.process},
             )
 
     def _tally(self, event: Event, outcome: str) -> None:
@@ -290,6 +336,33 @@ class Receiver:
             transfer_syntax=str(event.context.transfer_syntax),
         )
         return storing.accept(self.ctx, arrival, extra).outcome
+
+
+def run_receiver_process(
+    settings: Settings, process: int, slots: AssociationSlots, ready: EventType, stop: EventType
+) -> None:
+    """Receiver process ``process`` of the node (``node.receiver_processes``): listen
+    until ``stop`` is set or the node's process is gone, then stop as the node's does."""
+    # The node's process decides when its receiver processes stop (Ctrl-C, SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(settings.log_level, settings.log_format)
+    parent = os.getppid()
+    ctx = NodeContext.open(settings)
+    receiver = Receiver(ctx, process, slots)
+    try:
+        receiver.listen()
+        ready.set()
+        while not stop.wait(PARENT_CHECK_SECONDS) and os.getppid() == parent:
+            pass
+    finally:
+        receiver.stop()
+        ctx.close()
+
+
+def receiving_folder(process: int) -> str:
+    """The spool folder of one receiver process's in-flight data sets."""
+    return RECEIVING_FOLDER if process == 0 else f"{RECEIVING_FOLDER}-{int(process)}"
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:

@@ -1,0 +1,116 @@
+"""The receiver's other processes: more interpreters accepting on the node's DICOM port.
+
+One Python process receives at most about what one interpreter lock lets its threads do
+(bench.ingest: a durable pynetdicom receiver with eight associations made 0.76x Orthanc's
+rate in one process, 1.44x in two).  With ``receiver_processes`` N above 1 the node's
+receiver starts N - 1 more processes that bind the same ports with ``SO_REUSEPORT`` (the
+kernel spreads new connections over them), each with its own job table connections and
+receiving folder, all counting associations in one ``AssociationSlots``.  They only
+listen: the start-up recovery ran in the node's own process before they start.  One that
+dies is logged, its slots are given back and it is started again; they stop when the
+receiver stops, and on their own when the node's process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event as EventType
+
+from node.association_slots import AssociationSlots
+from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds between checks that every receiver process is alive.
+WATCH_SECONDS = 1.0
+#: Seconds a stopping receiver process gets before it is killed (its own grace is 5 s).
+STOP_SECONDS = 15.0
+#: Seconds a receiver process has to listen after it was started.
+START_SECONDS = 60.0
+#: A process that ended is started again at most this often.
+RESTART_SECONDS = 10.0
+
+#: The function a receiver process runs: (settings, process index, slots, ready, stop).
+ProcessTarget = Callable[[Settings, int, AssociationSlots, EventType, EventType], None]
+
+
+class ReceiverProcesses:
+    """Receiver processes 1 .. N-1 beside the node's own (process 0), kept running."""
+
+    def __init__(self, settings: Settings, slots: AssociationSlots, target: ProcessTarget) -> None:
+        self.settings = settings
+        self.slots = slots
+        self.target = target
+        self._spawn = multiprocessing.get_context("spawn")
+        self._stop = self._spawn.Event()
+        self._processes: dict[int, SpawnProcess] = {}
+        self._started: dict[int, float] = {}
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start every other process and return once each listens."""
+        for index in range(1, self.settings.receiver_processes):
+            self._start(index)
+        self._watcher = threading.Thread(target=self._watch, name="receiver-processes", daemon=True)
+        self._watcher.start()
+
+    def pids(self) -> list[int]:
+        """The running processes' ids."""
+        return [process.pid for process in self._processes.values() if process.pid is not None]
+
+    def stop(self) -> None:
+        """Ask every process to stop (each lets its associations finish, as process 0 does)."""
+        self._stop.set()
+
+    def join(self) -> None:
+        """Wait for the processes to end; kill those that outlive ``STOP_SECONDS``."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for index, process in self._processes.items():
+            process.join(STOP_SECONDS)
+            if process.is_alive():
+                log.error("receiver process %d did not stop; killing it", index)
+                process.kill()
+                process.join()
+
+    def _start(self, index: int) -> None:
+        ready = self._spawn.Event()
+        process = self._spawn.Process(
+            target=self.target,
+            args=(self.settings, index, self.slots, ready, self._stop),
+            name=f"receiver-{index}",
+            daemon=True,
+        )
+        process.start()
+        self._processes[index] = process
+        self._started[index] = time.monotonic()
+        if not ready.wait(START_SECONDS) and process.is_alive():
+            log.error("receiver process %d is not listening after %.0f s", index, START_SECONDS)
+        log.info(
+            "receiver process %d started (pid %s)", index, process.pid, extra={"pid": process.pid}
+        )
+
+    def _watch(self) -> None:
+        """Start again, with its slots given back, any process that ended while running."""
+        while not self._stop.wait(WATCH_SECONDS):
+            for index, process in list(self._processes.items()):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                if time.monotonic() - self._started[index] < RESTART_SECONDS:
+                    continue  # one that cannot run (the port taken) is not restarted in a loop
+                held = self.slots.clear_process(index)
+                log.error(
+                    "receiver process %d (pid %s) ended with exit code %s while the node "
+                    "runs; %d association slots it held are free again; starting it again",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                    held,
+                )
+                self._start(index)
