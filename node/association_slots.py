@@ -3,18 +3,26 @@
 With ``receiver_processes`` above 1 several processes accept on one port and the kernel
 decides which one gets a connection, so the limits (``max_associations``, and
 ``max_associations_per_address``) can only hold if every process counts in one place:
-an array in shared memory under its lock.  Each process has a row of its own, so the
-slots of a process that died can be given back (``clear_process``) without knowing which
-connections it held.  Per calling address the counts go to ``ADDRESS_BUCKETS`` buckets
-by a hash of the address: two callers sharing a bucket share its count, which can refuse
-one of them sooner, never admit more than the limit.
+an array in shared memory.  Each process has a row of its own, so the slots of a process
+that died can be given back (``clear_process``) without knowing which connections it
+held.  Between processes the array is guarded by an ``flock`` on a file, which the kernel
+releases when its holder dies (a lock in shared memory would stay taken for good).  Per
+calling address the counts go to ``ADDRESS_BUCKETS`` buckets by a hash of the address:
+two callers sharing a bucket share its count, which can refuse one of them sooner, never
+admit more than the limit.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import fcntl
+import os
+import threading
 import zlib
-from multiprocessing.sharedctypes import SynchronizedArray
+from collections.abc import Iterator, MutableSequence
+from contextlib import contextmanager
+from multiprocessing.sharedctypes import RawArray
+from pathlib import Path
+from typing import Any
 
 #: Buckets for the per-address counts: with 20 callers, about one chance in 40 that two
 #: share one (and only then, near their limit, does it matter).
@@ -22,52 +30,82 @@ ADDRESS_BUCKETS = 8192
 
 
 class AssociationSlots:
-    """Open associations of every receiver process of a node, in shared memory."""
+    """Open associations of every receiver process of a node (``lock_path``: the file
+    whose ``flock`` guards them when there are several processes)."""
 
-    def __init__(self, processes: int = 1) -> None:
+    def __init__(self, processes: int = 1, lock_path: Path | None = None) -> None:
+        if processes > 1 and lock_path is None:
+            raise ValueError("several receiver processes need a lock file")
         self.processes = processes
+        self.lock_path = lock_path
         self._width = 1 + ADDRESS_BUCKETS  # column 0: the process's total
-        self._counts: SynchronizedArray[int] = multiprocessing.get_context("spawn").Array(
-            "i", processes * self._width
-        )
+        size = processes * self._width
+        self._counts: MutableSequence[int] = RawArray("i", size) if processes > 1 else [0] * size
+        self._thread_lock = threading.Lock()
+        self._lock_file: tuple[int, int] | None = None  # (pid, descriptor)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For a receiver process: the shared array, not this process's locks."""
+        state = self.__dict__.copy()
+        del state["_thread_lock"], state["_lock_file"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _thread_lock=threading.Lock(), _lock_file=None)
 
     def take(self, process: int, address: str, most: int, most_per_address: int) -> str | None:
         """Count a new association of ``address`` in ``process``; or why it may not open."""
         bucket = 1 + zlib.crc32(address.encode()) % ADDRESS_BUCKETS
-        with self._counts.get_lock():
-            counts = self._counts
-            rows = range(0, len(counts), self._width)
-            total = sum(counts[row] for row in rows)
-            here = sum(counts[row + bucket] for row in rows)
+        with self._locked():
+            rows = range(0, len(self._counts), self._width)
+            total = sum(self._counts[row] for row in rows)
+            here = sum(self._counts[row + bucket] for row in rows)
             if total >= most:
                 return f"{total} associations open (max_associations)"
             if here >= most_per_address:
                 return f"{here} associations open from it (max_associations_per_address)"
             mine = process * self._width
-            counts[mine] += 1
-            counts[mine + bucket] += 1
+            self._counts[mine] += 1
+            self._counts[mine + bucket] += 1
         return None
 
     def release(self, process: int, address: str) -> None:
         """An association of ``address`` in ``process`` ended."""
         bucket = 1 + zlib.crc32(address.encode()) % ADDRESS_BUCKETS
         mine = process * self._width
-        with self._counts.get_lock():
-            counts = self._counts
-            counts[mine] -= 1
-            counts[mine + bucket] -= 1
+        with self._locked():
+            self._counts[mine] -= 1
+            self._counts[mine + bucket] -= 1
 
     def clear_process(self, process: int) -> int:
         """Give back every slot ``process`` held (it died); how many it held."""
         mine = process * self._width
-        with self._counts.get_lock():
-            counts = self._counts
-            held = int(counts[mine])
-            counts[mine : mine + self._width] = [0] * self._width
+        with self._locked():
+            held = int(self._counts[mine])
+            self._counts[mine : mine + self._width] = [0] * self._width
         return held
 
     def open_total(self) -> int:
         """Associations open now, in all processes."""
-        with self._counts.get_lock():
-            counts = self._counts
-            return sum(counts[row] for row in range(0, len(counts), self._width))
+        with self._locked():
+            return sum(self._counts[row] for row in range(0, len(self._counts), self._width))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self.lock_path is None:
+                yield
+                return
+            descriptor = self._descriptor()
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def _descriptor(self) -> int:
+        """This process's own open lock file (an flock belongs to an open file)."""
+        if self._lock_file is None or self._lock_file[0] != os.getpid():
+            assert self.lock_path is not None
+            self._lock_file = (os.getpid(), os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
+        return self._lock_file[1]

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -52,7 +53,7 @@ from node.instance_checks import (
 )
 from node.listener import GuardedServer, ListenerLimits
 from node.logs import configure_logging
-from node.receiver_processes import ReceiverProcesses
+from node.receiver_processes import ReceiverProcesses, check_port_free
 from node.recovery import rerecord_unrecorded
 from node.storing import (
     DATABASE_UNAVAILABLE,
@@ -89,6 +90,8 @@ SUCCESS = 0x0000
 #: Seconds ``stop`` lets running associations finish before aborting them.
 STOP_GRACE_SECONDS = 5.0
 RECEIVING_FOLDER = "receiving"
+#: The lock file of the receiver processes' shared association counts, in ``state_dir``.
+SLOTS_LOCK = "receiver-slots.lock"
 #: Seconds between a receiver process's checks that the node's process still runs.
 PARENT_CHECK_SECONDS = 1.0
 
@@ -104,7 +107,10 @@ class Receiver:
         self.ctx = ctx
         settings = ctx.settings
         self.process = process
-        self.slots = slots or AssociationSlots(settings.receiver_processes)
+        self.slots = slots or AssociationSlots(
+            settings.receiver_processes,
+            settings.state_dir / SLOTS_LOCK if settings.receiver_processes > 1 else None,
+        )
         self.limits = ListenerLimits.from_settings(settings)
         self._ae = AE(ae_title=settings.ae_title)
         self._ae.maximum_pdu_size = settings.max_pdu_size
@@ -193,6 +199,8 @@ class Receiver:
             )
 
     def _listen(self, port: int, ssl_context: ssl.SSLContext | None) -> None:
+        if self.process == 0 and self.slots.processes > 1:
+            check_port_free(self.ctx.settings.bind_address, port)
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -339,22 +347,34 @@ class Receiver:
 
 
 def run_receiver_process(
-    settings: Settings, process: int, slots: AssociationSlots, ready: EventType, stop: EventType
+    settings: Settings,
+    process: int,
+    slots: AssociationSlots,
+    ready: EventType,
+    stop: EventType,
+    parent: int,
 ) -> None:
     """Receiver process ``process`` of the node (``node.receiver_processes``): listen
-    until ``stop`` is set or the node's process is gone, then stop as the node's does."""
+    until ``stop`` is set or the node's process (``parent``) is gone, then stop as the
+    node's does."""
     # The node's process decides when its receiver processes stop (Ctrl-C, SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log_level, settings.log_format)
-    parent = os.getppid()
-    ctx = NodeContext.open(settings)
+    try:
+        ctx = NodeContext.open(settings)
+    except Exception as exc:
+        log.error("receiver process %d cannot open the job table: %s", process, exc)
+        sys.exit(1)
     receiver = Receiver(ctx, process, slots)
     try:
         receiver.listen()
         ready.set()
         while not stop.wait(PARENT_CHECK_SECONDS) and os.getppid() == parent:
             pass
+    except Exception as exc:
+        log.error("receiver process %d failed: %s: %s", process, exc.__class__.__name__, exc)
+        sys.exit(1)
     finally:
         receiver.stop()
         ctx.close()

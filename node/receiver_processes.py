@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +37,13 @@ START_SECONDS = 60.0
 #: A process that ended is started again at most this often.
 RESTART_SECONDS = 10.0
 
-#: The function a receiver process runs: (settings, process index, slots, ready, stop).
-ProcessTarget = Callable[[Settings, int, AssociationSlots, EventType, EventType], None]
+#: The function a receiver process runs: (settings, process index, slots, ready, stop,
+#: the node's process id).
+ProcessTarget = Callable[[Settings, int, AssociationSlots, EventType, EventType, int], None]
+
+
+class ReceiverProcessFailed(RuntimeError):
+    """A receiver process ended before it listened (its own log line says why)."""
 
 
 class ReceiverProcesses:
@@ -53,15 +60,17 @@ class ReceiverProcesses:
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start every other process and return once each listens."""
-        for index in range(1, self.settings.receiver_processes):
-            self._start(index)
+        """Start every other process at once and return when all listen; raises
+        ReceiverProcessFailed (after stopping the others) when one cannot."""
+        waiting = {
+            index: self._launch(index) for index in range(1, self.settings.receiver_processes)
+        }
+        failed = [index for index, ready in waiting.items() if not self._listening(index, ready)]
+        if failed:
+            self.join()
+            raise ReceiverProcessFailed(f"receiver process {failed[0]} did not start")
         self._watcher = threading.Thread(target=self._watch, name="receiver-processes", daemon=True)
         self._watcher.start()
-
-    def pids(self) -> list[int]:
-        """The running processes' ids."""
-        return [process.pid for process in self._processes.values() if process.pid is not None]
 
     def stop(self) -> None:
         """Ask every process to stop (each lets its associations finish, as process 0 does)."""
@@ -79,22 +88,35 @@ class ReceiverProcesses:
                 process.kill()
                 process.join()
 
-    def _start(self, index: int) -> None:
+    def _launch(self, index: int) -> EventType:
         ready = self._spawn.Event()
         process = self._spawn.Process(
             target=self.target,
-            args=(self.settings, index, self.slots, ready, self._stop),
+            args=(self.settings, index, self.slots, ready, self._stop, os.getpid()),
             name=f"receiver-{index}",
             daemon=True,
         )
         process.start()
         self._processes[index] = process
+        return ready
+
+    def _listening(self, index: int, ready: EventType) -> bool:
+        """Wait until process ``index`` listens (True) or ends first (False)."""
+        process = self._processes[index]
+        deadline = time.monotonic() + START_SECONDS
+        while not ready.wait(0.2):
+            if not process.is_alive() or time.monotonic() > deadline:
+                log.error(
+                    "receiver process %d (pid %s) did not start listening (exit code %s)",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                )
+                self._started[index] = time.monotonic()
+                return False
         self._started[index] = time.monotonic()
-        if not ready.wait(START_SECONDS) and process.is_alive():
-            log.error("receiver process %d is not listening after %.0f s", index, START_SECONDS)
-        log.info(
-            "receiver process %d started (pid %s)", index, process.pid, extra={"pid": process.pid}
-        )
+        log.info("receiver process %d started (pid %s)", index, process.pid)
+        return True
 
     def _watch(self) -> None:
         """Start again, with its slots given back, any process that ended while running."""
@@ -113,4 +135,18 @@ class ReceiverProcesses:
                     process.exitcode,
                     held,
                 )
-                self._start(index)
+                self._listening(index, self._launch(index))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (address in use) when something listens on ``host:port`` already.
+
+    Receiver processes bind with ``SO_REUSEPORT``, which would let a second node, or one
+    left from an earlier run, share the port silently; this bind without it is refused
+    as a plain bind would be.
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pynetdicom binds
+        probe.bind((host, port))

@@ -14,12 +14,14 @@ import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from devtools.node_process import NodeExited
 from devtools.phantom import PhantomSpec, write_phantom_series
 from node.association_slots import AssociationSlots
 from tests.fixtures.dicom import storescu
@@ -134,31 +136,65 @@ def _admits(port: int) -> bool:
 
 
 @SQLITE
-def test_a_killed_receiver_process_starts_again_and_none_outlives_a_killed_node(
+def test_a_killed_receiver_process_starts_again_with_its_slots_free(
     node_factory, tmp_path: Path, db_url: str
 ) -> None:
-    node = started(node_factory("receive", receiver_processes=2, settle_seconds=3600))
+    node = started(
+        node_factory(
+            "receive",
+            receiver_processes=2,
+            settle_seconds=3600,
+            max_associations_per_address=ASSOCIATIONS,
+        )
+    )
+    held = [associate(node.port) for _ in range(ASSOCIATIONS)]
+    assert all(assoc.is_established for assoc in held)
+    assert not _admits(node.port), "the limit holds before the kill"
     first = child_pids(node)[1]
 
     os.kill(first, signal.SIGKILL)
     node.wait_for(lambda: child_pids(node)[1] != first, 30, "receiver process 1 again")
 
-    restarted = child_pids(node)[1]
+    lost = [assoc for assoc in held if not assoc.is_established]
+    assert lost, "none of the held associations was in the killed process"
     assert any(
         f"receiver process 1 (pid {first}) ended with exit code -9" in line["message"]
+        and f"; {len(lost)} association slots" in line["message"]
         for line in log_lines(node)
-    )
+    ), "the log names the process and the slots it freed"
+    again = [associate(node.port) for _ in range(len(lost))]
+    assert all(assoc.is_established for assoc in again), "the dead process's slots came back"
+    assert not _admits(node.port), "and no more than those"
+    for assoc in held + again:
+        if assoc.is_established:
+            assoc.release()
     series = write_phantom_series(
         tmp_path / "series", PhantomSpec(slices=2 * ASSOCIATIONS, size=64, seed=42)
     )
     assert send_in_parallel(node.port, series, ASSOCIATIONS) == [0] * len(series)
     assert node.queries.instance_totals()[0] == len(series)
+
+
+@SQLITE
+def test_no_receiver_process_outlives_a_killed_node_nor_shares_its_port_with_another(
+    node_factory, db_url: str
+) -> None:
+    node = started(node_factory("receive", receiver_processes=2, settle_seconds=3600))
+    child = child_pids(node)[1]
+    second = node_factory("receive", receiver_processes=2, port=node.port)
+    with suppress(NodeExited):  # or start() returns on the first node's C-ECHO answer
+        second.start()
+    assert second.process is not None
+    assert second.process.wait(60) != 0, "a second node shared the port"
+    assert "Address already in use" in second.log_text()
+
     node.kill()
-    assert wait_gone(restarted), "a receiver process outlived the node's process"
+
+    assert wait_gone(child), "a receiver process outlived the node's process"
 
 
-def test_slots_are_counted_over_processes_and_a_dead_ones_come_back() -> None:
-    slots = AssociationSlots(processes=3)
+def test_slots_are_counted_over_processes_and_a_dead_ones_come_back(tmp_path: Path) -> None:
+    slots = AssociationSlots(processes=3, lock_path=tmp_path / "slots.lock")
     assert slots.take(0, "10.0.0.1", 4, 2) is None
     assert slots.take(1, "10.0.0.1", 4, 2) is None
     assert "max_associations_per_address" in (slots.take(2, "10.0.0.1", 4, 2) or "")
