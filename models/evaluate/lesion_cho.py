@@ -109,15 +109,7 @@ def uniform_places(
         ok = ok.copy()
         ok[: half + 4] = ok[-half - 4 :] = False
         ok[:, : half + 4] = ok[:, -half - 4 :] = False
-        ys, xs = np.nonzero(ok & (std <= maps.limit))
-        chosen: list[tuple[int, int]] = []
-        for j in np.argsort(std[ys, xs], kind="stable"):
-            y, x = int(ys[j]), int(xs[j])
-            if all(max(abs(y - cy), abs(x - cx)) >= spacing for cy, cx in chosen):
-                chosen.append((y, x))
-                if len(chosen) == count:
-                    break
-        out.append(chosen)
+        out.append(maps.flattest(std, ok, spacing, count))
     return out
 
 

@@ -68,16 +68,24 @@ class UniformMaps:
         half = ROI_PX // 2
         found = []
         for i, (std, ok) in enumerate(zip(self.std, self.ok, strict=True)):
-            ys, xs = np.nonzero(ok & (std <= self.limit))
-            chosen: list[tuple[int, int]] = []
-            for j in np.argsort(std[ys, xs], kind="stable"):
-                y, x = int(ys[j]), int(xs[j])
-                if all(max(abs(y - cy), abs(x - cx)) >= spacing for cy, cx in chosen):
-                    chosen.append((y, x))
-                    if len(chosen) == per_slice:
-                        break
+            chosen = self.flattest(std, ok, spacing, per_slice)
             found += [(i, y - half, x - half) for y, x in chosen]
         return found
+
+    def flattest(
+        self, std: np.ndarray, ok: np.ndarray, spacing: int, count: int
+    ) -> list[tuple[int, int]]:
+        """Up to ``count`` centres where ``ok`` and std is within the limit, flattest first,
+        each at least ``spacing`` px (Chebyshev) from those chosen before it."""
+        ys, xs = np.nonzero(ok & (std <= self.limit))
+        chosen: list[tuple[int, int]] = []
+        for j in np.argsort(std[ys, xs], kind="stable"):
+            y, x = int(ys[j]), int(xs[j])
+            if all(max(abs(y - cy), abs(x - cx)) >= spacing for cy, cx in chosen):
+                chosen.append((y, x))
+                if len(chosen) == count:
+                    break
+        return chosen
 
 
 def crop(images: np.ndarray, rois: list[tuple[int, int, int]], size: int = ROI_PX) -> np.ndarray:
