@@ -1,8 +1,8 @@
 """The receiver's other processes: more interpreters accepting on the node's DICOM port.
 
 One Python process receives at most about what one interpreter lock lets its threads do
-(bench.ingest: a durable pynetdicom receiver with eight associations made 0.76x Orthanc's
-rate in one process, 1.44x in two).  With ``receiver_processes`` N above 1 the node's
+(bench.ingest, eight associations on two cores: a durable pynetdicom receiver made
+0.55-0.76x Orthanc's rate in one process, 0.75-1.44x in two).  With ``receiver_processes`` N above 1 the node's
 receiver starts N - 1 more processes that bind the same ports with ``SO_REUSEPORT`` (the
 kernel spreads new connections over them), each with its own job table connections and
 receiving folder, all counting associations in one ``AssociationSlots``.  They only
