@@ -53,7 +53,11 @@ NPS_VERSION = "nps-v1"
 #: FFT, so the profile has the phantoms' bins), and the smoothing (px) of the pair's mean
 #: that decides what is soft tissue (raw low-dose pixels stray outside FLAT_RANGE_HU).
 DIFF_PATCH, DIFF_SMOOTH_PX = 48, 3.0
-DIFF_NPS_VERSION = "nps-diff-v1"
+#: Below this frequency (cycles/px) a patient profile is capped at the highest of the
+#: DIFF_CAP_FROM bins above it (:func:`low_bins_capped`).
+DIFF_CAP_BELOW, DIFF_CAP_FROM = 0.0625, 3
+#: v2 (session 12): the anatomy left in the differences extrapolated out with a second gap.
+DIFF_NPS_VERSION = "nps-diff-v2"
 
 
 def _plane_detrended(block: np.ndarray) -> np.ndarray:
@@ -115,27 +119,18 @@ def measure_nps(series: CTSeries, stride: int = NPS_PATCH // 2) -> tuple[np.ndar
     return _flatter_half(found, series.name)
 
 
-def measure_difference_nps(
-    series: CTSeries, stride: int = DIFF_PATCH // 4
-) -> tuple[np.ndarray, float]:
-    """Radial NPS (unit total power) and noise std (HU) of a patient series, from differences
-    of neighbouring slices in flat soft tissue.
-
-    Why differences: a patient has no uniform region large enough, and anatomy in one slice
-    would pass for grain.  Noise of two contiguous (not overlapping) slices is independent,
-    so their difference over sqrt(2) is noise of one slice's std and texture, while anatomy
-    that changes slowly along z cancels.  Patches lie wholly in soft tissue (the pair's
-    smoothed mean inside FLAT_RANGE_HU, no padding in either slice) and are plane-detrended;
-    the flatter half (the others hold edges that did not cancel) are averaged.
-    """
+def _difference_power(series: CTSeries, gap: int, stride: int) -> tuple[np.ndarray, float]:
+    """Mean 2-D power spectrum (unshifted, NPS_PATCH grid, per pixel) and mean variance of
+    the flatter half of the detrended patches of ``(slice i + gap - slice i) / sqrt(2)`` in
+    flat soft tissue (the pair's smoothed mean inside FLAT_RANGE_HU, no padding in either)."""
     lo, hi = FLAT_RANGE_HU
     found: list[tuple[float, np.ndarray]] = []
     n_slices, h, w = series.hu.shape
     p = DIFF_PATCH
-    for i in range(n_slices - 1):
-        a, b = series.hu[i].astype(np.float64), series.hu[i + 1].astype(np.float64)
+    for i in range(n_slices - gap):
+        a, b = series.hu[i].astype(np.float64), series.hu[i + gap].astype(np.float64)
         mean = ndi.gaussian_filter(0.5 * (a + b), DIFF_SMOOTH_PX)
-        tissue = (mean > lo) & (mean < hi) & ~series.keep[i] & ~series.keep[i + 1]
+        tissue = (mean > lo) & (mean < hi) & ~series.keep[i] & ~series.keep[i + gap]
         difference = (b - a) / math.sqrt(2.0)
         for y in range(0, h - p + 1, stride):
             for x in range(0, w - p + 1, stride):
@@ -143,7 +138,69 @@ def measure_difference_nps(
                     continue
                 residual = _plane_detrended(difference[y : y + p, x : x + p])
                 found.append((float(residual.std()), residual))
-    return _flatter_half(found, series.name)
+    if len(found) < 4:
+        raise ValueError(f"{series.name}: too few flat patches to measure the NPS")
+    found.sort(key=lambda item: item[0])
+    flat = [r for _, r in found[: max(4, len(found) // 2)]]
+    size = (NPS_PATCH, NPS_PATCH)
+    power = np.mean([np.abs(np.fft.fft2(r, s=size)) ** 2 for r in flat], axis=0) / flat[0].size
+    return power, float(np.mean([r.var() for r in flat]))
+
+
+def measure_difference_nps(
+    series: CTSeries, stride: int = DIFF_PATCH // 4
+) -> tuple[np.ndarray, float]:
+    """Radial NPS (unit total power) and noise std (HU) of a patient series, from differences
+    of neighbouring slices in flat soft tissue, with the anatomy left in them extrapolated out.
+
+    Why differences: a patient has no uniform region large enough, and anatomy in one slice
+    would pass for grain.  The difference of two slices over sqrt(2) has one slice's noise
+    std and texture, while anatomy that changes slowly along z nearly cancels.  Patches lie
+    wholly in soft tissue and are plane-detrended; the flatter half are averaged.
+
+    Why two gaps (session 12): what does not cancel still dominates the lowest frequencies
+    (session 11: every real profile peaked at 0.03-0.05 cycles/px, which FBP noise does not;
+    the power of slices i, i + 2 over that of i, i + 1 is 2.3-3.0 there and 1.4-1.5 above
+    0.25 cycles/px).  To first order a structure's difference grows in proportion to the gap,
+    so its power grows as gap^2 while the noise's does not; the power at gap 0 is then
+    ``(4 P(1) - P(2)) / 3`` (Richardson extrapolation), applied to the 2-D spectrum and the
+    variance alike, clipped at zero.  What faster change leaves below 0.0625 cycles/px is
+    then capped (:func:`low_bins_capped`), and the variance loses the capped power.
+    """
+    p1, v1 = _difference_power(series, 1, stride)
+    p2, v2 = _difference_power(series, 2, stride)
+    power = np.clip((4.0 * p1 - p2) / 3.0, 0.0, None)
+    variance = max((4.0 * v1 - v2) / 3.0, 0.0)
+    profile = radial_profile(power)
+    capped = low_bins_capped(profile)
+    if capped.sum() <= 0:
+        raise ValueError(f"{series.name}: no noise power left after the extrapolation")
+    # the variance loses the share of the 2-D power that the cap took (ring means x pixels)
+    f = np.fft.fftfreq(NPS_PATCH)
+    bins = (np.hypot(*np.meshgrid(f, f, indexing="ij")) / 0.5 * NPS_BINS).astype(int)
+    pixels = np.bincount(bins.ravel())[:NPS_BINS]
+    variance *= 1.0 - float(((profile - capped) * pixels).sum() / power.sum())
+    return capped / capped.sum(), math.sqrt(variance)
+
+
+def low_bins_capped(profile: np.ndarray) -> np.ndarray:
+    """The radial profile with its bins below DIFF_CAP_BELOW cycles/px capped at the highest
+    of the DIFF_CAP_FROM bins just above them.
+
+    Why: FBP noise power rises from zero at zero frequency (``|f| W(f)^2``), so its lowest bins
+    lie below the next ones unless the NPS peaks under 0.0625 cycles/px (a kernel smoother
+    than a Hann window cut at 0.2 cycles/px).  Power there
+    above its neighbours is structure the slice differences and the two-gap extrapolation
+    left (a 0.06 cycles/px wave is 16 px: organ-sized).  A cap: a profile that rises
+    through these bins, as every FBP NPS does, keeps its values.
+    """
+    centres = (np.arange(NPS_BINS) + 0.5) * 0.5 / NPS_BINS
+    low = centres < DIFF_CAP_BELOW
+    first = int(np.argmin(low))
+    cap = float(profile[first : first + DIFF_CAP_FROM].max())
+    out = profile.astype(np.float64).copy()
+    out[low] = np.minimum(out[low], cap)
+    return out
 
 
 def phantom_profiles(names: tuple[str, ...] = WATER_PHANTOMS) -> dict[str, np.ndarray]:

@@ -37,10 +37,11 @@ from models.network import build, parameter_count
 from models.sampler import PatchSampler
 from models.simulate import SIM_VERSION, series_calibration, simulate_series
 from models.validation import (
+    LESION_POOLINGS,
     build_lesions,
     build_validation,
+    config_score,
     lesion_contrast_kept,
-    selection_score,
     validate_by_series,
 )
 from node.pixels import FILL_HU
@@ -192,6 +193,9 @@ def _validation(
     set, else the last slices of each training series (2.2.0's recipe)."""
     if not config.get("validation_series"):
         return lambda model, device: validate(model, val_data, config, device)
+    pooling = config.get("validation_lesion_pooling", "discs")
+    if pooling not in LESION_POOLINGS:
+        raise ValueError(f"validation_lesion_pooling {pooling!r}: one of {LESION_POOLINGS}")
     by_series = build_validation(config)
     if not config.get("validation_lesion_weight"):
         return lambda model, device: validate_by_series(model, by_series, device)
@@ -395,7 +399,7 @@ def fit(
             running, count = 0.0, 0
         if (step + 1) % int(config["val_every"]) == 0 or last:
             mae = validate_now(model, device)
-            score = selection_score(mae, float(config.get("validation_lesion_weight") or 0.0))
+            score = config_score(mae, config)
             history["val"].append({"step": step + 1, "mae": mae, "score": score})
             print(f"  val {json.dumps(mae)} score {score:.3f}", flush=True)
             if score < best:
@@ -480,8 +484,7 @@ def validation_report(config: dict) -> dict:
     model = build(config.get("model"))
     base = load_initial_weights(model, config["init_from"])
     found = _validation(config, [])(model, torch.device("cpu"))
-    weight = float(config.get("validation_lesion_weight") or 0.0)
-    return {"model": base, "val": found, "score": selection_score(found, weight)}
+    return {"model": base, "val": found, "score": config_score(found, config)}
 
 
 def stage_configs(raw: dict, stage: int | None, init_from: str | None) -> list[dict]:

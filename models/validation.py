@@ -13,7 +13,9 @@ out, 3 mm lesions kept 65-75 % against 2.2.0's 75-80 %).  So the selection score
 contrast lost by small discs (LESION_DIAMETERS_MM at LESION_CONTRAST_HU, the evaluation's
 ``--lesions`` method) planted in flat tissue of the Catphan inputs at LESION_DOSE (every
 texture) and of real low-dose patient slices (REAL_LOWDOSE_VALIDATION: real anatomy around
-them, real noise): ``score = mean MAE + lesion_weight * contrast lost (%)``.
+them, real noise): ``score = mean MAE + lesion_weight * contrast lost (%)``.  The contrast
+lost pools the discs of both sources as ``validation_lesion_pooling`` says (session 12: the
+60 real discs weigh as much as the 216 Catphan ones, or the worse source counts).
 """
 
 from __future__ import annotations
@@ -217,8 +219,40 @@ def lesion_contrast_kept(
     return out
 
 
-def selection_score(found: dict[str, float], lesion_weight: float = DEFAULT_LESION_WEIGHT) -> float:
+#: How the points lost by the discs of the two sources (Catphan inputs, real low-dose
+#: slices) are pooled in the score (config key ``validation_lesion_pooling``):
+#: ``discs`` (the default, sessions 10-11): the mean over all discs, so the 216 Catphan discs
+#: outweigh the 60 real ones 3.6 to 1; ``sources``: the mean over the two sources of each
+#: source's mean points lost; ``worst``: the larger of the two sources' points lost.
+LESION_POOLINGS = ("discs", "sources", "worst")
+
+
+def lesion_points_lost(found: dict[str, float], pooling: str = "discs") -> float:
+    """Percentage points of lesion contrast lost, pooled over the sources as ``pooling``
+    says (LESION_POOLINGS); 0 where no lesion was measured."""
+    if pooling not in LESION_POOLINGS:
+        raise ValueError(f"validation_lesion_pooling {pooling!r}: one of {LESION_POOLINGS}")
+    if LESION_LOST not in found:
+        return 0.0
+    if pooling == "discs":
+        return found[LESION_LOST]
+    lost = [100.0 - v for k, v in found.items() if k.startswith("lesion_kept_")]
+    return float(np.mean(lost)) if pooling == "sources" else float(max(lost))
+
+
+def selection_score(
+    found: dict[str, float],
+    lesion_weight: float = DEFAULT_LESION_WEIGHT,
+    pooling: str = "discs",
+) -> float:
     """Lower is better: mean MAE over doses (HU) plus ``lesion_weight`` HU per percentage
-    point of lesion contrast lost (where measured)."""
+    point of lesion contrast lost (where measured), pooled over the sources by ``pooling``."""
     errors = [v for k, v in found.items() if not k.startswith("lesion")]
-    return float(np.mean(errors)) + lesion_weight * found.get(LESION_LOST, 0.0)
+    return float(np.mean(errors)) + lesion_weight * lesion_points_lost(found, pooling)
+
+
+def config_score(found: dict[str, float], config: dict) -> float:
+    """:func:`selection_score` with the config's ``validation_lesion_weight`` (none: 0) and
+    ``validation_lesion_pooling`` (none: ``discs``, as every config before session 12)."""
+    weight = float(config.get("validation_lesion_weight") or 0.0)
+    return selection_score(found, weight, str(config.get("validation_lesion_pooling", "discs")))

@@ -20,11 +20,14 @@ from models.data import (  # noqa: E402
     CTSeries,
 )
 from models.grain import (  # noqa: E402
+    DIFF_PATCH,
     NPS_BINS,
     NPS_PATCH,
     WINDOWS,
     GrainBank,
+    _difference_power,
     analytic_nps,
+    low_bins_capped,
     measure_difference_nps,
     measure_nps,
     radial_frequency,
@@ -79,6 +82,50 @@ def test_slice_differences_measure_the_known_noise_texture_and_std_under_anatomy
     single, single_std = measure_nps(series)
     assert single_std > 1.5 * 20.0
     assert np.abs(single - known).sum() > 0.5
+
+
+def _stack_with_drifting_anatomy(std_hu: float) -> CTSeries:
+    """Twelve slices of soft tissue (40 HU) whose organ-sized structure (a 36 x 44 px wave,
+    0.02-0.04 cycles/px) grows by 12 HU per slice, plus independent Hann 0.3 noise: anatomy
+    that changes slowly along z but does not cancel in neighbouring-slice differences."""
+    n, size = 12, 192
+    yy, xx = np.mgrid[:size, :size]
+    wave = np.sin(2 * np.pi * xx / 36) * np.sin(2 * np.pi * yy / 44)
+    nps = analytic_nps(
+        radial_frequency(size), torch.tensor([WINDOWS.index("hann")]), torch.tensor([0.3])
+    )
+    noise = shaped_noise(nps.repeat(n, 1, 1), torch.Generator().manual_seed(3)).numpy()
+    hu = np.stack([40.0 + 12.0 * (i - n / 2) * wave for i in range(n)]) + std_hu * noise
+    return CTSeries("drifting", hu.astype(np.float32), np.zeros(hu.shape, bool), [])
+
+
+def test_anatomy_that_drifts_along_z_is_kept_out_of_the_lowest_bins() -> None:
+    """Session 12: anatomy left in the slice differences piled up below 0.06 cycles/px;
+    the second gap (slices i, i + 2) and the cap take it out."""
+    series = _stack_with_drifting_anatomy(std_hu=20.0)
+    known = _known_profile("hann", 0.3)
+    low = slice(0, 4)  # below 0.0625 cycles/px
+    profile, std = measure_difference_nps(series)
+    assert profile[low].sum() < known[low].sum() + 0.01
+    assert np.abs(profile - known).sum() < 0.15
+    assert std == pytest.approx(20.0, rel=0.1)
+    # one gap alone (session 11's measurement) reads the drift as low-frequency noise
+    power, variance = _difference_power(series, 1, DIFF_PATCH // 4)
+    single = radial_profile(power)
+    single = single / single.sum()
+    assert single[low].sum() > known[low].sum() + 0.05
+    assert np.abs(single - known).sum() > 0.15
+
+
+def test_the_cap_lowers_only_low_bins_above_their_neighbours() -> None:
+    rising = np.concatenate([np.linspace(0.0, 1.0, 8), np.linspace(1.0, 0.1, NPS_BINS - 8)])
+    assert np.allclose(low_bins_capped(rising), rising)  # an FBP-like rise is kept
+    assert np.allclose(low_bins_capped(_known_profile("hann", 0.3)), _known_profile("hann", 0.3))
+    bumped = rising.copy()
+    bumped[1:4] += 1.0  # power piled up below 0.0625 cycles/px
+    capped = low_bins_capped(bumped)
+    assert np.allclose(capped[4:], rising[4:])
+    assert np.allclose(capped[1:4], rising[4:7].max())
 
 
 def _bank(real_prob: float) -> GrainBank:
