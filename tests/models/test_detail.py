@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from models.data import REAL_LOWDOSE_VALIDATION, SHARED_CT, SHARED_LOWDOSE  # noqa: E402
-from models.train import Run, fit, training_loss  # noqa: E402
+from models.train import training_loss  # noqa: E402
 from models.validation import (  # noqa: E402
     LESION_CONTRAST_HU,
     LESION_DIAMETERS_MM,
@@ -25,6 +25,7 @@ from models.validation import (  # noqa: E402
     plant_discs,
     selection_score,
 )
+from tests.models.two_validations import best_of_two_validations  # noqa: E402
 
 
 def _edge() -> torch.Tensor:
@@ -105,32 +106,9 @@ def test_the_score_adds_the_weighted_contrast_lost_to_the_mean_error() -> None:
 def test_the_best_checkpoint_is_the_one_with_the_best_score_not_the_best_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DENOISE_NODE_CACHE_DIR", str(tmp_path))
-    full = np.full((2, 32, 32), 40.0, np.float32)
-    data = [{"full": full, "keep": np.zeros(full.shape, bool), "low": {0.5: full + 5}}]
-    config = {
-        "run_name": "lesions",
-        "seed": 0,
-        "threads": 1,
-        "patch": 16,
-        "batch": 2,
-        "doses": [0.5],
-        "dose_weights": [1.0],
-        "lr": 1e-3,
-        "lr_min": 1e-5,
-        "weight_decay": 0.0,
-        "warmup_steps": 1,
-        "max_steps": 2,
-        "val_every": 1,
-        "log_every": 1,
-        "gradient_weight": 0.5,
-        "validation_lesion_weight": 0.25,
-        "model": {"widths": [4, 8, 16]},
-    }
     # step 1: lower error but 20 points of contrast lost; step 2: the better score
-    figures = iter([{"0.5": 5.0, LESION_LOST: 20.0}, {"0.5": 6.0, LESION_LOST: 4.0}])
-    fit(config, data, [], lambda model, device: next(figures), Run("test", 3600.0))
-    best = torch.load(tmp_path / "checkpoints" / "lesions" / "best.pt", weights_only=False)
+    figures = [{"0.5": 5.0, LESION_LOST: 20.0}, {"0.5": 6.0, LESION_LOST: 4.0}]
+    best = best_of_two_validations(tmp_path, monkeypatch, "lesions", figures, gradient_weight=0.5)
     assert best["step"] == 2
     assert [v["score"] for v in best["history"]["val"]] == pytest.approx([10.0, 7.0])
 

@@ -10,15 +10,15 @@ import pytest
 
 pytest.importorskip("torch")
 
-import torch  # noqa: E402
 
-from models.train import Run, _validation, fit  # noqa: E402
+from models.train import _validation  # noqa: E402
 from models.validation import (  # noqa: E402
     LESION_LOST,
     config_score,
     lesion_points_lost,
     selection_score,
 )
+from tests.models.two_validations import best_of_two_validations  # noqa: E402
 
 # Session 11's validation figures (models/TRAINING_LOG.md): 2.2.0 and cpu-real-1's step 700.
 SHIPPED = {
@@ -88,37 +88,14 @@ def test_an_unknown_pooling_is_refused_before_training() -> None:
 def test_the_best_checkpoint_follows_the_configured_pooling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DENOISE_NODE_CACHE_DIR", str(tmp_path))
-    full = np.full((2, 32, 32), 40.0, np.float32)
-    data = [{"full": full, "keep": np.zeros(full.shape, bool), "low": {0.5: full + 5}}]
-    config = {
-        "run_name": "pooling",
-        "seed": 0,
-        "threads": 1,
-        "patch": 16,
-        "batch": 2,
-        "doses": [0.5],
-        "dose_weights": [1.0],
-        "lr": 1e-3,
-        "lr_min": 1e-5,
-        "weight_decay": 0.0,
-        "warmup_steps": 1,
-        "max_steps": 2,
-        "val_every": 1,
-        "log_every": 1,
-        "validation_lesion_weight": 0.25,
-        "validation_lesion_pooling": "worst",
-        "model": {"widths": [4, 8, 16]},
-    }
     # step 1: best over all discs (many Catphan discs kept) but the real ones lose 30 points;
     # step 2: fewer points lost on the worse source
-    figures = iter(
-        [
-            {"0.5": 5.0, "lesion_kept_catphan": 90.0, "lesion_kept_real": 70.0, LESION_LOST: 14.3},
-            {"0.5": 5.0, "lesion_kept_catphan": 78.0, "lesion_kept_real": 78.0, LESION_LOST: 22.0},
-        ]
+    figures = [
+        {"0.5": 5.0, "lesion_kept_catphan": 90.0, "lesion_kept_real": 70.0, LESION_LOST: 14.3},
+        {"0.5": 5.0, "lesion_kept_catphan": 78.0, "lesion_kept_real": 78.0, LESION_LOST: 22.0},
+    ]
+    best = best_of_two_validations(
+        tmp_path, monkeypatch, "pooling", figures, validation_lesion_pooling="worst"
     )
-    fit(config, data, [], lambda model, device: next(figures), Run("test", 3600.0))
-    best = torch.load(tmp_path / "checkpoints" / "pooling" / "best.pt", weights_only=False)
     assert best["step"] == 2
     assert [v["score"] for v in best["history"]["val"]] == pytest.approx([12.5, 10.5])
