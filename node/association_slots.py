@@ -36,6 +36,8 @@ class AssociationSlots:
     def __init__(self, processes: int = 1, lock_path: Path | None = None) -> None:
         if processes > 1 and lock_path is None:
             raise ValueError("several receiver processes need a lock file")
+        if lock_path is not None:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
         self.processes = processes
         self.lock_path = lock_path
         self._width = 1 + ADDRESS_BUCKETS  # column 0: the process's total

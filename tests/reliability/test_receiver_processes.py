@@ -194,7 +194,7 @@ def test_no_receiver_process_outlives_a_killed_node_nor_shares_its_port_with_ano
 
 
 def test_slots_are_counted_over_processes_and_a_dead_ones_come_back(tmp_path: Path) -> None:
-    slots = AssociationSlots(processes=3, lock_path=tmp_path / "slots.lock")
+    slots = AssociationSlots(processes=3, lock_path=tmp_path / "not-yet" / "slots.lock")
     assert slots.take(0, "10.0.0.1", 4, 2) is None
     assert slots.take(1, "10.0.0.1", 4, 2) is None
     assert "max_associations_per_address" in (slots.take(2, "10.0.0.1", 4, 2) or "")
