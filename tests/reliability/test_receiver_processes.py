@@ -119,8 +119,9 @@ def test_the_association_limits_are_the_nodes_whichever_process_answers(
         if assoc.is_established:
             assoc.release()
     assert admitted == 0, f"{admitted} of 8 admitted beyond the per-address limit of 2"
-    # Most callers get an A-ASSOCIATE-RJ; now and then one sees the connection close
-    # first (as with one process: the refusal path's race, not the count's).
+    # pynetdicom 3.0.4's requestor now and then reports a refusal as an abort: it checks its
+    # socket after its reader may already have taken the A-ASSOCIATE-RJ and closed it
+    # (its debug log shows the RJ arrive; DCMTK's echoscu saw 40 RJ in 40 refusals).
     assert sum(assoc.is_rejected for assoc in attempts) >= 4
     held[0].release()
     node.wait_for(lambda: _admits(node.port), 10, "a freed slot")
