@@ -57,11 +57,9 @@ class AssociationSlots:
 
     def take(self, process: int, address: str, most: int, most_per_address: int) -> str | None:
         """Count a new association of ``address`` in ``process``; or why it may not open."""
-        bucket = 1 + zlib.crc32(address.encode()) % ADDRESS_BUCKETS
+        bucket = _bucket(address)
         with self._locked():
-            rows = range(0, len(self._counts), self._width)
-            total = sum(self._counts[row] for row in rows)
-            here = sum(self._counts[row + bucket] for row in rows)
+            total, here = self._column_total(0), self._column_total(bucket)
             if total >= most:
                 return f"{total} associations open (max_associations)"
             if here >= most_per_address:
@@ -73,7 +71,7 @@ class AssociationSlots:
 
     def release(self, process: int, address: str) -> None:
         """An association of ``address`` in ``process`` ended."""
-        bucket = 1 + zlib.crc32(address.encode()) % ADDRESS_BUCKETS
+        bucket = _bucket(address)
         mine = process * self._width
         with self._locked():
             self._counts[mine] -= 1
@@ -90,7 +88,11 @@ class AssociationSlots:
     def open_total(self) -> int:
         """Associations open now, in all processes."""
         with self._locked():
-            return sum(self._counts[row] for row in range(0, len(self._counts), self._width))
+            return self._column_total(0)
+
+    def _column_total(self, column: int) -> int:
+        """``column`` summed over every process's row (under the lock)."""
+        return sum(self._counts[row + column] for row in range(0, len(self._counts), self._width))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -111,3 +113,8 @@ class AssociationSlots:
             assert self.lock_path is not None
             self._lock_file = (os.getpid(), os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
         return self._lock_file[1]
+
+
+def _bucket(address: str) -> int:
+    """The column of ``address``'s count (column 0 is the process's total)."""
+    return 1 + zlib.crc32(address.encode()) % ADDRESS_BUCKETS

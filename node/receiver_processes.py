@@ -105,19 +105,20 @@ class ReceiverProcesses:
         """Wait until process ``index`` listens (True) or ends first (False)."""
         process = self._processes[index]
         deadline = time.monotonic() + START_SECONDS
-        while not ready.wait(0.2):
-            if not process.is_alive() or time.monotonic() > deadline:
-                log.error(
-                    "receiver process %d (pid %s) did not start listening (exit code %s)",
-                    index,
-                    process.pid,
-                    process.exitcode,
-                )
-                self._started[index] = time.monotonic()
-                return False
+        listening = True
+        while listening and not ready.wait(0.2):
+            listening = process.is_alive() and time.monotonic() <= deadline
         self._started[index] = time.monotonic()
-        log.info("receiver process %d started (pid %s)", index, process.pid)
-        return True
+        if listening:
+            log.info("receiver process %d started (pid %s)", index, process.pid)
+        else:
+            log.error(
+                "receiver process %d (pid %s) did not start listening (exit code %s)",
+                index,
+                process.pid,
+                process.exitcode,
+            )
+        return listening
 
     def _watch(self) -> None:
         """Start again, with its slots given back, any process that ended while running."""
