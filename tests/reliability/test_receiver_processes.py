@@ -82,7 +82,6 @@ def associate(port: int):
     return ae.associate("127.0.0.1", port, ae_title="DENOISE")
 
 
-@SQLITE
 def test_associations_spread_over_the_processes_and_every_instance_is_stored(
     node_factory, tmp_path: Path, db_url: str
 ) -> None:
@@ -136,7 +135,6 @@ def _admits(port: int) -> bool:
     return False
 
 
-@SQLITE
 def test_a_killed_receiver_process_starts_again_with_its_slots_free(
     node_factory, tmp_path: Path, db_url: str
 ) -> None:
