@@ -7,8 +7,9 @@ phantom series' files in one association.  The node's sender gets the same files
 derived series of a job in ``sending`` on a fresh SQLite job table (made by the job
 table's own verbs, as a worker leaves it), and the time is that of ``Sender.run_once``,
 which claims the job, opens its associations (1, 2, and the default
-``associations``), sends every instance, records each acknowledgement and concludes
-the job.  The runs are interleaved.
+``associations``; each in a process of its own, and the default count once more in
+threads: ``send_in_processes`` false), sends every instance, records each
+acknowledgement and concludes the job.  The runs are interleaved.
 
 ``--dicomweb`` compares STOW-RS batch sizes instead: the node's sender posts the series
 to Orthanc's DICOMweb plugin ``BATCHES`` instances per request (16 is the default of
@@ -106,8 +107,11 @@ def stow_destination(
     return destination
 
 
-def node_sender(destination: Callable[[OrthancServer], dict[str, object]]) -> Sender_:
-    """The node's sender, to ``destination(server)``."""
+def node_sender(
+    destination: Callable[[OrthancServer], dict[str, object]], in_processes: bool = True
+) -> Sender_:
+    """The node's sender, to ``destination(server)``, its associations in processes of
+    their own or (``in_processes`` false) in threads."""
 
     def send(folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
         """Seconds for the node's sender to deliver the job's series to ``server``."""
@@ -116,12 +120,14 @@ def node_sender(destination: Callable[[OrthancServer], dict[str, object]]) -> Se
             database_url=f"sqlite:///{folder / 'state' / 'jobs.sqlite'}",
             destinations={"pacs": destination(server)},
             spool_min_free_mb=0,
+            send_in_processes=in_processes,
         )
         ctx = NodeContext.open(settings)
         try:
             job_id = sending_job(ctx, paths)
+            sender = Sender(ctx)  # the role's start: association processes' fork server up
             started = time.perf_counter()
-            Sender(ctx).run_once()
+            sender.run_once()
             seconds = time.perf_counter() - started
             state = ctx.queries.get_job(job_id).state
             if state != "done":
@@ -169,6 +175,9 @@ def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
         if associations == default:
             label += " (default)"
         senders[label] = node_sender(dicom_destination(associations))
+    senders[f"node's sender, {default} associations in threads (send_in_processes false)"] = (
+        node_sender(dicom_destination(default), in_processes=False)
+    )
     how = "by C-STORE"
     if args.dicomweb:
         senders = {

@@ -5,10 +5,13 @@ storescu into the same PACS: each 16 KB PDU costs pynetdicom ~0.1 ms of Python, 
 reactor waits for the next answer in 1 ms steps (``bench.send``).  Those costs overlap
 across associations, so a destination's ``associations`` (default 4) are opened together
 and take the instances from one shared queue: a slow association never holds the tail.
-Where the peer refuses or does not answer the extra ones (a PACS that limits associations
-per calling AE, or serves one at a time), the instances go over those it accepted.  The
-first failure stops every association after its instance in flight; what was
-acknowledged is recorded, the rest is sent again by the next attempt.
+Each association is a ``StoreLink``: a ``ThreadLink`` in this process, or (the default,
+``send_in_processes``) one in a process of its own (``node.store_processes``), where the
+associations do not queue for one interpreter lock.  Where the peer refuses or does not
+answer the extra ones (a PACS that limits associations per calling AE, or serves one at a
+time), the instances go over those it accepted.  The first failure stops every association
+after its instance in flight; what was acknowledged is recorded, the rest is sent again by
+the next attempt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -43,6 +47,22 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 Record = Callable[[list[tuple[str, int]]], None]
 #: Called before each instance; raises to stop sending (the process stops, the claim is lost).
 BeforeEach = Callable[[], None]
+
+
+class StoreLink(Protocol):
+    """One open association to a destination, as the thread that sends over it sees it."""
+
+    def store(self, uid: str, path: Path) -> tuple[int, str | None]:
+        """C-STORE one file: the peer's status and error comment, or a DeliveryError."""
+        ...
+
+    def release(self) -> None:
+        """Release the association (nothing happens where it is gone already)."""
+        ...
+
+
+#: Opens a StoreLink to (settings, destination name, destination), or a DeliveryError.
+OpenLink = Callable[[Settings, str, Destination], StoreLink]
 
 
 def associate(
@@ -97,11 +117,13 @@ class CStoreClient:
         destination: Destination,
         before_each: BeforeEach,
         record: Record,
+        open_link: OpenLink | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
         self.destination = destination
         self._before_each = before_each
+        self._open_link = open_link or ThreadLink
         self._acknowledged = GroupCommit(record)
 
     def store(self, instances: Sequence[tuple[str, Path]]) -> int:
@@ -115,7 +137,7 @@ class CStoreClient:
         first is released, when nothing is left for them.
         """
         wanted = max(1, min(self.destination.associations, len(instances)))
-        first = associate(self.settings, self.name, self.destination)
+        first = self._open_link(self.settings, self.name, self.destination)
         queue = iter(instances)
         lock = threading.Lock()
         failed = threading.Event()
@@ -128,18 +150,17 @@ class CStoreClient:
                     return
                 yield item
 
-        def send_all(assoc: Association | None) -> int:
-            assoc = assoc or self._open_another(wanted)
-            if assoc is None:
+        def send_all(link: StoreLink | None) -> int:
+            link = link or self._open_another(wanted)
+            if link is None:
                 return 0
             try:
-                return self._send_over(assoc, take())
+                return self._send_over(link, take())
             except BaseException:
                 failed.set()
                 raise
             finally:
-                if assoc.is_established:
-                    assoc.release()
+                link.release()
 
         with ThreadPoolExecutor(wanted, thread_name_prefix="c-store") as pool:
             futures = [pool.submit(send_all, first if i == 0 else None) for i in range(wanted)]
@@ -159,11 +180,11 @@ class CStoreClient:
             raise _first(errors)
         return sum(f.result() for f in futures)
 
-    def _open_another(self, wanted: int) -> Association | None:
+    def _open_another(self, wanted: int) -> StoreLink | None:
         """One more association, or None (logged) where the peer refuses or does not answer,
         or opening it fails otherwise: the first association sends without it."""
         try:
-            return associate(self.settings, self.name, self.destination)
+            return self._open_link(self.settings, self.name, self.destination)
         except DeliveryError as exc:
             reason, trace = str(exc), False
         except Exception as exc:  # a fault while opening an extra one fails nothing
@@ -177,19 +198,16 @@ class CStoreClient:
         )
         return None
 
-    def _send_over(self, assoc: Association, instances: Iterator[tuple[str, Path]]) -> int:
-        _without_delay(assoc)
+    def _send_over(self, link: StoreLink, instances: Iterator[tuple[str, Path]]) -> int:
         sent = 0
         for uid, path in instances:
             self._before_each()
-            status = self._c_store(assoc, uid, path)
-            code = int(status.Status)
+            code, comment = link.store(uid, path)
             if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
                 # recorded before the next is taken (and the queue checked for a failure)
                 self._acknowledged.wait(self._acknowledged.add(uid, code))
                 sent += 1
                 continue
-            comment = status.get("ErrorComment")
             answer = f"status 0x{code:04X}" + (f" ({comment})" if comment else "")
             raise DeliveryError(
                 self.name,
@@ -198,8 +216,18 @@ class CStoreClient:
             )
         return sent
 
-    def _c_store(self, assoc: Association, uid: str, path: Path) -> Dataset:
-        """The peer's answer (with a Status), or a DeliveryError."""
+
+class ThreadLink:
+    """An association in this process: pynetdicom's reactor thread beside the caller's."""
+
+    def __init__(self, settings: Settings, name: str, destination: Destination) -> None:
+        self.name = name
+        self._assoc = associate(settings, name, destination)
+        _without_delay(self._assoc)
+
+    def store(self, uid: str, path: Path) -> tuple[int, str | None]:
+        """The peer's status and error comment, or a DeliveryError."""
+        assoc = self._assoc
         try:
             status = assoc.send_c_store(_payload(path, assoc))
         except RuntimeError as exc:  # pynetdicom's answer once the peer has aborted
@@ -218,7 +246,12 @@ class CStoreClient:
                 f"no answer to the C-STORE of {uid} (association aborted or timed out)",
                 Failure.TRANSIENT,
             )
-        return status
+        comment = status.get("ErrorComment")
+        return int(status.Status), str(comment) if comment else None
+
+    def release(self) -> None:
+        if self._assoc.is_established:
+            self._assoc.release()
 
 
 class GroupCommit:

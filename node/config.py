@@ -139,6 +139,8 @@ class Settings(BaseSettings):
         3, ge=1
     )  # refusals (A-ASSOCIATE-RJ permanent, 0xCxxx) per destination
     send_give_up_hours: float = Field(72.0, gt=0.0)  # unreachable this long: the destination fails
+    # each C-STORE association in a process of its own (node.store_processes); false: threads
+    send_in_processes: bool = True
     tls_ca_file: Path | None = None  # trusted CAs for TLS destinations (default: system)
     tls_cert_file: Path | None = None  # the node's client certificate, if peers ask for one
     tls_key_file: Path | None = None

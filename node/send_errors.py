@@ -34,6 +34,7 @@ class DeliveryError(Exception):
     ) -> None:
         super().__init__(f"{destination}: {message}")
         self.destination = destination
+        self.message = message
         self.failure = failure
         self.retry_after = retry_after
 

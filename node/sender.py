@@ -39,7 +39,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.c_store_client import CStoreClient, associate
+from node.c_store_client import CStoreClient, OpenLink, ThreadLink, associate
 from node.commitment import STORAGE_COMMITMENT, Committer
 from node.context import NodeContext
 from node.destinations import Destination, DicomWebDestination
@@ -48,6 +48,7 @@ from node.jobs.manager import LostClaim
 from node.jobs.records import DerivedView, JobView
 from node.jobs.states import DeliveryState
 from node.send_errors import DeliveryError, Failure, is_retryable_status
+from node.store_processes import ProcessLink, start_association_server
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class Sender:
         self._stop = stop or threading.Event()
         self._last_beat = 0.0
         self._committer = Committer(ctx, self._connect_for_commitment)
+        self._open_link: OpenLink = ThreadLink
+        if self.settings.send_in_processes:
+            self._open_link = ProcessLink
+            if any(isinstance(d, Destination) for d in self.settings.destinations.values()):
+                start_association_server()
 
     def run_once(self) -> bool:
         """Claim one job in ``sending`` and deliver it; False when there was none.
@@ -256,7 +262,9 @@ class Sender:
         def record(acknowledged: list[tuple[str, int]]) -> None:
             self.manager.record_deliveries(job.id, name, acknowledged)
 
-        client = CStoreClient(self.settings, name, destination, before_each, record)
+        client = CStoreClient(
+            self.settings, name, destination, before_each, record, self._open_link
+        )
         return client.store(instances)
 
     def _stow_all(

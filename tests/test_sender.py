@@ -5,11 +5,15 @@ answer with chosen statuses.  Every test runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
+import signal
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -38,6 +42,7 @@ from tests.fixtures.jobs import settle_series
 from tests.reliability.checks import wait_until
 
 SLICES = 5
+ROOT = Path(__file__).resolve().parents[1]
 HOLDER = "test-worker"
 
 
@@ -326,7 +331,9 @@ def test_instances_go_out_without_waiting_for_delayed_acknowledgements(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """TCP_NODELAY on the sender's connection while it sends, as storescu sets it."""
+    """TCP_NODELAY on the sender's connection while it sends, as storescu sets it (seen
+    from an association in this process: a ``ThreadLink``, which an association process
+    runs as well)."""
     opened: list[Any] = []
     associate = AE.associate
 
@@ -342,7 +349,7 @@ def test_instances_go_out_without_waiting_for_delayed_acknowledgements(
         no_delay.append(connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     scp = status_scp(0x0000, on_store=look_at_the_sender)
-    ctx = make_context(scp.destination())
+    ctx = make_context(scp.destination(), send_in_processes=False)
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
 
     assert Sender(ctx).run_once()
@@ -475,7 +482,12 @@ def test_a_peer_abort_between_two_instances_is_tried_again_not_fatal(
 
     monkeypatch.setattr(AE, "associate", keep)
     scp = status_scp(0x0000)
-    ctx = make_context(scp.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01)
+    ctx = make_context(
+        scp.destination(),
+        send_retry_seconds=0.01,
+        send_retry_max_seconds=0.01,
+        send_in_processes=False,  # the test watches the association from this process
+    )
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
     record = ctx.manager.record_deliveries
 
@@ -703,3 +715,110 @@ def test_an_unreachable_destination_is_given_up_after_send_give_up_hours(
     assert "could not be reached" in job.last_error and "gave up" in job.last_error
     (delivery,) = ctx.queries.destinations(job_id)
     assert delivery.state == DeliveryState.FAILED and delivery.attempts == 0
+
+
+@pytest.mark.parametrize("in_processes", [True, False])
+def test_associations_run_in_processes_of_their_own_unless_told_otherwise(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_processes: bool,
+) -> None:
+    """``send_in_processes`` (the default): no association is opened in the sender's own
+    process, and every instance still arrives once, over the two associations asked for."""
+    opened_here: list[int] = []
+    associate = AE.associate
+
+    def count(ae: AE, *args: Any, **kwargs: Any) -> Any:
+        opened_here.append(1)
+        return associate(ae, *args, **kwargs)
+
+    monkeypatch.setattr(AE, "associate", count)
+    scp = status_scp(0x0000)
+    ctx = make_context(scp.destination(associations=2), send_in_processes=in_processes)
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    assert Sender(ctx).run_once()
+
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert sorted(scp.received) == sorted(uids) and len(set(scp.associations)) == 2
+    assert len(opened_here) == (0 if in_processes else 2)
+
+
+def test_a_killed_association_process_is_a_transient_failure_and_the_rest_goes_later(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+) -> None:
+    """The association's process dies during the second C-STORE (OOM killer, a crash in
+    a library): the first acknowledgement is recorded, the attempt is a transient failure
+    that names the exit, and the next attempt sends what is missing."""
+    killed: list[int] = []
+
+    def kill_the_sending_process() -> None:
+        if len(scp.received) == 2:
+            children = [p for p in multiprocessing.active_children() if p.name == "c-store-scp"]
+            for child in children:
+                os.kill(child.pid or 0, signal.SIGKILL)
+                killed.append(child.pid or 0)
+
+    scp = status_scp(0x0000, on_store=kill_the_sending_process)
+    ctx = make_context(scp.destination(), send_retry_seconds=0.01, send_retry_max_seconds=0.01)
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+    sender = Sender(ctx)
+
+    assert sender.run_once()
+    job = ctx.queries.get_job(job_id)
+    assert len(killed) == 1 and job.state == JobState.SENDING
+    assert f"association process ended (exit code -9) during the C-STORE of {uids[1]}" in (
+        job.last_error
+    )
+    assert ctx.queries.delivery_counts(job_id) == {"scp": 1}
+
+    time.sleep(0.05)  # past the backoff
+    assert sender.run_once()
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert set(scp.received) == set(uids) and scp.received.count(uids[1]) == 2
+
+
+def test_an_association_process_ends_when_the_node_process_is_killed(
+    status_scp: Callable[..., StatusSCP], tmp_path: Path
+) -> None:
+    """kill -9 of the node's process in the middle of a C-STORE: its association process
+    finishes that instance and exits (its pipe closed) instead of living on."""
+    scp = status_scp(0x0000, on_store=lambda: time.sleep(0.2))
+    (path,) = write_phantom_series(tmp_path / "one", PhantomSpec(slices=1, size=32))
+    program = f"""
+from pathlib import Path
+from node.config import Settings
+from node.store_processes import ProcessLink, start_association_server
+if __name__ == "__main__":
+    start_association_server()
+    settings = Settings(destinations={scp.destination()!r})
+    link = ProcessLink(settings, "scp", settings.destinations["scp"])
+    print(link.pid, flush=True)
+    while True:
+        link.store("1.2.3", Path({str(path)!r}))
+"""
+    node = subprocess.Popen(
+        [sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert node.stdout is not None
+        child = int(node.stdout.readline())
+        wait_until(lambda: len(scp.received) >= 2, 20, "the association process to send")
+        assert _running(child)
+    finally:
+        node.kill()
+        node.wait()
+    wait_until(lambda: not _running(child), 10, "the association process to exit")
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
