@@ -26,6 +26,7 @@ from node.context import NodeContext
 from node.db import utcnow
 from node.jobs.records import HousekeepingView, JobView
 from node.overview import format_bytes
+from node.spool import STOW_FOLDER, STOW_LOCK_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def _unrecorded_copies(ctx: NodeContext, dry_run: bool) -> tuple[int, int]:
 
 
 def _orphans(ctx: NodeContext) -> list[str]:
-    """Spool files no row names, older than the grace period, of no unfinished job."""
+    """Spool files no row names, older than the grace period, of no unfinished job (a
+    web role's lock file stays: the next web role's start removes it once that role ended)."""
     older_than = time.time() - ctx.settings.orphan_grace_seconds
     named = ctx.queries.spool_paths_in_use()
     unfinished = {str(job_id) for job_id in ctx.queries.unfinished_job_ids()}
@@ -164,7 +166,9 @@ def _orphans(ctx: NodeContext) -> list[str]:
         relative = path.relative_to(ctx.spool.root).as_posix()
         parts = relative.split("/")
         of_unfinished = len(parts) > 2 and parts[0] == DERIVED_FOLDER and parts[1] in unfinished
-        if relative in named or of_unfinished or parts[0] == unrecorded.UNRECORDED_FOLDER:
+        web_lock = parts[0] == STOW_FOLDER and relative.endswith(STOW_LOCK_SUFFIX)
+        kept = of_unfinished or web_lock or parts[0] == unrecorded.UNRECORDED_FOLDER
+        if relative in named or kept:
             continue
         with suppress(FileNotFoundError):
             if path.is_file() and not path.is_symlink() and path.stat().st_mtime < older_than:

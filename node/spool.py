@@ -22,6 +22,10 @@ from node.db import utcnow
 
 TMP_SUFFIX = ".partial"
 INCOMING_FOLDER = "incoming"
+#: STOW-RS part files: a folder per web role, each held by a lock file beside it
+#: (``node.web.part_folders``).
+STOW_FOLDER = "stow"
+STOW_LOCK_SUFFIX = ".lock"
 COPY_CHUNK = 1 << 20
 
 

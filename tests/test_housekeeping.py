@@ -115,12 +115,15 @@ def test_orphans_go_after_the_grace_period_but_never_of_unfinished_jobs(
     running_file = write_file(
         root / "derived" / str(admin_node.jobs["queued"]) / "00000.dcm", age_seconds=7200
     )
+    # a web role running for two hours: its lock file stays, an old part file goes
+    web_role_lock = write_file(root / "stow" / "a1b2.lock", age_seconds=7200)
+    stale_part = write_file(root / "stow" / "a1b2" / "x.stow-part", age_seconds=7200)
     Housekeeper(admin_node.ctx).run_once()
-    assert not old_orphan.exists() and not failed_leftover.exists()
-    assert young_orphan.exists() and running_file.exists()
+    assert not old_orphan.exists() and not failed_leftover.exists() and not stale_part.exists()
+    assert young_orphan.exists() and running_file.exists() and web_role_lock.exists()
     assert all(p.exists() for p in sum(files_of(admin_node, "done"), []))
     last = admin_node.ctx.queries.last_housekeeping()
-    assert last is not None and last.orphan_files == 2 and last.jobs == 0
+    assert last is not None and last.orphan_files == 3 and last.jobs == 0
 
     configure(admin_node, orphan_grace_seconds=30.0)
     Housekeeper(admin_node.ctx).run_once()

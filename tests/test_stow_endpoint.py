@@ -24,7 +24,7 @@ from devtools.orthanc import DICOMWEB_PLUGIN, OrthancServer
 from devtools.tools import free_port
 from node.jobs import JobState
 from node.web.auth import hash_password
-from node.web.multipart import MAX_PARTS, BodyTooLarge, PartsToFiles
+from node.web.multipart import MAX_PARTS, PART_SUFFIX, BodyTooLarge, PartsToFiles
 from tests.test_web_guard import Browser, csrf_of
 
 PASSWORD = "stow-secret"
@@ -249,7 +249,7 @@ def test_requests_that_are_not_stow_bodies(node_factory, phantom_series: list[Pa
     assert stow(node, multipart([part]), path="/dicomweb/studies/not-a-uid").status_code == 400
     assert node.queries.list_jobs() == []
     assert not list((node.state_dir / "spool").glob("**/*.dcm"))
-    assert not list((node.state_dir / "spool" / "stow").iterdir())
+    assert not list((node.state_dir / "spool" / "stow").rglob(f"*{PART_SUFFIX}"))
 
 
 @SQLITE_ONLY

@@ -68,7 +68,7 @@ def stored_uids(answer: http.client.HTTPResponse) -> list[str]:
 
 
 def part_files(node: NodeProcess) -> list[Path]:
-    return sorted((node.state_dir / "spool" / "stow").glob(f"*{PART_SUFFIX}"))
+    return sorted((node.state_dir / "spool" / "stow").glob(f"*/*{PART_SUFFIX}"))
 
 
 def wait_part_files(node: NodeProcess, count: int) -> list[Path]:
@@ -104,6 +104,40 @@ def test_a_receiver_start_leaves_the_parts_of_a_running_upload(
     assert answer.status == 200
     assert stored_uids(answer) == [uid_of(path) for path in phantom_series[:2]]
     assert not part_files(web)
+
+
+@SQLITE_ONLY
+def test_a_second_web_role_on_the_spool_leaves_the_first_ones_upload(
+    node_factory: Callable[..., NodeProcess], phantom_series: list[Path], tmp_path: Path
+) -> None:
+    """Two web roles on one spool (behind one proxy): the second's start leaves the parts
+    the first is receiving, whose upload then completes; once the first is killed, the
+    next web role's start removes what it left, and only that."""
+    first = start_stow_node(node_factory, roles="web")
+    one, two = (path.read_bytes() for path in phantom_series[:2])
+    body = multipart([one, two])
+    head = body[: body.index(two)]
+    upload = open_upload(first, head, len(body))
+    wait_part_files(first, 2)
+
+    second = start_stow_node(node_factory, roles="web")
+    assert len(part_files(first)) == 2
+    answer = finish_upload(upload, body[len(head) :])
+    assert answer.status == 200
+    assert stored_uids(answer) == [uid_of(path) for path in phantom_series[:2]]
+
+    upload = open_upload(second, head, len(body))  # held open by the second role
+    (second_folder,) = {path.parent for path in wait_part_files(second, 2)}
+    folders = [path for path in (tmp_path / "state" / "spool" / "stow").iterdir() if path.is_dir()]
+    (first_folder,) = [folder for folder in folders if folder != second_folder]
+    stranded = first_folder / f"stranded{PART_SUFFIX}"
+    stranded.write_bytes(b"a part the first role was receiving when it was killed")
+    first.kill()
+
+    start_stow_node(node_factory, roles="web")
+    assert not first_folder.exists() and not stranded.exists()
+    assert len(part_files(second)) == 2
+    assert finish_upload(upload, body[len(head) :]).status == 200
 
 
 @SQLITE_ONLY

@@ -9,8 +9,8 @@ that breaks the multipart syntax, or ends before its closing boundary, is malfor
 
 A part's file ends in ``PART_SUFFIX``, not the spool's ``.partial``: the receiver's
 start removes old ``.partial`` files, and a finished part of a long upload is old
-while it waits for the rest of its body.  The web role clears its folder at its own
-start (``remove_part_files``), when none of its requests can be running.
+while it waits for the rest of its body.  Each web role writes into a folder of its own
+(``node.web.part_folders``), whose leftovers the next web role's start removes.
 """
 
 from __future__ import annotations
@@ -44,15 +44,6 @@ class MalformedBody(ValueError):
 
 class BodyTooLarge(Exception):
     """The body is longer than the node accepts in one request."""
-
-
-def remove_part_files(folder: Path) -> int:
-    """Remove the part files a stopped web role left in ``folder``; how many there were."""
-    removed = 0
-    for path in folder.glob(f"*{PART_SUFFIX}"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 @dataclass

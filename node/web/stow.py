@@ -28,6 +28,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -39,7 +40,7 @@ from node import storing
 from node.context import NodeContext
 from node.instance_checks import CANNOT_UNDERSTAND, Refused, valid_uid
 from node.listener import ListenerLimits
-from node.spool import SpoolFull
+from node.spool import STOW_FOLDER, SpoolFull
 from node.storing import HANDLER_FAILED, SPOOL_FULL, Accepted, Arrival
 from node.web.auth import Principal, client_address, same_origin
 from node.web.multipart import (
@@ -47,14 +48,13 @@ from node.web.multipart import (
     MalformedBody,
     Part,
     PartsToFiles,
-    remove_part_files,
 )
+from node.web.part_folders import PartFolder
 from node.web.state import WebState, web_state
 
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-STOW_FOLDER = "stow"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 MAX_BOUNDARY = 200
@@ -68,13 +68,14 @@ AE_TITLE_LENGTH = 16
 def router(ctx: NodeContext) -> APIRouter:
     """The STOW-RS routes of one node (its allow-list read once, as the listener does).
 
-    Made once at the web role's start: the part files a stopped one left go now.
+    Made once at the web role's start: it claims this role's folder of part files, and
+    the part files that stopped roles left go now (``node.web.part_folders``).
     """
     limits = ListenerLimits.from_settings(ctx.settings)
     admission = _Admission(ctx)
-    folder = ctx.spool.root / STOW_FOLDER
-    if folder.is_dir() and (removed := remove_part_files(folder)):
-        log.info("removed %s STOW-RS part files a stopped web role left", removed)
+    part_folder = PartFolder(ctx.spool.root / STOW_FOLDER)
+    if part_folder.removed:
+        log.info("removed %s STOW-RS part files that stopped web roles left", part_folder.removed)
     routes = APIRouter(include_in_schema=False)
 
     def storer(request: Request, web: Annotated[WebState, Depends(web_state)]) -> Principal:
@@ -100,7 +101,7 @@ def router(ctx: NodeContext) -> APIRouter:
     @routes.post("/dicomweb/studies")
     async def store(request: Request, principal: Annotated[Principal, Depends(storer)]) -> Response:
         """Store the posted instances, of any study."""
-        return await _stow(ctx, admission, request, principal, None)
+        return await _stow(ctx, admission, part_folder.path, request, principal, None)
 
     @routes.post("/dicomweb/studies/{study}")
     async def store_study(
@@ -109,7 +110,7 @@ def router(ctx: NodeContext) -> APIRouter:
         """Store the posted instances of ``study``; an instance of another fails (0xA900)."""
         if not valid_uid(study):
             raise HTTPException(400, "the study in the path is not a UID")
-        return await _stow(ctx, admission, request, principal, study)
+        return await _stow(ctx, admission, part_folder.path, request, principal, study)
 
     return routes
 
@@ -176,11 +177,13 @@ def _declared_length(request: Request, max_bytes: int) -> int | None:
 async def _stow(
     ctx: NodeContext,
     admission: _Admission,
+    folder: Path,
     request: Request,
     principal: Principal,
     study: str | None,
 ) -> Response:
-    """Admit the request (a slot, room for its body), then receive and store it."""
+    """Admit the request (a slot, room for its body), then receive it into ``folder``
+    and store it."""
     boundary = _boundary(request)
     max_bytes = ctx.settings.stow_max_request_mb * 2**20
     room = admission.room(_declared_length(request, max_bytes))
@@ -190,7 +193,7 @@ async def _stow(
         raise admission.unavailable("too many STOW-RS requests at once, try again later")
     try:
         room(0)
-        parts = PartsToFiles(ctx.spool.root / STOW_FOLDER, boundary, max_bytes, room)
+        parts = PartsToFiles(folder, boundary, max_bytes, room)
         source = _Source(principal, client_address(request), study)
         return await _receive(ctx, request, parts, source, admission.retry_after)
     except SpoolFull as exc:
