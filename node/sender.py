@@ -48,7 +48,7 @@ from node.jobs.manager import LostClaim
 from node.jobs.records import DerivedView, JobView
 from node.jobs.states import DeliveryState
 from node.send_errors import DeliveryError, Failure, is_retryable_status
-from node.store_processes import ProcessLink, start_association_server
+from node.store_processes import open_association, start_association_server
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ class Sender:
         self._committer = Committer(ctx, self._connect_for_commitment)
         self._open_link: OpenLink = ThreadLink
         if self.settings.send_in_processes:
-            self._open_link = ProcessLink
-            if any(isinstance(d, Destination) for d in self.settings.destinations.values()):
-                start_association_server()
+            self._open_link = self._association_processes()
 
     def run_once(self) -> bool:
         """Claim one job in ``sending`` and deliver it; False when there was none.
@@ -305,6 +303,22 @@ class Sender:
         if time.monotonic() - self._last_beat >= self.settings.heartbeat_seconds:
             self.manager.heartbeat(job.id, self.ctx.name)
             self._last_beat = time.monotonic()
+
+    def _association_processes(self) -> OpenLink:
+        """``open_association``, with its fork server started where a DICOM destination
+        will need it; threads (logged) where it cannot start."""
+        if any(isinstance(d, Destination) for d in self.settings.destinations.values()):
+            try:
+                start_association_server()
+            except OSError as exc:
+                log.warning(
+                    "associations run in the send role's process: their fork server cannot "
+                    "start (%s: %s); check that TMPDIR is a writable folder with a short path",
+                    type(exc).__name__,
+                    exc,
+                )
+                return ThreadLink
+        return open_association
 
     def _connect_for_commitment(
         self, name: str, destination: Destination, handlers: list[EventHandlerType]

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import signal
 import sys
 from collections.abc import Callable
 from functools import partial
-from multiprocessing import forkserver
+from multiprocessing import forkserver, util
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from node.c_store_client import ThreadLink
+from node.c_store_client import StoreLink, ThreadLink
 from node.config import Settings
 from node.destinations import Destination
 from node.logs import configure_logging
@@ -37,8 +38,11 @@ from node.send_errors import DeliveryError, Failure
 
 log = logging.getLogger(__name__)
 
-#: Seconds a child may take to answer beyond its own network timeouts (three per step).
-ANSWER_GRACE_SECONDS = 10.0
+#: Seconds a child may take to answer beyond its own network timeouts: two of those per
+#: request (a C-STORE: the data set out, the answer back; opening: connect, negotiate),
+#: which keeps the wait below the claim's ``stale_after_seconds`` as ``send_timeout_seconds``
+#: < stale_after / 2 asks.
+ANSWER_GRACE_SECONDS = 5.0
 #: Seconds a child has to exit once its pipe is closed, before it is killed.
 EXIT_SECONDS = 5.0
 
@@ -50,17 +54,35 @@ class AssociationProcessError(RuntimeError):
     back as it was (its log has the traceback)."""
 
 
+class NoAssociationProcess(RuntimeError):
+    """No process could be started for an association (the fork server is unusable)."""
+
+
 def start_association_server() -> None:
     """Start the fork server that association processes come from, with the DICOM
     libraries loaded, so the first delivery does not wait for it (idempotent).
 
-    multiprocessing runs the main module again in every child: it is loaded in the
-    server too, else each child would import what it imports (a second per child)."""
-    main = sys.modules["__main__"]
-    name = getattr(main.__spec__, "name", None)
-    main_preload = [name] if name else ["__main__"] if getattr(main, "__file__", None) else []
-    _CONTEXT.set_forkserver_preload([__name__, *main_preload])
+    multiprocessing runs the main module again in every child (the ``denoise-node``
+    script, or ``node.cli`` under ``python -m``): what it imports is loaded in the server,
+    else each child would import it all again (0.7 s each).  Raises OSError where the
+    server cannot start (no usable temporary folder for its socket)."""
+    main = getattr(sys.modules["__main__"].__spec__, "name", None)
+    _CONTEXT.set_forkserver_preload([__name__, "node.cli", *([main] if main else [])])
     forkserver.ensure_running()
+
+
+def open_association(settings: Settings, name: str, destination: Destination) -> StoreLink:
+    """An association in a process of its own, or in this process where none can be
+    started (logged): sending goes on either way."""
+    try:
+        return ProcessLink(settings, name, destination)
+    except NoAssociationProcess as exc:
+        log.warning(
+            "no process for an association (%s); it runs in the send role's process",
+            exc,
+            extra={"destination": name},
+        )
+        return ThreadLink(settings, name, destination)
 
 
 class ProcessLink:
@@ -68,7 +90,7 @@ class ProcessLink:
 
     def __init__(self, settings: Settings, name: str, destination: Destination) -> None:
         self.name = name
-        self._timeout = 3 * settings.send_timeout_seconds + ANSWER_GRACE_SECONDS
+        self._timeout = 2 * settings.send_timeout_seconds + ANSWER_GRACE_SECONDS
         self._conn, child_end = _CONTEXT.Pipe()
         self._process = _CONTEXT.Process(
             target=serve_association,
@@ -76,8 +98,17 @@ class ProcessLink:
             name=f"c-store-{name}",
             daemon=True,
         )
-        self._process.start()
-        child_end.close()
+        try:
+            self._process.start()
+        except (OSError, ChildProcessError) as exc:  # the server's socket is gone, say
+            self._conn.close()
+            raise NoAssociationProcess(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            child_end.close()
+        # At the interpreter's exit multiprocessing joins its children without a limit:
+        # the pipe closes first (this runs before that join), so a child never left
+        # released ends instead of waiting for it.
+        util.Finalize(self, self._conn.close, exitpriority=10)
         try:
             self._answer("opening the association")
         except BaseException:
@@ -97,10 +128,9 @@ class ProcessLink:
 
     def release(self) -> None:
         """Release the association and let the child end (killed if it does not)."""
-        try:
-            if self._process.is_alive():
-                self._send(("release",), "the release")
-                self._answer("the release")
+        try:  # asked even where the child looks dead: a killed fork server makes it look so
+            self._send(("release",), "the release")
+            self._answer("the release")
         except DeliveryError as exc:
             log.info("association process ended badly: %s", exc, extra={"destination": self.name})
         finally:
@@ -192,11 +222,19 @@ def _answered(conn: Connection, name: str, call: Callable[[], Any], reply: bool 
         return None
     except Exception as exc:
         log.exception("unexpected error in an association process", extra={"destination": name})
-        try:
-            conn.send(("error", exc))
-        except Exception:  # it cannot be pickled: nothing was sent
-            kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            conn.send(("error", AssociationProcessError(f"{kind}: {exc}")))
+        conn.send(("error", _as_sent(exc)))
         return None
     conn.send(("ok", result if reply else None))
     return result
+
+
+def _as_sent(exc: Exception) -> Exception:
+    """``exc`` where it comes back whole through a pipe (pickled and rebuilt as the same
+    kind of exception), else an AssociationProcessError that names it."""
+    try:
+        if type(pickle.loads(pickle.dumps(exc))) is type(exc):
+            return exc
+    except Exception:  # it cannot be pickled, or not rebuilt from its arguments
+        pass
+    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return AssociationProcessError(f"{kind}: {exc}")

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from node.jobs.manager import DerivedFile
 from node.jobs.states import DeliveryState, EventKind
 from node.sender import Sender
 from node.spool import Spool
+from node.store_processes import AssociationProcessError, _as_sent
 from node.web.metrics import NodeCollector
 from tests.fixtures.jobs import settle_series
 from tests.reliability.checks import wait_until
@@ -822,3 +824,74 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_process_that_never_released_its_association_still_exits(
+    status_scp: Callable[..., StatusSCP], tmp_path: Path
+) -> None:
+    """multiprocessing joins its children at the interpreter's exit, without a limit: an
+    association left open by a failing caller must not keep the process alive."""
+    scp = status_scp(0x0000)
+    (path,) = write_phantom_series(tmp_path / "one", PhantomSpec(slices=1, size=32))
+    script = tmp_path / "leave_it_open.py"
+    script.write_text(
+        f"""
+from pathlib import Path
+from node.config import Settings
+from node.store_processes import ProcessLink, start_association_server
+if __name__ == "__main__":
+    start_association_server()
+    settings = Settings(destinations={scp.destination()!r})
+    link = ProcessLink(settings, "scp", settings.destinations["scp"])
+    print(link.store("1.2.3", Path({str(path)!r}))[0], flush=True)
+"""
+    )
+    run = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "0"), run.stderr
+    assert len(scp.received) == 1
+
+
+def test_an_exception_is_sent_back_as_itself_only_where_it_survives_the_pipe() -> None:
+    """A child's unforeseen exception comes back as raised where pickling rebuilds it, else
+    as an AssociationProcessError naming it (never a TypeError from rebuilding it)."""
+
+    class TwoArguments(Exception):
+        def __init__(self, code: int, where: str) -> None:
+            super().__init__(f"{code} at {where}")
+
+    cut = struct.error("unpack requires a buffer of 4 bytes")
+    assert _as_sent(cut) is cut
+    replaced = _as_sent(TwoArguments(7, "the file meta"))
+    assert isinstance(replaced, AssociationProcessError)
+    assert "TwoArguments: 7 at the file meta" in str(replaced)
+
+
+def test_associations_run_in_threads_where_no_process_can_start(
+    status_scp: Callable[..., StatusSCP],
+    make_context: Callable[..., NodeContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fork server's socket is gone (a /tmp cleaner): each association runs in the send
+    role's process instead, with a warning, and the job is done."""
+
+    def no_server(*_args: Any) -> None:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(forkserver, "connect_to_new_process", no_server)
+    scp = status_scp(0x0000)
+    ctx = make_context(scp.destination(associations=2))
+    job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
+
+    with caplog.at_level(logging.WARNING, logger="node.store_processes"):
+        assert Sender(ctx).run_once()
+
+    assert ctx.queries.get_job(job_id).state == JobState.DONE
+    assert sorted(scp.received) == sorted(uids)
+    warnings = [
+        r.getMessage() for r in caplog.records if "no process for an association" in r.getMessage()
+    ]
+    assert len(warnings) == 2 and "FileNotFoundError" in warnings[0]
