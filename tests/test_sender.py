@@ -41,7 +41,7 @@ from node.spool import Spool
 from node.store_processes import AssociationProcessError, _as_sent
 from node.web.metrics import NodeCollector
 from tests.fixtures.jobs import settle_series
-from tests.reliability.checks import wait_until
+from tests.reliability.checks import alive, wait_until
 
 SLICES = 5
 ROOT = Path(__file__).resolve().parents[1]
@@ -810,20 +810,11 @@ if __name__ == "__main__":
         assert node.stdout is not None
         child = int(node.stdout.readline())
         wait_until(lambda: len(scp.received) >= 2, 20, "the association process to send")
-        assert _running(child)
+        assert alive(child)
     finally:
         node.kill()
         node.wait()
-    wait_until(lambda: not _running(child), 10, "the association process to exit")
-
-
-def _running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    wait_until(lambda: not alive(child), 10, "the association process to exit")
 
 
 def test_a_process_that_never_released_its_association_still_exits(

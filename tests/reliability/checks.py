@@ -75,6 +75,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: f
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def count_instances(node: NodeProcess) -> int:
     with node.manager._sessions() as session:
         return int(session.scalar(select(func.count()).select_from(Instance)) or 0)

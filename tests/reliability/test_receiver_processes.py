@@ -25,6 +25,7 @@ from devtools.node_process import NodeExited
 from devtools.phantom import PhantomSpec, write_phantom_series
 from node.association_slots import AssociationSlots
 from tests.fixtures.dicom import storescu
+from tests.reliability.checks import alive
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 #: Sixteen associations land on one of two processes with a chance of 2 in 65,536.
@@ -51,15 +52,6 @@ def child_pids(node) -> dict[int, int]:
         if found:
             pids[int(found[1])] = int(found[2])
     return pids
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its parent."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def wait_gone(pid: int, seconds: float = 20.0) -> bool:
