@@ -1,9 +1,9 @@
 """C-STORE associations in processes of their own (``send_in_processes``, the default).
 
 pynetdicom spends about 0.1 ms of Python on every 16 KB PDU it sends, and the threads of
-one process take turns on one interpreter lock: four associations in threads made
-0.65x storescu's rate into Orthanc, the same four in four processes 1.0-1.1x
-(``bench.send``, 2 cores).  So each association of a delivery runs in a child process
+one process take turns on one interpreter lock: the node's four associations in threads
+made 0.67x storescu's rate into Orthanc, in four processes 0.91-0.93x (``bench.send``,
+2 cores).  So each association of a delivery runs in a child process
 that only speaks DICOM: the sending thread asks it, over a pipe, to store one file and
 waits for the peer's status, exactly as it calls a ``ThreadLink``.  Everything else stays
 with the thread: the stop and claim checks before each instance, the acknowledgement
