@@ -117,13 +117,13 @@ class CStoreClient:
         destination: Destination,
         before_each: BeforeEach,
         record: Record,
-        open_link: OpenLink | None = None,
+        open_link: OpenLink,
     ) -> None:
         self.settings = settings
         self.name = name
         self.destination = destination
         self._before_each = before_each
-        self._open_link = open_link or ThreadLink
+        self._open_link = open_link
         self._acknowledged = GroupCommit(record)
 
     def store(self, instances: Sequence[tuple[str, Path]]) -> int:
