@@ -15,8 +15,9 @@ import math
 import re
 import struct
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -36,6 +37,9 @@ PIXEL_DATA_INVALID = 0xC212  # Error: PixelData is not whole for the image it de
 CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}(\\[A-Z0-9 _]{0,16})*")
 ITEM = 0xFFFEE000
 SEQUENCE_DELIMITER = 0xFFFEE0DD
+
+#: A received data set: a DICOM file on disk, or a DICOM file's bytes in memory (C-STORE).
+Source = Path | bytes
 
 
 class Refused(Exception):
@@ -96,7 +100,7 @@ def inspect(path: Path, request: tuple[str, str] | None, extra: dict[str, Any]) 
     """Parse the header once and check UIDs and pixel data, or Refused.
 
     ``request`` is the C-STORE's (SOP class, SOP instance); None takes them from the
-    file meta, which pynetdicom wrote from the request (a file already in the spool).
+    file meta, which the receiver wrote from the request (a file already in the spool).
     ``extra`` gains the instance's SOP and series UIDs for the log.
     """
     ds, header = read_header(path, extra)
@@ -112,10 +116,11 @@ def inspect(path: Path, request: tuple[str, str] | None, extra: dict[str, Any]) 
     return Inspected(uids, header, str(meta.get("TransferSyntaxUID", "")))
 
 
-def read_header(path: Path, extra: dict[str, Any]) -> tuple[Dataset, dict[str, Any]]:
-    """The data set (large values left on disk) and its selection header, or Refused."""
+def read_header(source: Source, extra: dict[str, Any]) -> tuple[Dataset, dict[str, Any]]:
+    """The data set (large values left unread) and its selection header, or Refused."""
     try:
-        ds = dcmread(path, defer_size="64 KB")
+        with _opened(source) as handle:
+            ds = dcmread(handle, defer_size="64 KB")
         # pydicom parses lazily: touch what we need so a broken data set fails here.
         for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             ds.get(keyword)
@@ -170,10 +175,10 @@ def valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and UID(value).is_valid
 
 
-def check_pixel_data(ds: Dataset, path: Path, extra: dict[str, Any]) -> None:
+def check_pixel_data(ds: Dataset, source: Source, extra: dict[str, Any]) -> None:
     """Refused unless the pixel data is whole for the image the header describes."""
     try:
-        problem = _pixel_data_problem(ds, path)
+        problem = _pixel_data_problem(ds, source)
     except Exception as exc:
         problem = f"PixelData cannot be checked ({exc.__class__.__name__})"
     if problem is not None:
@@ -181,7 +186,7 @@ def check_pixel_data(ds: Dataset, path: Path, extra: dict[str, Any]) -> None:
         raise Refused(PIXEL_DATA_INVALID, "PixelData is not whole for its Rows, Columns, frames")
 
 
-def _pixel_data_problem(ds: Dataset, path: Path) -> str | None:
+def _pixel_data_problem(ds: Dataset, source: Source) -> str | None:
     if "PixelData" not in ds:
         return "the data set has no PixelData"
     # keep_deferred: a value larger than read_header's defer size stays on disk, unread.
@@ -191,7 +196,7 @@ def _pixel_data_problem(ds: Dataset, path: Path) -> str | None:
     frames = _integer(ds.get("NumberOfFrames")) or 1
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if syntax.is_encapsulated:
-        return _fragments_problem(path, int(element.value_tell), frames)
+        return _fragments_problem(source, int(element.value_tell), frames)
     sizes = [_integer(ds.get(k)) for k in ("Rows", "Columns", "BitsAllocated")]
     samples = _integer(ds.get("SamplesPerPixel")) or 1
     if any(size is None or size <= 0 for size in sizes) or frames <= 0 or samples <= 0:
@@ -201,16 +206,16 @@ def _pixel_data_problem(ds: Dataset, path: Path) -> str | None:
     length = int(element.length)
     if length not in (expected, expected + expected % 2):
         return f"PixelData has {length} bytes where the image attributes imply {expected}"
-    if not syntax.is_deflated and element.value_tell + length > path.stat().st_size:
+    if not syntax.is_deflated and element.value_tell + length > _size(source):
         return f"PixelData has {length} bytes but the data set ends before them"
     return None
 
 
-def _fragments_problem(path: Path, offset: int, frames: int) -> str | None:
+def _fragments_problem(source: Source, offset: int, frames: int) -> str | None:
     """Walk the item headers (offset table, then fragments) up to the sequence delimiter."""
-    size = path.stat().st_size
+    size = _size(source)
     items = 0
-    with open(path, "rb") as handle:
+    with _opened(source) as handle:
         handle.seek(offset)
         while True:
             head = handle.read(8)
@@ -228,6 +233,14 @@ def _fragments_problem(path: Path, offset: int, frames: int) -> str | None:
     if fragments < frames:
         return f"encapsulated PixelData has {fragments} fragments for {frames} frame(s)"
     return None
+
+
+def _opened(source: Source) -> BinaryIO:
+    return BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+
+
+def _size(source: Source) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
 
 
 def service(extra: dict[str, Any]) -> str:

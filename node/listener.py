@@ -7,9 +7,10 @@ thread exists, the source address is checked against ``allowed_addresses`` and t
 association limits (all, and per address); a refused caller gets an A-ASSOCIATE-RJ and
 the socket is closed.  Every admitted connection then reads through ``GuardedSocket``:
 the A-ASSOCIATE-RQ must be complete within ``association_request_timeout_seconds`` of
-the connection, every later PDU within ``idle_timeout_seconds`` of the one before, and a
+the connection, every later PDU within ``idle_timeout_seconds`` of the one before, a
 PDU whose header claims more than the advertised maximum is answered with an A-ABORT
-before any of its body is read.
+before any of its body is read, and so is the P-DATA that takes one message's data set
+past ``max_instance_mb`` (pynetdicom gathers a data set in memory: this bounds it).
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.association_slots import AssociationSlots
@@ -65,6 +64,7 @@ class ListenerLimits:
     association_request_timeout: float
     idle_timeout: float
     max_pdu_size: int
+    max_instance_bytes: int
     networks: tuple[Network, ...]
 
     @classmethod
@@ -75,6 +75,7 @@ class ListenerLimits:
             association_request_timeout=settings.association_request_timeout_seconds,
             idle_timeout=settings.idle_timeout_seconds,
             max_pdu_size=settings.max_pdu_size,
+            max_instance_bytes=settings.max_instance_mb << 20,
             networks=tuple(ipaddress.ip_network(net) for net in settings.allowed_addresses),
         )
 
@@ -94,14 +95,17 @@ class GuardedSocket(AssociationSocket):
 
     pynetdicom's reader asks for a PDU as ``recv(6)`` (type and length) then
     ``recv(length)``; this class reads both against the current deadline and checks the
-    length in between.  On a missed deadline, an oversized PDU or a closed connection it
-    returns short, which pynetdicom treats as a closed transport.
+    length in between, and counts each message's data set bytes in the P-DATA it reads.
+    On a missed deadline, an oversized PDU or data set or a closed connection it returns
+    short, which pynetdicom treats as a closed transport.
     """
 
     limits: ListenerLimits
     requested: bool
     _deadline: float
     _header_next: bool
+    _data_next: bool
+    _dataset_bytes: int
     _ended: bool
 
     @classmethod
@@ -117,6 +121,8 @@ class GuardedSocket(AssociationSocket):
         guarded.requested = False
         guarded._deadline = time.monotonic() + limits.association_request_timeout
         guarded._header_next = True
+        guarded._data_next = False
+        guarded._dataset_bytes = 0
         guarded._ended = False
         return guarded
 
@@ -134,6 +140,8 @@ class GuardedSocket(AssociationSocket):
             return self._recv_header(nr_bytes)
         body = self._read(nr_bytes)
         self._header_next = True
+        if self._data_next and not self._dataset_within_limit(body):
+            return bytearray()
         if len(body) == nr_bytes:
             self._deadline = time.monotonic() + self.limits.idle_timeout
             if self.socket is not None:
@@ -162,7 +170,32 @@ class GuardedSocket(AssociationSocket):
             return bytearray()
         self.requested = self.requested or pdu_type == A_ASSOCIATE_RQ
         self._header_next = False
+        self._data_next = pdu_type == P_DATA_TF
         return header
+
+    def _dataset_within_limit(self, body: bytearray) -> bool:
+        """Count the data set fragments of a P-DATA-TF body (each PDV: 4-byte length,
+        context ID, control header whose bit 0 marks a command and bit 1 a last fragment);
+        False, with the association aborted, when a data set outgrows the limit."""
+        offset = 0
+        while offset + 6 <= len(body):
+            (length,) = struct.unpack_from(">L", body, offset)
+            control = body[offset + 5]
+            if not control & 1:
+                self._dataset_bytes += length - 2
+                if self._dataset_bytes > self.limits.max_instance_bytes:
+                    log.warning(
+                        "association from %s aborted: a data set exceeds max_instance_mb (%d MiB)",
+                        self.peer,
+                        self.limits.max_instance_bytes >> 20,
+                        extra={"peer_address": self.peer},
+                    )
+                    self._send_and_end(ABORT_INVALID_PDU)
+                    return False
+                if control & 2:
+                    self._dataset_bytes = 0
+            offset += 4 + length
+        return True
 
     def _read(self, nr_bytes: int) -> bytearray:
         """Up to ``nr_bytes``, fewer when the deadline passes or the peer closes."""
@@ -228,8 +261,6 @@ class GuardedHandler(RequestHandler):
             assoc.join()
             if assoc.dul.is_alive():
                 assoc.dul.join(READER_JOIN_SECONDS)
-            for hook in self.server.on_release:
-                hook(assoc)
         finally:
             self.server.release(str(self.client_address[0]))
 
@@ -251,8 +282,6 @@ class GuardedServer(ThreadedAssociationServer):
         #: Open associations of the node, this server's process as ``process``.
         self.slots = slots
         self.process = process
-        #: Called with each association once it has ended (the receiver's file cleanup).
-        self.on_release: list[Callable[[Association], None]] = []
         self.refused = RefusedConnections(limits.association_request_timeout)
         self._refusals_logged: dict[str, tuple[float, int]] = {}  # accept loop only
         kwargs["request_handler"] = GuardedHandler

@@ -3,11 +3,10 @@
 An instance is answered with success only once it is checked (``node.instance_checks``),
 fsynced in the spool under a generated name and recorded in the job table; every other
 outcome is a specific failure status so that the sender keeps its copy and retries.
-Received data is streamed to a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``, in
-the spool's ``receiving`` folder: ``node.receiving``), renamed into the spool rather
-than copied (each instance's bytes are written once, and hashed as they arrive) and
-never decoded here: the header is parsed once, with large values left on disk, which
-keeps the receiver's memory flat however large the instance.  Storage commitment
+pynetdicom gathers each data set in memory (the listener bounds its size,
+``max_instance_mb``); the receiver adds the file meta information (``node.receiving``),
+hashes the bytes and writes them once into the spool.  The data set is never decoded
+here: the header is parsed once, with large values left unread.  Storage commitment
 reports (N-EVENT-REPORT, the PACS acting as SCP of the Push Model class) are handled by
 ``node.commitment``.  Who may connect, for how long and with how large a PDU is the
 listener's policy (``node.listener``).
@@ -24,19 +23,18 @@ import threading
 import time
 from collections import Counter
 from multiprocessing.synchronize import Event as EventType
-from pathlib import Path
 from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 
 # Verification is made at import time, so mypy cannot see it.
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node import receiving, storing
+from node import storing
 from node.association_slots import AssociationSlots
 from node.commitment import STORAGE_COMMITMENT, handle_report
 from node.config import Settings
@@ -54,6 +52,7 @@ from node.instance_checks import (
 from node.listener import GuardedServer, ListenerLimits
 from node.logs import configure_logging
 from node.receiver_processes import ReceiverProcesses, check_port_free
+from node.receiving import file_bytes
 from node.recovery import rerecord_unrecorded
 from node.storing import (
     DATABASE_UNAVAILABLE,
@@ -89,11 +88,20 @@ SUCCESS = 0x0000
 
 #: Seconds ``stop`` lets running associations finish before aborting them.
 STOP_GRACE_SECONDS = 5.0
-RECEIVING_FOLDER = "receiving"
 #: The lock file of the receiver processes' shared association counts, in ``state_dir``.
 SLOTS_LOCK = "receiver-slots.lock"
 #: Seconds between a receiver process's checks that the node's process still runs.
 PARENT_CHECK_SECONDS = 1.0
+#: pynetdicom's reader polls its socket and queue in steps of ``_run_loop_delay`` (1 ms by
+#: default).  While at most ``QUICK_POLL_ASSOCIATIONS`` are open (in all receiver
+#: processes; a process re-tunes its own at each open and close) each gets
+#: ``QUICK_POLL_SECONDS``: an instance is answered sooner (bench.receiver_costs, one
+#: association: pynetdicom's part 2.3 against 2.8-3.5 ms).  More get the default back:
+#: eight that poll quickly spend the CPU they need (one process, eight associations: 137
+#: against 172 slices/s).
+QUICK_POLL_SECONDS = 0.0002
+QUICK_POLL_ASSOCIATIONS = 2
+DEFAULT_POLL_SECONDS = 0.001
 
 
 class Receiver:
@@ -125,7 +133,6 @@ class Receiver:
         self._ae.add_supported_context(
             STORAGE_COMMITMENT, COMMITMENT_SYNTAXES, scu_role=False, scp_role=True
         )
-        self.receiving = receiving.ReceivingFolder(ctx.spool.root / receiving_folder(process))
         self._servers: list[GuardedServer] = []
         self._others: ReceiverProcesses | None = None
         self._tallies: dict[int, Counter[str]] = {}
@@ -146,15 +153,10 @@ class Receiver:
         return int(self._servers[1].server_address[1])
 
     def start(self) -> None:
-        """Remove what an earlier run left half-received, record again what the job table
+        """Remove what an earlier run left half-written, record again what the job table
         lost (``node.recovery``), then listen in background threads, and start the other
         receiver processes (``receiver_processes``) on the same port."""
-        others = self.ctx.spool.root.glob(f"{RECEIVING_FOLDER}-*")  # receiver processes' folders
-        removed = (
-            self.ctx.spool.remove_partials()
-            + self.receiving.clear()
-            + sum(receiving.ReceivingFolder(folder).clear() for folder in others if folder.is_dir())
-        )
+        removed = self.ctx.spool.remove_partials()
         if removed:
             log.info("removed %d partial files left by an earlier run", removed)
         rerecord_unrecorded(self.ctx)
@@ -168,12 +170,7 @@ class Receiver:
 
     def listen(self) -> None:
         """Listen on the configured ports (one more process of the node's receiver starts
-        here, with what it left from an earlier run of its own removed)."""
-        if self.process:
-            self.receiving.clear()
-        # Process-wide in pynetdicom: C-STORE data sets go to a file in ``receiving``.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        receiving.install()
+        here)."""
         settings = self.ctx.settings
         self._listen(settings.port, None)
         log.info(
@@ -221,7 +218,6 @@ class Receiver:
                 process=self.process,
             ),
         )
-        server.on_release.append(lambda assoc: self.receiving.release(assoc.dul))
         # As AE.start_server does for a non-blocking server; AE.shutdown stops what it lists.
         self._ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"listener:{port}", daemon=True).start()
@@ -244,10 +240,6 @@ class Receiver:
             self._others.join()
             self._others = None
         log.info("receiver stopped")
-
-    def handle_open(self, event: Event) -> None:
-        """A connection was admitted: its C-STORE data sets go to the receiving folder."""
-        self.receiving.track(event.assoc.dul)
 
     def handle_requested(self, event: Event) -> None:
         """A-ASSOCIATE-RQ: reject calling AE titles outside the allow-list before anything."""
@@ -291,8 +283,8 @@ class Receiver:
             return _status(refused.status, refused.comment)
         except Exception as exc:
             self._tally(event, f"refused 0x{HANDLER_FAILED:04X}")
-            # Answer (and so let pynetdicom remove its temporary file) even on a bug; the
-            # exception's kind and place only, as its text may quote a header value.
+            # Answer even on a bug; the exception's kind and place only, as its text may
+            # quote a header value.
             log.error(
                 "C-STORE failed unexpectedly: %s at %s",
                 exc.__class__.__name__,
@@ -304,8 +296,13 @@ class Receiver:
             )
             return _status(HANDLER_FAILED, "internal error in the receiver, see its log")
 
+    def handle_open(self, event: Event) -> None:
+        """A connection was admitted: its polling step, and the others', for their number."""
+        self._tune_polling(event, opening=True)
+
     def handle_close(self, event: Event) -> None:
         """One log line per association that stored anything: what came and what was refused."""
+        self._tune_polling(event, opening=False)
         with self._tallies_lock:
             tally = self._tallies.pop(id(event.assoc), None)
         if tally:
@@ -316,32 +313,35 @@ class Receiver:
                 extra={"calling_ae": _calling_ae(event), "receiver_process": self.process},
             )
 
+    def _tune_polling(self, event: Event, opening: bool) -> None:
+        running = [assoc for assoc in self._ae.active_associations if assoc is not event.assoc]
+        if opening:
+            running.append(event.assoc)
+        # The closing association still holds its slot.
+        quick = self.slots.open_total() - (not opening) <= QUICK_POLL_ASSOCIATIONS
+        for assoc in running:
+            assoc.dul._run_loop_delay = QUICK_POLL_SECONDS if quick else DEFAULT_POLL_SECONDS
+
     def _tally(self, event: Event, outcome: str) -> None:
         with self._tallies_lock:
             self._tallies.setdefault(id(event.assoc), Counter())[outcome] += 1
 
     def _store(self, event: Event, calling_ae: str) -> str:
         """Check, spool and record one instance; returns the outcome, or raises Refused."""
-        received = Path(event.dataset_path)
         store = cast(C_STORE, event.request)
         request = (
             str(store.AffectedSOPClassUID or ""),
             str(store.AffectedSOPInstanceUID or ""),
         )
         extra = {"calling_ae": calling_ae, "sop_uid": shown_uid(request[1])}
-        written = self.receiving.received(received)
-        if written.failed:
-            log.warning(
-                "C-STORE refused: the received data set could not be written in full", extra=extra
-            )
-            raise Refused(SPOOL_FULL, "node spool is full")
+        syntax = str(event.context.transfer_syntax)
+        data = file_bytes(*request, syntax, event.encoded_dataset(include_meta=False))
         arrival = Arrival(
-            received,
-            (written.sha256(), written.size),
+            data,
             calling_ae,
             str(event.assoc.requestor.address),
             request=request,
-            transfer_syntax=str(event.context.transfer_syntax),
+            transfer_syntax=syntax,
         )
         return storing.accept(self.ctx, arrival, extra).outcome
 
@@ -378,11 +378,6 @@ def run_receiver_process(
     finally:
         receiver.stop()
         ctx.close()
-
-
-def receiving_folder(process: int) -> str:
-    """The spool folder of one receiver process's in-flight data sets."""
-    return RECEIVING_FOLDER if process == 0 else f"{RECEIVING_FOLDER}-{int(process)}"
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:

@@ -5,11 +5,10 @@ One Python process receives at most about what one interpreter lock lets its thr
 0.55-0.76x Orthanc's rate in one process, 0.75-1.44x in two).  With ``receiver_processes``
 N above 1 the node's receiver starts N - 1 more processes that bind the same ports with
 ``SO_REUSEPORT`` (the kernel spreads new connections over them), each with its own job
-table connections and receiving folder, all counting associations in one
-``AssociationSlots``.  They only listen: the start-up recovery ran in the node's own
-process before they start.  One that dies is logged, its slots are given back and it is
-started again; they stop when the receiver stops, and on their own when the node's process
-is gone.
+table connections, all counting associations in one ``AssociationSlots``.  They only
+listen: the start-up recovery ran in the node's own process before they start.  One
+that dies is logged, its slots are given back and it is started again; they stop when
+the receiver stops, and on their own when the node's process is gone.
 """
 
 from __future__ import annotations

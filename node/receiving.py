@@ -1,153 +1,60 @@
-"""pynetdicom's temporary files for incoming C-STOREs, in a folder the node owns.
+"""A C-STORE's data set, received in memory, made the bytes of a DICOM file.
 
-With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom streams each received data set to a
-``NamedTemporaryFile`` in the system's temporary folder and removes it after the
-C-STORE handler ran; a C-STORE cut off mid-stream, or one pynetdicom refuses before the
-handler, leaves its file behind, on a disk the spool's watermark does not watch.  Here
-each association's files go to ``<spool>/receiving``, are tracked by the association's
-reader thread (which creates them), and whatever is left is removed when the
-association ends and when the receiver starts.  A write that fails (the disk is full)
-is recorded instead of raised, so the handler answers a DICOM out-of-resources status
-rather than pynetdicom aborting the association.  Each file's SHA-256 and size are
-taken from the bytes as they are written (in the association's reader thread, while
-the rest of the data set is still arriving), so the handler never reads them again.
+pynetdicom gathers each C-STORE's data set in memory (its default: the node's listener
+bounds how large one may grow, ``max_instance_mb``); the receiver hashes, checks and
+writes those bytes once into the spool.  The file meta information is encoded here
+directly (explicit VR little endian, as PS3.10 requires): the same elements and values
+pynetdicom's ``create_file_meta`` gives, without building and encoding a pydicom data
+set for every instance.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import tempfile
-import threading
-import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, BinaryIO
+import struct
 
-from pynetdicom import dimse_messages
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-log = logging.getLogger(__name__)
-
-_lock = threading.Lock()
-_folder_of_reader: dict[threading.Thread, ReceivingFolder] = {}
+PREAMBLE = b"\x00" * 128 + b"DICM"
+#: Value representations whose explicit-VR header has a 4-byte length after 2 reserved bytes.
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR")
+_UID_LIMIT = 64
 
 
-class ReceivingFile:
-    """A data set's file that records a failed create or write (disk full) instead of
-    raising it in pynetdicom's reader, where it would abort the association; it hashes
-    and counts the bytes it is given."""
+def file_bytes(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, dataset: bytes
+) -> bytes:
+    """Preamble, file meta information and ``dataset`` (as encoded by the sender).
 
-    def __init__(self, folder: Path) -> None:
-        self.name = str(folder / f"{uuid.uuid4().hex}.dcm")
-        self.failed = False
-        self.size = 0
-        self._digest = hashlib.sha256()
-        self._handle: BinaryIO | None = None
-        self._guarded(self._create)
-
-    @property
-    def file(self) -> ReceivingFile:
-        """pynetdicom flushes ``file.flush()`` after each fragment."""
-        return self
-
-    def write(self, data: bytes) -> int:
-        self._guarded(lambda: self._open_handle().write(data))
-        self._digest.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def sha256(self) -> str:
-        """The hex SHA-256 of every byte written so far."""
-        return self._digest.hexdigest()
-
-    def flush(self) -> None:
-        self._guarded(lambda: self._open_handle().flush())
-
-    def close(self) -> None:
-        """Everything was flushed fragment by fragment; a failure here loses nothing more."""
-        try:
-            if self._handle is not None:
-                self._handle.close()
-        except OSError:
-            self.failed = True
-
-    def _create(self) -> None:
-        self._handle = open(self.name, "xb")  # noqa: SIM115 - closed by pynetdicom or release
-
-    def _open_handle(self) -> BinaryIO:
-        assert self._handle is not None
-        return self._handle
-
-    def _guarded(self, operation: Callable[[], object]) -> None:
-        if self.failed:
-            return
-        try:
-            operation()
-        except OSError as exc:
-            log.warning("cannot write a received data set: %s", exc.strerror)
-            self.failed = True
-
-
-class ReceivingFolder:
-    """The folder of one receiver's in-flight C-STORE data sets."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._files: dict[threading.Thread, list[ReceivingFile]] = {}
-        self._by_name: dict[str, ReceivingFile] = {}
-
-    def clear(self) -> int:
-        """Remove every file (at start: no association is running yet)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        removed = 0
-        for leftover in self.folder.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
-        return removed
-
-    def track(self, reader: threading.Thread) -> None:
-        """Files created by ``reader`` (an association's DUL thread) go to this folder."""
-        with _lock:
-            _folder_of_reader[reader] = self
-            self._files[reader] = []
-
-    def release(self, reader: threading.Thread) -> None:
-        """The association is over: remove the files its C-STOREs left."""
-        with _lock:
-            _folder_of_reader.pop(reader, None)
-            files = self._files.pop(reader, [])
-            for received in files:
-                self._by_name.pop(received.name, None)
-        for received in files:
-            received.close()
-            Path(received.name).unlink(missing_ok=True)
-
-    def received(self, path: Path | str) -> ReceivingFile:
-        """The file of the data set at ``path`` (KeyError if it is not one of this folder's)."""
-        with _lock:
-            return self._by_name[str(path)]
-
-    def open(self) -> ReceivingFile:
-        received = ReceivingFile(self.folder)
-        with _lock:
-            self._files.setdefault(threading.current_thread(), []).append(received)
-            self._by_name[received.name] = received
-        return received
-
-
-def _named_temporary_file(**kwargs: Any) -> Any:
-    """pynetdicom's factory for received data sets: the reader's folder, if it has one."""
-    with _lock:
-        folder = _folder_of_reader.get(threading.current_thread())
-    if folder is None:
-        return tempfile.NamedTemporaryFile(**kwargs)  # noqa: SIM115 - pynetdicom closes it
-    return folder.open()
-
-
-def install() -> None:
-    """Route pynetdicom's received data sets through ``_named_temporary_file``.
-
-    pynetdicom offers no setting for the folder; its module looks the factory up by
-    name at each C-STORE, so replacing that name is the one hook it has.
+    The UIDs come from the C-STORE request and are not checked yet: each is written as
+    ASCII of at most 64 characters, so a malformed one can neither break the encoding
+    nor pass the checks that compare the data set with the request.
     """
-    dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined,assignment]
+    elements = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid(sop_class_uid)),
+            _element(0x0003, b"UI", _uid(sop_instance_uid)),
+            _element(0x0010, b"UI", _uid(transfer_syntax)),
+            _element(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)),
+            _element(0x0013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION)),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<L", len(elements)))
+    return b"".join((PREAMBLE, group_length, elements, dataset))
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group-0002 element in explicit VR little endian."""
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    encoded = str(value).encode("ascii", "replace")[:_UID_LIMIT]
+    return encoded + b"\x00" * (len(encoded) % 2)
+
+
+def _text(value: str) -> bytes:
+    encoded = str(value).encode("ascii", "replace")[:16]
+    return encoded + b" " * (len(encoded) % 2)

@@ -2,8 +2,10 @@
 
 A file is written to a temporary name, fsynced, renamed into place and its folder
 fsynced, so a crash leaves either the whole file or no file under the final name.
-A received instance, already on the spool's disk, is adopted the same way without a
-copy: fsync, rename to a generated name, fsync of the folder.
+A received instance is written the same way from memory (C-STORE: ``PendingWrite``,
+whose write and fsync run in a thread while the receiver checks the instance), or,
+already on the spool's disk (STOW-RS), adopted without a copy: fsync, rename to a
+generated name, fsync of the folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +31,8 @@ INCOMING_FOLDER = "incoming"
 STOW_FOLDER = "stow"
 STOW_LOCK_SUFFIX = ".lock"
 COPY_CHUNK = 1 << 20
+#: Threads that write and fsync received instances (each waits on the disk, not the CPU).
+WRITER_THREADS = 16
 
 
 class SpoolFull(Exception):
@@ -42,6 +48,7 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         self._durable_folders: set[Path] = set()
         self._folders_lock = threading.Lock()
+        self._writers: ThreadPoolExecutor | None = None
 
     def new_incoming(self) -> str:
         """A fresh relative path for a received instance (date folder, random name)."""
@@ -78,6 +85,19 @@ class Spool:
         os.replace(temporary, final)
         _fsync_dir(final.parent)
         return final
+
+    def begin_received(self, data: bytes) -> PendingWrite:
+        """Start writing a received instance's bytes, under a temporary name beside a
+        fresh incoming path, in a writer thread (write and fsync wait on the disk, not on
+        the interpreter lock): the caller goes on meanwhile."""
+        relative = self.new_incoming()
+        final = self.path(relative)
+        self._durable_folder(final.parent)
+        temporary = final.with_name(f"{final.name}{TMP_SUFFIX}")
+        with self._folders_lock:
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(WRITER_THREADS, "spool-writer")
+        return PendingWrite(relative, final, self._writers.submit(_write_synced, temporary, data))
 
     def adopt(self, source: Path) -> str:
         """Move a file already on the spool's disk to a fresh incoming path, durably.
@@ -175,6 +195,52 @@ class Spool:
             except FileNotFoundError:
                 continue
         return removed
+
+
+class PendingWrite:
+    """A received instance being written (``Spool.begin_received``): ``keep`` gives it its
+    final name durably, ``discard`` removes it; one of them must follow."""
+
+    def __init__(self, relative: str, final: Path, written: Future[Path]) -> None:
+        self.relative = relative
+        self._final = final
+        self._written = written
+        self._kept = False
+
+    def keep(self) -> str:
+        """Wait for the write and fsync, rename into place, fsync the folder: the relative
+        path.  OSError (the disk is full) when the write failed; nothing is left then."""
+        os.replace(self._written.result(), self._final)
+        self._kept = True
+        _fsync_dir(self._final.parent)
+        return self.relative
+
+    def discard(self) -> None:
+        """Remove what was written unless ``keep`` gave it its name (after the writer is
+        done: a refused instance leaves no file)."""
+        if self._kept:
+            return
+        with suppress(OSError):  # a failed write removed its file
+            self._written.result().unlink(missing_ok=True)
+
+
+def _write_synced(temporary: Path, data: bytes) -> Path:
+    """Create ``temporary`` and write ``data`` to it synchronously: its name.  O_SYNC
+    makes each write return once data and metadata are on disk, as a write followed by
+    fsync would, in one call that waits without the interpreter lock.  A failed write
+    removes the file and raises."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC
+    descriptor = os.open(temporary, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(descriptor)
+    return temporary
 
 
 def _fsync_dir(folder: Path) -> None:

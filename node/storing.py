@@ -1,14 +1,16 @@
 """Accepting one received instance, whatever brought it: C-STORE or STOW-RS.
 
-Both the DICOM receiver and the STOW-RS endpoint hand over a data set already written
-to a file on the spool's disk; here it is checked (``node.instance_checks``), moved into
-the spool durably (fsync, rename, fsync of the folder) and recorded in the job table.
+The DICOM receiver hands over a data set as a DICOM file's bytes in memory, the STOW-RS
+endpoint as a file already written on the spool's disk; here it is checked
+(``node.instance_checks``), written or moved into the spool durably (fsync, rename,
+fsync of the folder: its bytes written once either way) and recorded in the job table.
 Only when ``accept`` returns is the instance acknowledged; every failure is a Refused
 with its own status, so the sender keeps its copy and retries.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from node.instance_checks import (
     DATASET_MISMATCH,
     Inspected,
     Refused,
+    Source,
     check_pixel_data,
     checked_uids,
     read_header,
@@ -42,7 +45,7 @@ from node.instance_checks import (
 )
 from node.jobs.intake import instance_record
 from node.jobs.manager import InstanceRecord, RecordOutcome
-from node.spool import SpoolFull
+from node.spool import PendingWrite, SpoolFull
 from node.unrecorded import mark
 
 log = logging.getLogger(__name__)
@@ -72,18 +75,20 @@ HANDLER_FAILED = 0xC211  # Error: an unexpected exception (a bug): see the log
 
 @dataclass(frozen=True)
 class Arrival:
-    """A received data set in a file on the spool's disk, and what came with it.
+    """A received data set and what came with it.
 
-    ``request``: the (SOP class, SOP instance) the transport named (C-STORE), which the
-    data set must repeat; ``transfer_syntax``: the negotiated one, else the file
-    meta's; ``study``: the study a STOW-RS request was posted to, if any.
+    ``source``: the DICOM file's bytes (C-STORE) or the file on the spool's disk
+    (STOW-RS); ``content``: a file's (SHA-256, size), hashed as it was written (bytes
+    are hashed in ``accept``, while they are written); ``request``: the (SOP class, SOP
+    instance) the transport named (C-STORE), which the data set must repeat;
+    ``transfer_syntax``: the negotiated one, else the file meta's; ``study``: the study
+    a STOW-RS request was posted to, if any.
     """
 
-    path: Path
-    #: (SHA-256, size) of the file, hashed as its bytes arrived: never read twice
-    content: tuple[str, int]
+    source: Source
     calling_ae_title: str
     peer_address: str
+    content: tuple[str, int] | None = None
     request: tuple[str, str] | None = None
     transfer_syntax: str | None = None
     study: str | None = None
@@ -100,37 +105,63 @@ class Accepted:
 
 
 def accept(ctx: NodeContext, arrival: Arrival, extra: dict[str, Any]) -> Accepted:
-    """Check, spool and record one instance; raises Refused with the status to answer."""
-    ds, header = read_header(arrival.path, extra)
-    uids = checked_uids(ds, arrival.request, extra)
-    extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
+    """Check, spool and record one instance; raises Refused with the status to answer.
+
+    Bytes go to the disk as soon as the spool has room for them: their write and fsync
+    (in a writer thread) overlap the hash and the checks, and a refused instance's file
+    is removed.  Only a file that passed every check gets its final name, and only a
+    file with its final name, fsynced, gets a row.
+    """
+    writing = None
+    content = arrival.content
+    if isinstance(arrival.source, bytes):
+        writing = _begin_writing(ctx, arrival.source, extra)
+        content = (hashlib.sha256(arrival.source).hexdigest(), len(arrival.source))
+    assert content is not None, "a file arrives with its content hashed"
     try:
-        outcome = _store(ctx, arrival, ds, header, uids, extra)
-    except Refused as refused:
-        refused.uids = (uids["SOPClassUID"], uids["SOPInstanceUID"])
-        raise
+        ds, header = read_header(arrival.source, extra)
+        uids = checked_uids(ds, arrival.request, extra)
+        extra.update(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"])
+        try:
+            outcome = _store(ctx, arrival, (ds, header, uids, content), writing, extra)
+        except Refused as refused:
+            refused.uids = (uids["SOPClassUID"], uids["SOPInstanceUID"])
+            raise
+    finally:
+        if writing is not None:
+            writing.discard()  # nothing once the file has its final name
     return Accepted(outcome, uids["SOPClassUID"], uids["SOPInstanceUID"])
 
 
 def _store(
     ctx: NodeContext,
     arrival: Arrival,
-    ds: Dataset,
-    header: dict[str, Any],
-    uids: dict[str, str],
+    parsed: tuple[Dataset, dict[str, Any], dict[str, str], tuple[str, int]],
+    writing: PendingWrite | None,
     extra: dict[str, Any],
 ) -> str:
-    """Room, class, syntax, study and pixel data (once the UIDs are known, so that a
-    STOW-RS answer can name the instance), then the spool and the job table."""
-    received = arrival.path
-    check_room(ctx, arrival.content[1], extra)
+    """Room (a file's; bytes had theirs checked before their write began), class,
+    syntax, study and pixel data (once the UIDs are known, so that a STOW-RS answer can
+    name the instance), then the spool and the job table."""
+    ds, header, uids, content = parsed
+    if writing is None:
+        check_room(ctx, content[1], extra)
     syntax = arrival.transfer_syntax or str(ds.file_meta.get("TransferSyntaxUID", ""))
     _check_supported(uids, syntax, arrival.study, extra)
-    check_pixel_data(ds, received, extra)
-    relative = _spool_move(ctx, received, extra)
+    check_pixel_data(ds, arrival.source, extra)
+    relative = _into_spool(ctx, arrival.source, writing, extra)
     inspected = Inspected(uids, header, syntax)
     sender = (arrival.calling_ae_title, arrival.peer_address)
-    return _record(ctx, instance_record(inspected, relative, arrival.content, sender), extra)
+    return _record(ctx, instance_record(inspected, relative, content, sender), extra)
+
+
+def _begin_writing(ctx: NodeContext, data: bytes, extra: dict[str, Any]) -> PendingWrite:
+    """Refused unless the spool has room for ``data``; else its write has begun."""
+    check_room(ctx, len(data), extra)
+    try:
+        return ctx.spool.begin_received(data)
+    except OSError as exc:
+        raise _write_failed(exc, extra) from exc
 
 
 def check_room(ctx: NodeContext, needed: int, extra: dict[str, Any]) -> None:
@@ -159,15 +190,22 @@ def _check_supported(
         raise Refused(DATASET_MISMATCH, "StudyInstanceUID differs from the request")
 
 
-def _spool_move(ctx: NodeContext, received: Path, extra: dict[str, Any]) -> str:
-    """Move the received file into the spool durably, written once: its relative path."""
+def _into_spool(
+    ctx: NodeContext, source: Source, writing: PendingWrite | None, extra: dict[str, Any]
+) -> str:
+    """The written bytes, or the file moved, into the spool durably: its relative path."""
     try:
-        return ctx.spool.adopt(received)
+        if writing is not None:
+            return writing.keep()
+        assert isinstance(source, Path), "bytes are written by a PendingWrite"
+        return ctx.spool.adopt(source)
     except OSError as exc:
-        log.error(
-            "%s refused: cannot write the spool: %s", service(extra), exc.strerror, extra=extra
-        )
-        raise Refused(SPOOL_WRITE_FAILED, "node cannot write its spool") from exc
+        raise _write_failed(exc, extra) from exc
+
+
+def _write_failed(exc: OSError, extra: dict[str, Any]) -> Refused:
+    log.error("%s refused: cannot write the spool: %s", service(extra), exc.strerror, extra=extra)
+    return Refused(SPOOL_WRITE_FAILED, "node cannot write its spool")
 
 
 def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> str:

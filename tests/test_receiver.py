@@ -19,6 +19,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedCTImageStorage, MRImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -32,6 +34,8 @@ from node.jobs.manager import NewJob
 from node.receiver import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
+    DEFAULT_POLL_SECONDS,
+    QUICK_POLL_SECONDS,
     SPOOL_FULL,
     Receiver,
 )
@@ -276,6 +280,32 @@ def test_spool_below_watermark_is_out_of_resources(
     finally:
         running.stop()
         context.close()
+
+
+def test_few_associations_poll_quickly_and_many_at_the_default_step(receiver: Receiver) -> None:
+    """pynetdicom's reader step: short while one or two associations are open, the
+    default for all of them once a third opens, short again when it closes."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+
+    def steps(expected: int) -> list[float]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            running = receiver._ae.active_associations
+            if len(running) == expected and receiver.slots.open_total() == expected:
+                return sorted(assoc.dul._run_loop_delay for assoc in running)
+            time.sleep(0.01)
+        raise AssertionError(f"{expected} associations did not open or close")
+
+    first = ae.associate("127.0.0.1", receiver.port, ae_title="DENOISE")
+    second = ae.associate("127.0.0.1", receiver.port, ae_title="DENOISE")
+    assert steps(2) == [QUICK_POLL_SECONDS] * 2
+    third = ae.associate("127.0.0.1", receiver.port, ae_title="DENOISE")
+    assert steps(3) == [DEFAULT_POLL_SECONDS] * 3
+    third.release()
+    assert steps(2) == [QUICK_POLL_SECONDS] * 2
+    first.release()
+    second.release()
 
 
 def test_database_failure_is_a_failure_status(

@@ -139,7 +139,7 @@ class _Source:
     def arrival(self, part: Part) -> Arrival:
         """A part as the shared checks take it; the account's name is its calling AE."""
         calling_ae = self.principal.name[:AE_TITLE_LENGTH]
-        return Arrival(part.path, part.content, calling_ae, self.address, study=self.study)
+        return Arrival(part.path, calling_ae, self.address, part.content, study=self.study)
 
 
 class _Admission:

@@ -215,12 +215,16 @@ def store_pdus(path: Path, context_id: int, max_pdu: int, uid: str | None = None
     return [P_DATA_TF(data).encode() for data in message.encode_msg(context_id, max_pdu)]
 
 
+def spool_files(node: object) -> list[Path]:
+    spool = node.state_dir / "spool"  # type: ignore[attr-defined]
+    return [p for p in spool.rglob("*") if p.is_file()]
+
+
 @SQLITE
-def test_c_stores_cut_off_mid_stream_leave_no_temporary_file(
+def test_c_stores_cut_off_mid_stream_leave_no_file(
     node_factory, tmp_path: Path, db_url: str
 ) -> None:
     node = node_factory("receive").start()
-    receiving = node.state_dir / "spool" / "receiving"
     (path,) = write_phantom_series(tmp_path / "one", PhantomSpec(slices=1, size=256))
     cases = Counter[str]()
     for number in range(100):
@@ -241,16 +245,44 @@ def test_c_stores_cut_off_mid_stream_leave_no_temporary_file(
         cases[case] += 1
 
     deadline = time.monotonic() + 30
-    while list(receiving.iterdir()) and time.monotonic() < deadline:
+    while spool_files(node) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = list(receiving.iterdir())
-    print(f"cut-off C-STOREs {dict(cases)}: {len(left)} temporary files left")
+    left = spool_files(node)
+    print(f"cut-off C-STOREs {dict(cases)}: {len(left)} files left in the spool")
     assert left == []
+    assert storescu(node.port, [path]) == [0x0000], "the node still receives"
 
-    node.stop()
-    (receiving / "tmp-left-by-a-crash.dcm").write_bytes(b"\0" * 1000)
-    node.start()
-    assert list(receiving.iterdir()) == [], "the receiver clears its folder at start"
+
+@SQLITE
+def test_a_data_set_beyond_max_instance_mb_is_aborted_and_others_stored(
+    node_factory, tmp_path: Path, db_url: str
+) -> None:
+    """pynetdicom gathers a data set in memory: the listener stops one that outgrows
+    ``max_instance_mb`` while it arrives, and the node goes on receiving."""
+    node = node_factory("receive", max_instance_mb=1).start()
+    (large,) = write_phantom_series(tmp_path / "large", PhantomSpec(slices=1, size=1024))
+    (small,) = write_phantom_series(tmp_path / "small", PhantomSpec(slices=1, size=256))
+    _, assoc = established(node.port)
+    (context,) = assoc.accepted_contexts  # type: ignore[attr-defined]
+    pdus = store_pdus(large, context.context_id, 65536)
+    raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
+    sent = 0
+    try:
+        for pdu in pdus:
+            raw.sendall(pdu)
+            sent += 1
+            time.sleep(0.001)
+    except OSError:
+        pass  # the node closed the connection: the rest never travels
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    print(f"2 MiB data set, 1 MiB limit: {sent} of {len(pdus)} PDUs of 64 KiB sent")
+    assert assoc.is_aborted, "the node did not abort the oversized data set"  # type: ignore[attr-defined]
+    assert "a data set exceeds max_instance_mb (1 MiB)" in node.log_text()
+    assert spool_files(node) == []
+    assert storescu(node.port, [small]) == [0x0000]
+    assert node.queries.instance_totals()[0] == 1
 
 
 @SQLITE
