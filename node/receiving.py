@@ -15,8 +15,6 @@ import struct
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
-#: Value representations whose explicit-VR header has a 4-byte length after 2 reserved bytes.
-_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR")
 _UID_LIMIT = 64
 
 
@@ -44,8 +42,9 @@ def file_bytes(
 
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One group-0002 element in explicit VR little endian."""
-    if vr in _LONG_VRS:
+    """One group-0002 element in explicit VR little endian (of the group's VRs, OB has
+    2 reserved bytes and a 4-byte length; UI, UL and SH a 2-byte length)."""
+    if vr == b"OB":
         return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 

@@ -48,7 +48,8 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         self._durable_folders: set[Path] = set()
         self._folders_lock = threading.Lock()
-        self._writers: ThreadPoolExecutor | None = None
+        # Its threads start with the first received instance, not here.
+        self._writers = ThreadPoolExecutor(WRITER_THREADS, "spool-writer")
 
     def new_incoming(self) -> str:
         """A fresh relative path for a received instance (date folder, random name)."""
@@ -94,9 +95,6 @@ class Spool:
         final = self.path(relative)
         self._durable_folder(final.parent)
         temporary = final.with_name(f"{final.name}{TMP_SUFFIX}")
-        with self._folders_lock:
-            if self._writers is None:
-                self._writers = ThreadPoolExecutor(WRITER_THREADS, "spool-writer")
         return PendingWrite(relative, final, self._writers.submit(_write_synced, temporary, data))
 
     def adopt(self, source: Path) -> str:
@@ -208,8 +206,8 @@ class PendingWrite:
         self._kept = False
 
     def keep(self) -> str:
-        """Wait for the write and fsync, rename into place, fsync the folder: the relative
-        path.  OSError (the disk is full) when the write failed; nothing is left then."""
+        """Wait for the synchronous write, rename into place, fsync the folder: the
+        relative path.  OSError (the disk is full) when the write failed; nothing is left then."""
         os.replace(self._written.result(), self._final)
         self._kept = True
         _fsync_dir(self._final.parent)
