@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     # Listener limits: an attacker may not hold the slots (README: Configuration).
     max_pdu_size: int = Field(1048576, ge=4096, le=1 << 30)  # advertised and enforced
     max_instance_mb: int = Field(1024, ge=1, le=1 << 20)  # one data set, held in memory
+    max_inflight_mb: int = Field(2048, ge=1, le=1 << 20)  # all arriving at once, per process
     max_associations: int = Field(64, ge=1)
     max_associations_per_address: int = Field(16, ge=1)
     receiver_processes: int = Field(1, ge=1, le=16)  # processes accepting on one port

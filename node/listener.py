@@ -10,18 +10,17 @@ the A-ASSOCIATE-RQ must be complete within ``association_request_timeout_seconds
 the connection, every later PDU within ``idle_timeout_seconds`` of the one before, a
 PDU whose header claims more than the advertised maximum is answered with an A-ABORT
 before any of its body is read, and so is the P-DATA that takes one message's data set
-past ``max_instance_mb`` (pynetdicom gathers a data set in memory: this bounds it).
+past ``max_instance_mb`` (pynetdicom gathers a data set in memory: this bounds it); the
+data sets arriving at once share ``max_inflight_mb`` (``node.inflight``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import selectors
 import socket
 import ssl
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,13 +30,12 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.association_slots import AssociationSlots
 from node.config import Settings
+from node.inflight import InflightBudget
+from node.listener_refusals import A_ASSOCIATE_RQ, CONTROL_PDU_LIMIT, RefusedConnections
 
 log = logging.getLogger(__name__)
 
-A_ASSOCIATE_RQ = 0x01
 P_DATA_TF = 0x04
-#: Association negotiation, release and abort PDUs are small; this bounds their length.
-CONTROL_PDU_LIMIT = 1 << 20
 #: A-ABORT, source: service provider, reason: invalid PDU parameter value.
 ABORT_INVALID_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 #: A-ASSOCIATE-RJ: rejected permanent, service user, no reason given (an unknown caller).
@@ -49,8 +47,6 @@ READER_JOIN_SECONDS = 5.0
 #: Refused connections from one address are logged at most once per this many seconds.
 REFUSAL_LOG_SECONDS = 10.0
 REFUSAL_LOG_ADDRESSES = 4096
-#: At most this many refused connections wait for their A-ASSOCIATE-RJ at once.
-REFUSED_WAITING_MAX = 256
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -65,6 +61,7 @@ class ListenerLimits:
     idle_timeout: float
     max_pdu_size: int
     max_instance_bytes: int
+    max_inflight_bytes: int
     networks: tuple[Network, ...]
 
     @classmethod
@@ -76,6 +73,7 @@ class ListenerLimits:
             idle_timeout=settings.idle_timeout_seconds,
             max_pdu_size=settings.max_pdu_size,
             max_instance_bytes=settings.max_instance_mb << 20,
+            max_inflight_bytes=settings.max_inflight_mb << 20,
             networks=tuple(ipaddress.ip_network(net) for net in settings.allowed_addresses),
         )
 
@@ -101,6 +99,7 @@ class GuardedSocket(AssociationSocket):
     """
 
     limits: ListenerLimits
+    budget: InflightBudget
     requested: bool
     _deadline: float
     _header_next: bool
@@ -109,7 +108,9 @@ class GuardedSocket(AssociationSocket):
     _ended: bool
 
     @classmethod
-    def adopt(cls, sock: AssociationSocket, limits: ListenerLimits) -> GuardedSocket:
+    def adopt(
+        cls, sock: AssociationSocket, limits: ListenerLimits, budget: InflightBudget
+    ) -> GuardedSocket:
         """Give the socket pynetdicom made for an accepted connection this class's reads.
 
         pynetdicom builds that socket inside its request handler (and queues the
@@ -118,6 +119,7 @@ class GuardedSocket(AssociationSocket):
         sock.__class__ = cls
         guarded = cast(GuardedSocket, sock)
         guarded.limits = limits
+        guarded.budget = budget
         guarded.requested = False
         guarded._deadline = time.monotonic() + limits.association_request_timeout
         guarded._header_next = True
@@ -176,7 +178,8 @@ class GuardedSocket(AssociationSocket):
     def _dataset_within_limit(self, body: bytearray) -> bool:
         """Count the data set fragments of a P-DATA-TF body (each PDV: 4-byte length,
         context ID, control header whose bit 0 marks a command and bit 1 a last fragment);
-        False, with the association aborted, when a data set outgrows the limit."""
+        False, with the association aborted, when a data set outgrows ``max_instance_mb``
+        or is the largest of those that take the process past ``max_inflight_mb``."""
         offset = 0
         while offset + 6 <= len(body):
             (length,) = struct.unpack_from(">L", body, offset)
@@ -184,18 +187,45 @@ class GuardedSocket(AssociationSocket):
             if not control & 1:
                 self._dataset_bytes += length - 2
                 if self._dataset_bytes > self.limits.max_instance_bytes:
-                    log.warning(
-                        "association from %s aborted: a data set exceeds max_instance_mb (%d MiB)",
-                        self.peer,
-                        self.limits.max_instance_bytes >> 20,
-                        extra={"peer_address": self.peer},
-                    )
-                    self._send_and_end(ABORT_INVALID_PDU)
-                    return False
+                    limit = self.limits.max_instance_bytes >> 20
+                    return self._abort_dataset(f"a data set exceeds max_instance_mb ({limit} MiB)")
+                if not self.budget.grow(self, length - 2):
+                    return self._abort_dataset(self._inflight_reason(self._dataset_bytes))
                 if control & 2:
                     self._dataset_bytes = 0
+                    self.budget.settle(self)
             offset += 4 + length
         return True
+
+    def evict(self, held: int, budget: int) -> None:
+        """Abort from another association's thread: this data set was the largest when the
+        data sets arriving passed ``max_inflight_mb``; the blocked read then returns short."""
+        log.warning(
+            "association from %s aborted: %s",
+            self.peer,
+            self._inflight_reason(held),
+            extra={"peer_address": self.peer},
+        )
+        raw = self.socket
+        try:
+            if raw is not None:
+                raw.send(ABORT_INVALID_PDU)
+                raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _inflight_reason(self, held: int) -> str:
+        return (
+            f"its unfinished data set ({held} bytes) was the largest when the data sets "
+            f"arriving passed max_inflight_mb ({self.budget.limit_bytes >> 20} MiB)"
+        )
+
+    def _abort_dataset(self, reason: str) -> bool:
+        log.warning(
+            "association from %s aborted: %s", self.peer, reason, extra={"peer_address": self.peer}
+        )
+        self._send_and_end(ABORT_INVALID_PDU)
+        return False
 
     def _read(self, nr_bytes: int) -> bytearray:
         """Up to ``nr_bytes``, fewer when the deadline passes or the peer closes."""
@@ -245,6 +275,7 @@ class GuardedSocket(AssociationSocket):
         if not self._ended and not self.requested:
             self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
         self._ended = True
+        self.budget.settle(self)
 
 
 class GuardedHandler(RequestHandler):
@@ -255,7 +286,9 @@ class GuardedHandler(RequestHandler):
     def handle(self) -> None:
         try:
             assoc = self._create_association()
-            GuardedSocket.adopt(cast(AssociationSocket, assoc.dul.socket), self.server.limits)
+            GuardedSocket.adopt(
+                cast(AssociationSocket, assoc.dul.socket), self.server.limits, self.server.budget
+            )
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()
@@ -283,6 +316,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.slots = slots
         self.process = process
         self.refused = RefusedConnections(limits.association_request_timeout)
+        #: Data sets still arriving in this process, all associations together.
+        self.budget = InflightBudget(limits.max_inflight_bytes)
         self._refusals_logged: dict[str, tuple[float, int]] = {}  # accept loop only
         kwargs["request_handler"] = GuardedHandler
         super().__init__(*args, **kwargs)
@@ -352,90 +387,3 @@ def _plain_address(address: str) -> str:
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
-
-
-class RefusedConnections:
-    """Refused connections, answered by one thread for all of them, never one each.
-
-    A DICOM caller expects the A-ASSOCIATE-RJ after its A-ASSOCIATE-RQ (pynetdicom
-    drops an answer that comes first), so the request is read and discarded, then the
-    answer sent; the connection closes when the caller does, or ``linger`` seconds after
-    it was accepted, or at once when it sends something else or too much.
-    """
-
-    def __init__(self, linger: float) -> None:
-        self.linger = linger
-        self._selector = selectors.DefaultSelector()
-        self._waiting: dict[socket.socket, _Refusal] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def __contains__(self, request: object) -> bool:
-        with self._lock:
-            return request in self._waiting
-
-    def take(self, request: socket.socket, pdu: bytes) -> bool:
-        """Own ``request`` until it is answered with ``pdu``; False when too many wait."""
-        with self._lock:
-            if len(self._waiting) >= REFUSED_WAITING_MAX:
-                return False
-            request.setblocking(False)
-            self._waiting[request] = _Refusal(pdu, time.monotonic() + self.linger)
-            self._selector.register(request, selectors.EVENT_READ)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="refused", daemon=True)
-                self._thread.start()
-        return True
-
-    def _serve(self) -> None:
-        while True:
-            for key, _ in self._selector.select(0.1):
-                self._read(cast(socket.socket, key.fileobj))
-            now = time.monotonic()
-            with self._lock:
-                expired = [sock for sock, refusal in self._waiting.items() if refusal.until < now]
-            for sock in expired:
-                self._close(sock)
-
-    def _read(self, sock: socket.socket) -> None:
-        refusal = self._waiting[sock]
-        try:
-            data = sock.recv(1 << 16)
-        except OSError:
-            data = b""
-        if not data:
-            self._close(sock)
-            return
-        if refusal.answered:
-            return
-        refusal.header += data[: 6 - len(refusal.header)]
-        refusal.received += len(data)
-        if len(refusal.header) < 6:
-            return
-        pdu_type, _, length = struct.unpack(">BBL", refusal.header)
-        if pdu_type != A_ASSOCIATE_RQ or length > CONTROL_PDU_LIMIT:
-            self._close(sock)
-        elif refusal.received >= 6 + length:
-            refusal.answered = True
-            try:
-                sock.send(refusal.pdu)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._close(sock)
-
-    def _close(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._waiting.pop(sock, None)
-            self._selector.unregister(sock)
-        sock.close()
-
-
-@dataclass
-class _Refusal:
-    """What a refused connection has sent so far and what it will be answered."""
-
-    pdu: bytes
-    until: float
-    header: bytes = b""
-    received: int = 0
-    answered: bool = False

@@ -286,6 +286,36 @@ def test_a_data_set_beyond_max_instance_mb_is_aborted_and_others_stored(
 
 
 @SQLITE
+def test_data_sets_past_max_inflight_mb_cost_the_largest_caller_its_association(
+    node_factory, tmp_path: Path, db_url: str
+) -> None:
+    """Slow callers, each within ``max_instance_mb``, may not fill the memory between
+    them: when a scanner's slice takes the data sets arriving past ``max_inflight_mb``,
+    the caller holding the largest unfinished one is aborted and the slice is stored."""
+    node = node_factory("receive", max_inflight_mb=2).start()
+    (large,) = write_phantom_series(tmp_path / "large", PhantomSpec(slices=1, size=1024))
+    (slice_,) = write_phantom_series(tmp_path / "slice", PhantomSpec(slices=1, size=512))
+    _, hoarder = established(node.port)
+    (context,) = hoarder.accepted_contexts  # type: ignore[attr-defined]
+    pdus = store_pdus(large, context.context_id, 65536)
+    held = 28  # 1.75 MiB of its 2 MiB data set, then it goes quiet
+    for pdu in pdus[:held]:
+        hoarder.dul.socket.socket.sendall(pdu)  # type: ignore[attr-defined]
+    time.sleep(0.5)  # the node has read them
+    assert hoarder.is_established, "1.75 MiB of 2 must not abort it yet"  # type: ignore[attr-defined]
+    assert storescu(node.port, [slice_]) == [0x0000], "the scanner's slice is stored"
+    deadline = time.monotonic() + 10
+    while not hoarder.is_aborted and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    print(f"{held} of {len(pdus)} PDUs of 64 KiB held; a 0.5 MiB slice arrived beside them")
+    assert hoarder.is_aborted, "the largest unfinished data set kept its association"  # type: ignore[attr-defined]
+    log = node.log_text()
+    assert "was the largest when the data sets arriving passed max_inflight_mb (2 MiB)" in log
+    assert node.queries.instance_totals()[0] == 1
+    assert storescu(node.port, [slice_]) == [0x0000], "the budget was given back"
+
+
+@SQLITE
 def test_an_established_association_that_goes_quiet_is_closed(node_factory, db_url: str) -> None:
     """Silent after its A-ASSOCIATE-AC, or stuck half-way through a PDU: closed either way."""
     node = node_factory("receive", idle_timeout_seconds=0.5).start()
