@@ -1,9 +1,9 @@
 """Where the receiver's time goes: each stage of the C-STORE handler, and CPU per instance.
 
-``python -m bench.receiver_costs [--quick] [--slices N] [--senders 8]``
+``python -m bench.receiver_costs [--quick] [--slices N] [--senders 8] [--backend postgresql]``
 
-The node's receiver runs in this process (``Receiver`` on a fresh SQLite job table and
-spool, durability on) so that its stages can be timed: the C-STORE handler
+The node's receiver runs in this process (``Receiver`` on a fresh job table, SQLite or
+PostgreSQL, and spool, durability on) so that its stages can be timed: the C-STORE handler
 (``Receiver._store``), the file meta it adds, ``storing.accept`` and the functions it
 calls are wrapped in ``time.perf_counter`` pairs, as are ``os.fsync`` calls.  storescu
 sends the phantom series in one association; the wall time per instance is split into
@@ -89,23 +89,24 @@ class StageClock:
 
 
 @contextmanager
-def receiver(folder: Path) -> Iterator[Receiver]:
-    """The node's receiver in this process, on a fresh SQLite job table and spool."""
-    settings = Settings(
-        state_dir=folder / "state",
-        database_url=f"sqlite:///{folder / 'jobs.sqlite'}",
-        port=free_port(),
-        spool_min_free_mb=0,
-        settle_seconds=3600,
-    )
-    ctx = NodeContext.open(settings)
-    started = Receiver(ctx)
-    started.start()
-    try:
-        yield started
-    finally:
-        started.stop()
-        ctx.close()
+def receiver(folder: Path, backend: str) -> Iterator[Receiver]:
+    """The node's receiver in this process, on a fresh job table of ``backend`` and spool."""
+    with common.database(backend, folder) as url:
+        settings = Settings(
+            state_dir=folder / "state",
+            database_url=url,
+            port=free_port(),
+            spool_min_free_mb=0,
+            settle_seconds=3600,
+        )
+        ctx = NodeContext.open(settings)
+        started = Receiver(ctx)
+        started.start()
+        try:
+            yield started
+        finally:
+            started.stop()
+            ctx.close()
 
 
 def cpu_seconds() -> float:
@@ -113,11 +114,11 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def stage_table(paths: Sequence[Path]) -> None:
+def stage_table(paths: Sequence[Path], backend: str) -> None:
     clock = StageClock()
     with (
         tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
-        receiver(Path(folder)) as r,
+        receiver(Path(folder), backend) as r,
         clock.installed(),
     ):
         seconds = common.storescu(r.port, paths, r.ctx.settings.ae_title)
@@ -141,19 +142,19 @@ def stage_table(paths: Sequence[Path]) -> None:
         ]
     )
     common.print_table(
-        f"The node's receiver, {count} slices in one association (SQLite), ms per instance",
+        f"The node's receiver, {count} slices in one association ({backend}), ms per instance",
         ["stage", "ms per instance", "calls"],
         rows,
     )
 
 
-def cpu_table(paths: Sequence[Path], senders: int) -> None:
+def cpu_table(paths: Sequence[Path], senders: int, backend: str) -> None:
     count = len(paths)
     rows: list[list[object]] = []
     for associations in (1, senders):
         with (
             tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
-            receiver(Path(folder)) as r,
+            receiver(Path(folder), backend) as r,
         ):
             title = r.ctx.settings.ae_title
             before = cpu_seconds()
@@ -165,12 +166,13 @@ def cpu_table(paths: Sequence[Path], senders: int) -> None:
         rows.append([f"node, {associations} association(s)", count / seconds, spent / count * 1000])
     with (
         tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
-        durable_floor("sqlite")(Path(folder)) as peer,
+        durable_floor(backend)(Path(folder)) as peer,
     ):
         before = cpu_seconds()
         seconds = common.storescu(peer.port, paths, peer.ae_title)
         spent = cpu_seconds() - before
-    rows.append(["durable floor (SQLite), 1 association", count / seconds, spent / count * 1000])
+    floor = f"durable floor ({backend}), 1 association"
+    rows.append([floor, count / seconds, spent / count * 1000])
     common.print_table(
         f"CPU time of the receiving process, {count} slices",
         ["receiver", "slices/s", "CPU ms per instance"],
@@ -180,13 +182,16 @@ def cpu_table(paths: Sequence[Path], senders: int) -> None:
 
 def benchmark(args: argparse.Namespace) -> None:
     paths = common.phantom_series(common.slices(args))
-    stage_table(paths)
-    cpu_table(paths, args.senders)
+    stage_table(paths, args.backend)
+    cpu_table(paths, args.senders, args.backend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = common.parser(__doc__.splitlines()[0])
     options.add_argument("--senders", type=int, default=8, help="concurrent associations (8)")
+    options.add_argument(
+        "--backend", choices=("sqlite", "postgresql"), default="sqlite", help="job table (sqlite)"
+    )
     return common.run("Receiver costs", options, benchmark, argv)
 
 
