@@ -11,12 +11,15 @@ the handler's stages and the rest (pynetdicom receiving the data set into memory
 answering).  Then the process CPU time per instance (``getrusage``)
 with one association and with ``--senders`` at once, beside the durable floor of
 ``bench.ingest`` (write once, fsync file and folder, one row) with one association.
+Last, the CPU the receiver spends on associations that are open and idle (``--idle``
+of them, opened by another process, which sends nothing for 5 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import resource
 import sys
@@ -25,8 +28,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from bench import common
 from bench.ingest import durable_floor, storescu_parallel
@@ -180,10 +187,54 @@ def cpu_table(paths: Sequence[Path], senders: int, backend: str) -> None:
     )
 
 
+#: Seconds the idle associations stay open while the receiver's CPU time is counted.
+IDLE_SECONDS = 5.0
+
+
+def hold_idle(port: int, count: int, opened: EventType, done: EventType) -> None:
+    """Open ``count`` associations to the receiver and send nothing until ``done`` (a
+    ``multiprocessing`` target: this process's own polling is not the receiver's)."""
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title="DENOISE") for _ in range(count)]
+    opened.set()
+    done.wait(60)
+    for assoc in held:
+        assoc.release()
+
+
+def idle_table(count: int, backend: str) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    rows: list[list[object]] = []
+    for held in (0, count):
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-costs-") as folder,
+            receiver(Path(folder), backend) as r,
+        ):
+            opened, done = spawn.Event(), spawn.Event()
+            holder = spawn.Process(target=hold_idle, args=(r.port, held, opened, done))
+            holder.start()
+            if not opened.wait(60):
+                raise common.CannotRun("the idle associations did not open")
+            time.sleep(0.5)  # the receiver's side sees them all
+            before = cpu_seconds()
+            time.sleep(IDLE_SECONDS)
+            spent = cpu_seconds() - before
+            done.set()
+            holder.join(60)
+        rows.append([f"{held} idle association(s)", spent / IDLE_SECONDS * 100])
+    common.print_table(
+        f"CPU time of the receiving process with associations open and idle, {IDLE_SECONDS:.0f} s",
+        ["receiver", "% of one core"],
+        rows,
+    )
+
+
 def benchmark(args: argparse.Namespace) -> None:
     paths = common.phantom_series(common.slices(args))
     stage_table(paths, args.backend)
     cpu_table(paths, args.senders, args.backend)
+    idle_table(args.idle, args.backend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.add_argument(
         "--backend", choices=("sqlite", "postgresql"), default="sqlite", help="job table (sqlite)"
     )
+    options.add_argument("--idle", type=int, default=16, help="idle associations held (16)")
     return common.run("Receiver costs", options, benchmark, argv)
 
 

@@ -30,6 +30,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.association_slots import AssociationSlots
 from node.config import Settings
+from node.idle_polling import PacedDIMSE, PollingPace
 from node.inflight import InflightBudget
 from node.listener_refusals import A_ASSOCIATE_RQ, CONTROL_PDU_LIMIT, RefusedConnections
 
@@ -100,6 +101,7 @@ class GuardedSocket(AssociationSocket):
 
     limits: ListenerLimits
     budget: InflightBudget
+    pace: PollingPace
     requested: bool
     _deadline: float
     _header_next: bool
@@ -109,7 +111,11 @@ class GuardedSocket(AssociationSocket):
 
     @classmethod
     def adopt(
-        cls, sock: AssociationSocket, limits: ListenerLimits, budget: InflightBudget
+        cls,
+        sock: AssociationSocket,
+        limits: ListenerLimits,
+        budget: InflightBudget,
+        pace: PollingPace,
     ) -> GuardedSocket:
         """Give the socket pynetdicom made for an accepted connection this class's reads.
 
@@ -120,6 +126,7 @@ class GuardedSocket(AssociationSocket):
         guarded = cast(GuardedSocket, sock)
         guarded.limits = limits
         guarded.budget = budget
+        guarded.pace = pace
         guarded.requested = False
         guarded._deadline = time.monotonic() + limits.association_request_timeout
         guarded._header_next = True
@@ -130,8 +137,13 @@ class GuardedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        """No more reads once the connection has ended (pynetdicom would read EOF again)."""
-        return not self._ended and super().ready
+        """No more reads once the connection has ended (pynetdicom would read EOF again).
+        The reader asks before each sleep: its next step follows the association's pace."""
+        ready = not self._ended and super().ready
+        if ready:
+            self.pace.heard()
+        self.assoc.dul._run_loop_delay = self.pace.step()
+        return ready
 
     @property
     def peer(self) -> str:
@@ -286,9 +298,10 @@ class GuardedHandler(RequestHandler):
     def handle(self) -> None:
         try:
             assoc = self._create_association()
-            GuardedSocket.adopt(
-                cast(AssociationSocket, assoc.dul.socket), self.server.limits, self.server.budget
-            )
+            pace = PollingPace(assoc.dul._run_loop_delay)
+            sock = cast(AssociationSocket, assoc.dul.socket)
+            GuardedSocket.adopt(sock, self.server.limits, self.server.budget, pace)
+            PacedDIMSE.adopt(assoc.dimse, pace)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()

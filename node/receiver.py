@@ -49,7 +49,7 @@ from node.instance_checks import (
     shown,
     shown_uid,
 )
-from node.listener import GuardedServer, ListenerLimits
+from node.listener import GuardedServer, GuardedSocket, ListenerLimits
 from node.logs import configure_logging
 from node.receiver_processes import ReceiverProcesses, check_port_free
 from node.receiving import file_bytes
@@ -93,7 +93,8 @@ SLOTS_LOCK = "receiver-slots.lock"
 #: Seconds between a receiver process's checks that the node's process still runs.
 PARENT_CHECK_SECONDS = 1.0
 #: pynetdicom's reader polls its socket and queue in steps of ``_run_loop_delay`` (1 ms by
-#: default).  While at most ``QUICK_POLL_ASSOCIATIONS`` are open (in all receiver
+#: default) while its association receives (``node.idle_polling`` slows an idle one
+#: down).  While at most ``QUICK_POLL_ASSOCIATIONS`` are open (in all receiver
 #: processes; a process re-tunes its own at each open and close) each gets
 #: ``QUICK_POLL_SECONDS``: an instance is answered sooner (bench.receiver_costs, one
 #: association: pynetdicom's part 2.3 against 2.8-3.5 ms).  More get the default back:
@@ -320,7 +321,8 @@ class Receiver:
         # The closing association still holds its slot.
         quick = self.slots.open_total() - (not opening) <= QUICK_POLL_ASSOCIATIONS
         for assoc in running:
-            assoc.dul._run_loop_delay = QUICK_POLL_SECONDS if quick else DEFAULT_POLL_SECONDS
+            pace = cast(GuardedSocket, assoc.dul.socket).pace
+            pace.busy_seconds = QUICK_POLL_SECONDS if quick else DEFAULT_POLL_SECONDS
 
     def _tally(self, event: Event, outcome: str) -> None:
         with self._tallies_lock:

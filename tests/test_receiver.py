@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -29,8 +29,10 @@ from devtools.tools import DCMTK_ENV, dcmtk_tool, free_port
 from node.config import Settings
 from node.context import NodeContext
 from node.housekeeping import purge_spool
+from node.idle_polling import IDLE_POLL_SECONDS, PacedDIMSE
 from node.instance_checks import made_by_node, selection_header
 from node.jobs.manager import NewJob
+from node.listener import GuardedSocket
 from node.receiver import (
     CANNOT_UNDERSTAND,
     DATABASE_UNAVAILABLE,
@@ -282,6 +284,27 @@ def test_spool_below_watermark_is_out_of_resources(
         context.close()
 
 
+def test_an_idle_association_polls_slowly_and_answers_at_once(receiver: Receiver) -> None:
+    """An open association that receives nothing: its reader sleeps the idle step and its
+    reactor waits on its queue; a C-ECHO is answered, and wakes the association up."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="DENOISE")
+    deadline = time.monotonic() + 10
+    while not receiver._ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (running,) = receiver._ae.active_associations
+    pace = cast(GuardedSocket, running.dul.socket).pace
+    while running.dul._run_loop_delay != IDLE_POLL_SECONDS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running.dul._run_loop_delay == IDLE_POLL_SECONDS, "the idle reader kept its step"
+    assert isinstance(running.dimse, PacedDIMSE) and pace.idle
+    asked = time.monotonic()
+    assert assoc.send_c_echo().Status == 0x0000
+    assert pace.heard_at >= asked, "the C-ECHO did not count as data"
+    assoc.release()
+
+
 def test_few_associations_poll_quickly_and_many_at_the_default_step(receiver: Receiver) -> None:
     """pynetdicom's reader step: short while one or two associations are open, the
     default for all of them once a third opens, short again when it closes."""
@@ -293,7 +316,7 @@ def test_few_associations_poll_quickly_and_many_at_the_default_step(receiver: Re
         while time.monotonic() < deadline:
             running = receiver._ae.active_associations
             if len(running) == expected and receiver.slots.open_total() == expected:
-                return sorted(assoc.dul._run_loop_delay for assoc in running)
+                return sorted(cast(GuardedSocket, a.dul.socket).pace.busy_seconds for a in running)
             time.sleep(0.01)
         raise AssertionError(f"{expected} associations did not open or close")
 
