@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import fcntl
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 import migrations
 
@@ -72,6 +75,38 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+class DriverStatement:
+    """A Core statement compiled once for an engine's dialect and run on the DBAPI cursor
+    of the caller's connection, in its transaction.
+
+    For the statements of the hot path (two per received instance): SQLAlchemy's work per
+    execution (cache key, parameter and result processing) took 0.15-0.25 ms of a 0.6-0.8 ms
+    row on PostgreSQL.  Parameters still go through the column types' own bind processors,
+    so values are stored exactly as the ORM stores them (SQLite's datetime text, JSON).
+    """
+
+    def __init__(self, statement: ClauseElement, engine: Engine, keys: Sequence[str]) -> None:
+        dialect = engine.dialect
+        self._compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=keys))
+        self.sql = self._compiled.string
+        self._order = self._compiled.positiontup if self._compiled.positional else None
+        self._processors = {
+            name: processor
+            for name, bind in self._compiled.binds.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+
+    def execute(self, connection: Connection, values: dict[str, Any]) -> Any:
+        """Run with ``values``; the DBAPI cursor, for its rows."""
+        bound = self._compiled.construct_params(values)
+        for name, processor in self._processors.items():
+            bound[name] = processor(bound[name])
+        parameters = [bound[name] for name in self._order] if self._order else bound
+        cursor = connection.connection.cursor()
+        cursor.execute(self.sql, parameters)
+        return cursor
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

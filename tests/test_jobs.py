@@ -42,6 +42,33 @@ def test_duplicate_instances_are_stored_once(manager: JobManager, queries: JobQu
     assert series.instance_count == 1
 
 
+def test_a_recorded_instance_reads_back_as_it_was_given(
+    manager: JobManager, queries: JobQueries
+) -> None:
+    """The receiver's two statements run below the ORM (``node.db.DriverStatement``):
+    the ORM must read back what was given (JSON header, sizes, datetimes it compares)."""
+    header = {
+        "Modality": "CT",
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "SeriesDescription": "Thorax 1.0 Br40 \u00fc",
+        "Rows": 512,
+        "ImagePositionPatientZ": -12.5,
+        "NodeOutput": False,
+    }
+    given = InstanceRecord(**{**record("1.1").__dict__, "header": header, "size_bytes": 525650})
+    before = utcnow()
+    assert manager.record_instance(given)[0] is RecordOutcome.NEW
+    assert manager.record_instance(record("1.2"))[0] is RecordOutcome.NEW
+    after = utcnow()
+    first = next(i for i in queries.series_instances("1.2.3.4") if i.sop_instance_uid == "1.1")
+    assert first.header == header and first.size_bytes == 525650
+    assert first.sha256 == given.sha256 and first.spool_path == given.spool_path
+    assert before <= first.received_at <= after
+    assert queries.settled_series(before - timedelta(microseconds=1)) == []
+    (series,) = queries.settled_series(after)
+    assert series.instance_count == 2 and before <= series.last_received_at <= after
+
+
 def test_full_lifecycle_writes_a_timeline(manager: JobManager, queries: JobQueries) -> None:
     for i in range(3):
         manager.record_instance(record(f"1.{i}"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from node.db import utcnow
+from node.db import DriverStatement, utcnow
 from node.instance_checks import Inspected
 from node.jobs.states import EventKind, JobState
 from node.jobs.tables import Instance, Job, JobInstance, Series
@@ -177,10 +177,10 @@ def insert_new_instance(connection: Connection, record: InstanceRecord, now: dat
     # One INSERT that yields to an existing row, so a concurrent association that stored
     # the same UID a moment earlier leads to the same path as any resend.
     row = {**record.__dict__, "received_at": now}
-    if connection.execute(new_instance, row).scalar() is None:
+    if new_instance.execute(connection, row).fetchone() is None:
         return False
-    connection.execute(
-        count_in_series,
+    count_in_series.execute(
+        connection,
         {
             "series_instance_uid": record.series_instance_uid,
             "study_instance_uid": record.study_instance_uid,
@@ -195,8 +195,8 @@ def insert_new_instance(connection: Connection, record: InstanceRecord, now: dat
 
 
 @functools.cache
-def _recording_statements(engine: Engine) -> tuple[Any, Any]:
-    """The receiver's two statements, built once per engine (their values are bound at
+def _recording_statements(engine: Engine) -> tuple[DriverStatement, DriverStatement]:
+    """The receiver's two statements, compiled once per engine (their values are bound at
     each execution): the instance's INSERT that yields to an existing row, and the
     series' upsert that counts it."""
     dialect = dialect_of(engine)
@@ -214,7 +214,20 @@ def _recording_statements(engine: Engine) -> tuple[Any, Any]:
             "calling_ae_title": series.excluded.calling_ae_title,
         },
     )
-    return new_instance, count_in_series
+    instance_keys = [*(field.name for field in fields(InstanceRecord)), "received_at"]
+    series_keys = [
+        "series_instance_uid",
+        "study_instance_uid",
+        "calling_ae_title",
+        "instance_count",
+        "first_received_at",
+        "last_received_at",
+        "generation",
+    ]
+    return (
+        DriverStatement(new_instance, engine, instance_keys),
+        DriverStatement(count_in_series, engine, series_keys),
+    )
 
 
 def snapshot_inputs(session: Session, job_id: int, series_instance_uid: str) -> None:
