@@ -99,14 +99,17 @@ class DriverStatement:
         }
 
     def execute(self, connection: Connection, values: dict[str, Any]) -> Any:
-        """Run with ``values``; the DBAPI cursor, for its rows."""
+        """Run with ``values``; its first row (RETURNING), or None when it returns none."""
         bound = self._compiled.construct_params(values)
         for name, processor in self._processors.items():
             bound[name] = processor(bound[name])
         parameters = [bound[name] for name in self._order] if self._order else bound
         cursor = connection.connection.cursor()
-        cursor.execute(self.sql, parameters)
-        return cursor
+        try:
+            cursor.execute(self.sql, parameters)
+            return cursor.fetchone() if cursor.description is not None else None
+        finally:
+            cursor.close()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -177,7 +177,7 @@ def insert_new_instance(connection: Connection, record: InstanceRecord, now: dat
     # One INSERT that yields to an existing row, so a concurrent association that stored
     # the same UID a moment earlier leads to the same path as any resend.
     row = {**record.__dict__, "received_at": now}
-    if new_instance.execute(connection, row).fetchone() is None:
+    if new_instance.execute(connection, row) is None:
         return False
     count_in_series.execute(
         connection,
