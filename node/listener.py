@@ -16,6 +16,7 @@ data sets arriving at once share ``max_inflight_mb`` (``node.inflight``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -219,12 +220,12 @@ class GuardedSocket(AssociationSocket):
             extra={"peer_address": self.peer},
         )
         raw = self.socket
-        try:
-            if raw is not None:
-                raw.send(ABORT_INVALID_PDU)
-                raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if raw is None:
+            return
+        with contextlib.suppress(OSError):  # never wait on this peer: it may not read
+            raw.send(ABORT_INVALID_PDU, socket.MSG_DONTWAIT)
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
 
     def _inflight_reason(self, held: int) -> str:
         return (
