@@ -215,6 +215,22 @@ def store_pdus(path: Path, context_id: int, max_pdu: int, uid: str | None = None
     return [P_DATA_TF(data).encode() for data in message.encode_msg(context_id, max_pdu)]
 
 
+def large_store(port: int, tmp_path: Path) -> tuple[object, list[bytes]]:
+    """An established association and the 64 KiB P-DATA PDUs of a 2 MiB C-STORE for it."""
+    (large,) = write_phantom_series(tmp_path / "large", PhantomSpec(slices=1, size=1024))
+    _, assoc = established(port)
+    (context,) = assoc.accepted_contexts  # type: ignore[attr-defined]
+    return assoc, store_pdus(large, context.context_id, 65536)
+
+
+def aborted(assoc: object, seconds: float = 10.0) -> bool:
+    """Whether the node aborts ``assoc`` within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not assoc.is_aborted and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    return bool(assoc.is_aborted)  # type: ignore[attr-defined]
+
+
 def spool_files(node: object) -> list[Path]:
     spool = node.state_dir / "spool"  # type: ignore[attr-defined]
     return [p for p in spool.rglob("*") if p.is_file()]
@@ -260,11 +276,8 @@ def test_a_data_set_beyond_max_instance_mb_is_aborted_and_others_stored(
     """pynetdicom gathers a data set in memory: the listener stops one that outgrows
     ``max_instance_mb`` while it arrives, and the node goes on receiving."""
     node = node_factory("receive", max_instance_mb=1).start()
-    (large,) = write_phantom_series(tmp_path / "large", PhantomSpec(slices=1, size=1024))
     (small,) = write_phantom_series(tmp_path / "small", PhantomSpec(slices=1, size=256))
-    _, assoc = established(node.port)
-    (context,) = assoc.accepted_contexts  # type: ignore[attr-defined]
-    pdus = store_pdus(large, context.context_id, 65536)
+    assoc, pdus = large_store(node.port, tmp_path)
     raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
     sent = 0
     try:
@@ -274,11 +287,8 @@ def test_a_data_set_beyond_max_instance_mb_is_aborted_and_others_stored(
             time.sleep(0.001)
     except OSError:
         pass  # the node closed the connection: the rest never travels
-    deadline = time.monotonic() + 10
-    while not assoc.is_aborted and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.05)
     print(f"2 MiB data set, 1 MiB limit: {sent} of {len(pdus)} PDUs of 64 KiB sent")
-    assert assoc.is_aborted, "the node did not abort the oversized data set"  # type: ignore[attr-defined]
+    assert aborted(assoc), "the node did not abort the oversized data set"
     assert "a data set exceeds max_instance_mb (1 MiB)" in node.log_text()
     assert spool_files(node) == []
     assert storescu(node.port, [small]) == [0x0000]
@@ -293,22 +303,16 @@ def test_data_sets_past_max_inflight_mb_cost_the_largest_caller_its_association(
     them: when a scanner's slice takes the data sets arriving past ``max_inflight_mb``,
     the caller holding the largest unfinished one is aborted and the slice is stored."""
     node = node_factory("receive", max_inflight_mb=2).start()
-    (large,) = write_phantom_series(tmp_path / "large", PhantomSpec(slices=1, size=1024))
     (slice_,) = write_phantom_series(tmp_path / "slice", PhantomSpec(slices=1, size=512))
-    _, hoarder = established(node.port)
-    (context,) = hoarder.accepted_contexts  # type: ignore[attr-defined]
-    pdus = store_pdus(large, context.context_id, 65536)
+    hoarder, pdus = large_store(node.port, tmp_path)
     held = 28  # 1.75 MiB of its 2 MiB data set, then it goes quiet
     for pdu in pdus[:held]:
         hoarder.dul.socket.socket.sendall(pdu)  # type: ignore[attr-defined]
     time.sleep(0.5)  # the node has read them
     assert hoarder.is_established, "1.75 MiB of 2 must not abort it yet"  # type: ignore[attr-defined]
     assert storescu(node.port, [slice_]) == [0x0000], "the scanner's slice is stored"
-    deadline = time.monotonic() + 10
-    while not hoarder.is_aborted and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.05)
     print(f"{held} of {len(pdus)} PDUs of 64 KiB held; a 0.5 MiB slice arrived beside them")
-    assert hoarder.is_aborted, "the largest unfinished data set kept its association"  # type: ignore[attr-defined]
+    assert aborted(hoarder), "the largest unfinished data set kept its association"
     log = node.log_text()
     assert "was the largest when the data sets arriving passed max_inflight_mb (2 MiB)" in log
     assert node.queries.instance_totals()[0] == 1
