@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,13 @@ def _store(
     syntax = arrival.transfer_syntax or str(ds.file_meta.get("TransferSyntaxUID", ""))
     _check_supported(uids, syntax, arrival.study, extra)
     check_pixel_data(ds, arrival.source, extra)
-    relative = _into_spool(ctx, arrival.source, writing, extra)
     inspected = Inspected(uids, header, syntax)
     sender = (arrival.calling_ae_title, arrival.peer_address)
-    return _record(ctx, instance_record(inspected, relative, content, sender), extra)
+    if writing is None:
+        relative = _into_spool(ctx, arrival.source, None, extra)
+        return _record(ctx, instance_record(inspected, relative, content, sender), extra)
+    record = instance_record(inspected, writing.relative, content, sender)
+    return _record(ctx, record, extra, lambda: _into_spool(ctx, arrival.source, writing, extra))
 
 
 def _begin_writing(ctx: NodeContext, data: bytes, extra: dict[str, Any]) -> PendingWrite:
@@ -208,21 +212,30 @@ def _write_failed(exc: OSError, extra: dict[str, Any]) -> Refused:
     return Refused(SPOOL_WRITE_FAILED, "node cannot write its spool")
 
 
-def _record(ctx: NodeContext, record: InstanceRecord, extra: dict[str, Any]) -> str:
+def _record(
+    ctx: NodeContext,
+    record: InstanceRecord,
+    extra: dict[str, Any],
+    make_durable: Callable[[], object] | None = None,
+) -> str:
     """One row in the job table; the spool copy is removed when a row names another.
 
-    After a database error the copy stays: the row may exist (a COMMIT whose answer
-    was lost), and a row must never name a removed file.  The answer is a failure,
-    so the sender resends; the resend finds the row (identical content: success,
-    stored once) or records itself.  The copy is marked (``node.unrecorded``):
-    housekeeping removes it soon if no row names it, so that retries during an outage
-    do not fill the spool.
+    ``make_durable`` puts the copy in place (``Intake.record_instance`` says when); it
+    raises Refused when the spool cannot take it.  After a database error a copy in
+    place stays: the row may exist (a COMMIT whose answer was lost), and a row must
+    never name a removed file.  The answer is a failure, so the sender resends; the
+    resend finds the row (identical content: success, stored once) or records itself.
+    The copy is marked (``node.unrecorded``): housekeeping removes it soon if no row
+    names it, so that retries during an outage do not fill the spool.
     """
     spool = ctx.spool
     try:
-        outcome, kept = ctx.manager.record_instance(record)
+        outcome, kept = ctx.manager.record_instance(record, make_durable)
+    except Refused:
+        raise
     except Exception as exc:
-        mark(spool, record.spool_path)
+        if spool.path(record.spool_path).exists():
+            mark(spool, record.spool_path)
         log.error(
             "%s refused: the job table did not record the instance (its spool copy goes "
             "after unrecorded_grace_seconds unless a row names it): %s: %s",

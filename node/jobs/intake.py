@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
@@ -81,7 +82,9 @@ class NewJob:
 class Intake(JobWriter):
     """What the receiver and the settler write."""
 
-    def record_instance(self, record: InstanceRecord) -> tuple[RecordOutcome, str]:
+    def record_instance(
+        self, record: InstanceRecord, make_durable: Callable[[], object] | None = None
+    ) -> tuple[RecordOutcome, str]:
         """Record a spooled instance; returns the outcome and the spool path that holds it.
 
         A SOP Instance UID seen before is never overwritten: identical content is a
@@ -89,11 +92,23 @@ class Intake(JobWriter):
         instance (the common case, once per received instance) takes two plain
         statements on a connection, committed before this returns, without the ORM's
         unit of work.
+
+        ``make_durable``, when given, puts the instance's file in place in the spool and
+        fsyncs it; the row is never committed before it has returned.  PostgreSQL locks
+        only the rows written, so there it runs inside the transaction after the two
+        statements (their round trips overlap the file's write), and not at all for a
+        UID already recorded; SQLite's one write lock, taken at BEGIN, would wait for the
+        disk, so there it runs first.
         """
         now = utcnow()
         engine: Engine = self._sessions.kw["bind"]
+        within = make_durable is not None and engine.dialect.name == "postgresql"
+        if make_durable is not None and not within:
+            make_durable()
         with engine.begin() as connection:
             if insert_new_instance(connection, record, now):
+                if make_durable is not None and within:
+                    make_durable()
                 return RecordOutcome.NEW, record.spool_path
         with self._sessions.begin() as session:
             existing = session.scalars(
