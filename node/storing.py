@@ -111,7 +111,8 @@ def accept(ctx: NodeContext, arrival: Arrival, extra: dict[str, Any]) -> Accepte
     Bytes go to the disk as soon as the spool has room for them: their write and fsync
     (in a writer thread) overlap the hash and the checks, and a refused instance's file
     is removed.  Only a file that passed every check gets its final name, and only a
-    file with its final name, fsynced, gets a row.
+    file with its final name, fsynced, gets a committed row (on PostgreSQL the row's
+    statements overlap the write, the commit waits for it: ``Intake.record_instance``).
     """
     writing = None
     content = arrival.content
