@@ -241,6 +241,12 @@ class StatusSCP:
             self.on_store()
         return self.status_of.get(event.request.AffectedSOPInstanceUID, self.status)
 
+    def wait_for_associations(self, count: int, seconds: float = 10.0) -> None:
+        """Until ``count`` associations are open at once (or ``seconds`` pass)."""
+        deadline = time.monotonic() + seconds
+        while len(self._server.active_associations) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def abort_associations(self) -> None:
         """A-ABORT every association it holds, as a PACS restarting or out of memory does."""
         for assoc in self._server.active_associations:
@@ -738,6 +744,9 @@ def test_associations_run_in_processes_of_their_own_unless_told_otherwise(
 
     monkeypatch.setattr(AE, "associate", count)
     scp = status_scp(0x0000)
+    # The first C-STORE is answered once the second association is open too: however
+    # slowly its process starts, instances are left for it.
+    scp.on_store = lambda: scp.wait_for_associations(2)
     ctx = make_context(scp.destination(associations=2), send_in_processes=in_processes)
     job_id, uids, _ = make_sending_job(ctx, tmp_path, ["scp"])
 
