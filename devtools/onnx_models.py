@@ -24,8 +24,10 @@ def write_mean_filter_model(
     layers: int = 1,
     name: str = TINY_NAME,
     version: str = TINY_VERSION,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a ``layers``-deep stack of ``kernel`` x ``kernel`` mean filters to ``path``."""
+    """Write a ``layers``-deep stack of ``kernel`` x ``kernel`` mean filters to ``path``
+    (``metadata``: more entries, a ``noise_grain`` say)."""
     weight = numpy_helper.from_array(
         np.full((1, 1, kernel, kernel), 1.0 / kernel**2, np.float32), "weight"
     )
@@ -40,7 +42,7 @@ def write_mean_filter_model(
             )
         )
         current = output
-    return _save(path, "mean_filter", nodes, [weight], (name, version))
+    return _save(path, "mean_filter", nodes, [weight], (name, version), metadata)
 
 
 def _save(
@@ -49,6 +51,7 @@ def _save(
     nodes: list[onnx.NodeProto],
     weights: list[onnx.TensorProto],
     name_version: tuple[str, str],
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """The node's contract around ``nodes``: ``hu`` [N,1,H,W] in, ``denoised`` out, opset 17."""
     shape = ["N", 1, "H", "W"]
@@ -62,7 +65,7 @@ def _save(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     name, version = name_version
-    helper.set_model_props(model, {"name": name, "version": version})
+    helper.set_model_props(model, {"name": name, "version": version, **(metadata or {})})
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)

@@ -1,6 +1,11 @@
 """Export a trained checkpoint to the ONNX file the worker runs.
 
-``python -m models.export CHECKPOINT --out node/model/ct_denoise.onnx``
+``python -m models.export CHECKPOINT --out node/model/ct_denoise.onnx [--noise-grain F]``
+``python -m models.export --relabel node/model/ct_denoise.onnx --version V --noise-grain F``
+
+``--noise-grain``: the noise grain (cycles per pixel, ``node.grain``) at which the model
+removes the most noise, chosen on the validation series; the node resamples every series to
+it.  ``--relabel`` sets version and grain in an exported file, its weights untouched.
 
 The contract: opset 17, input ``hu`` and output ``denoised``, float32 [N, 1, H, W] in HU with
 N, H and W dynamic, and metadata (name, version, training doses and data, description) so the
@@ -44,15 +49,28 @@ def export_model(model: DenoiseUNet, out: Path, metadata: dict[str, str] | None 
             dynamo=False,
         )
     proto = onnx.load(str(tmp))
-    meta = {"name": MODEL_NAME, "version": DEFAULT_VERSION, **(metadata or {})}
+    _save_with_metadata(
+        proto, {"name": MODEL_NAME, "version": DEFAULT_VERSION, **(metadata or {})}, out
+    )
+    tmp.unlink(missing_ok=True)
+    return out
+
+
+def relabel(path: Path, entries: dict[str, str]) -> Path:
+    """Set metadata ``entries`` of the exported model ``path`` in place; the rest is kept."""
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props} | entries
+    _save_with_metadata(proto, meta, path)
+    return path
+
+
+def _save_with_metadata(proto: onnx.ModelProto, meta: dict[str, str], out: Path) -> None:
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
-    tmp.unlink(missing_ok=True)
-    return out
 
 
 def load_checkpoint(path: Path) -> tuple[DenoiseUNet, dict]:
@@ -104,12 +122,21 @@ def metadata_from_checkpoint(state: dict, version: str | None = None) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     """Command line: checkpoint in, ONNX out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, nargs="?")
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--version", default=None, help="release version (default: config's)")
+    parser.add_argument("--noise-grain", type=float, default=None, help="cycles per pixel")
+    parser.add_argument("--relabel", type=Path, default=None, help="an exported model")
     args = parser.parse_args(argv)
+    grain = {} if args.noise_grain is None else {"noise_grain": f"{args.noise_grain:g}"}
+    if args.relabel is not None:
+        version = {} if args.version is None else {"version": args.version}
+        print(f"relabelled {relabel(args.relabel, version | grain)}")
+        return 0
+    if args.checkpoint is None:
+        parser.error("a checkpoint, or --relabel MODEL")
     model, state = load_checkpoint(args.checkpoint)
-    out = export_model(model, args.out, metadata_from_checkpoint(state, args.version))
+    out = export_model(model, args.out, metadata_from_checkpoint(state, args.version) | grain)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 

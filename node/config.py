@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # A series whose noise in flat soft tissue drops by less than this (0.2 = 20 %) gets a
     # warning event on its job; it is still sent.
     noise_warn_drop: float = Field(0.2, ge=0.0, le=1.0)
+    # Resample each series to the model's noise grain (node.grain) where the model names
+    # one; false runs every series as it is, as the node did before 2.3.0.
+    match_noise_grain: bool = True
     max_attempts: int = Field(3, ge=1)
     retry_seconds: float = Field(30.0, gt=0.0)
     heartbeat_seconds: float = Field(5.0, gt=0.0)

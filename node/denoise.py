@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from node.grain import denoise_resampled
 from node.noise import parse_noise_range
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Denoiser:
         self.trained_noise_hu = parse_noise_range(metadata.get("trained_noise_hu"))
         if self.trained_noise_hu is None and metadata.get("trained_noise_hu"):
             log.warning("model metadata trained_noise_hu is not LOW-HIGH in HU: not checked")
+        #: the noise grain the model works on (node.grain); None: slices are not resampled
+        self.noise_grain = model_grain(metadata.get("noise_grain"))
         self.provider: str = self._session.get_providers()[0]
         log.info(
             "model %s %s loaded from %s on %s",
@@ -103,10 +106,17 @@ class Denoiser:
                 f"inputs/outputs {found}"
             )
 
-    def denoise(self, hu: np.ndarray) -> np.ndarray:
-        """Denoise slices ``[N, H, W]`` of HU; returns float32 HU of the same shape."""
+    def denoise(self, hu: np.ndarray, grain_zoom: float = 1.0) -> np.ndarray:
+        """Denoise slices ``[N, H, W]`` of HU; returns float32 HU of the same shape.
+
+        ``grain_zoom`` (``node.grain.grain_zoom``): the slices go through the model
+        resampled by it, so that their noise grain is the model's.
+        """
         if hu.ndim != 3:
             raise ValueError(f"expected slices [N, H, W], got shape {hu.shape}")
+        return denoise_resampled(self._run, hu, grain_zoom)
+
+    def _run(self, hu: np.ndarray) -> np.ndarray:
         batches = []
         for start in range(0, hu.shape[0], self.batch_size):
             chunk = np.ascontiguousarray(hu[start : start + self.batch_size, None], np.float32)
@@ -120,3 +130,14 @@ class Denoiser:
         if not batches:
             return np.empty_like(hu, dtype=np.float32)
         return np.concatenate(batches).astype(np.float32, copy=False)
+
+
+def model_grain(text: str | None) -> float | None:
+    """The model's ``noise_grain`` metadata (cycles per pixel), or None where absent or
+    not a frequency."""
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        log.warning("model metadata noise_grain is not a number: slices are not resampled")
+        return None
+    return value if value is not None and 0 < value <= 0.5 else None

@@ -90,6 +90,9 @@ class DerivationSpec:
     #: table kept it): ``jobs forget`` ends a reception, so the scanner's corrected resend,
     #: with the same source UIDs, gets new derived UIDs
     source_generation: str = ""
+    #: the series' slices went through the model resampled by this factor (``node.grain``):
+    #: a measure of the whole series, so it is part of the derived UIDs
+    grain_zoom: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
@@ -100,6 +103,8 @@ class DerivationSpec:
             raise ValueError(f"strength must be a number, not {self.strength!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, not {self.strength}")
+        if not 0.1 <= self.grain_zoom <= 10:
+            raise ValueError(f"grain_zoom {self.grain_zoom!r} is not a resampling factor")
         if not 0 <= self.series_number_offset < 2**31 - 1:
             raise ValueError(f"series_number_offset {self.series_number_offset} is out of range")
         if not self.description_suffix.strip():
@@ -115,15 +120,21 @@ class DerivationSpec:
     @property
     def _entropy(self) -> list[str]:
         generation = [f"received {self.source_generation}"] if self.source_generation else []
-        return [self.model_name, self.model_version, repr(float(self.strength)), *generation]
+        zoom = [f"grain zoom {self.grain_zoom:.2f}"] if self.grain_zoom != 1.0 else []
+        return [self.model_name, self.model_version, repr(float(self.strength)), *generation, *zoom]
 
     @property
     def description(self) -> str:
         """What a radiologist reads: which model, which version, how strong."""
         return (
             f"Denoised by {self.model_name} version {self.model_version} at strength "
-            f"{self.strength:g} (output = original + {self.strength:g} x (model - original)); "
-            f"{MODEL_NAME} {self.software_version}"
+            f"{self.strength:g} (output = original + {self.strength:g} x (model - original))"
+            + (
+                f", slices resampled x{self.grain_zoom:.2f} to the model's noise grain"
+                if self.grain_zoom != 1.0
+                else ""
+            )
+            + f"; {MODEL_NAME} {self.software_version}"
         )
 
 
@@ -132,12 +143,13 @@ def derived_series_uid(source_series_uid: str, spec: DerivationSpec) -> str:
     the source series give the same UID.
 
     UIDs follow the pixels: a derived UID is made from everything its pixels depend on, so
-    the same UID never carries different pixels.  Today a slice's output depends on that
-    slice, the model (name and version) and the strength only (the network sees one slice);
-    the reception (``DerivationSpec.source_generation``) tells a source slice apart from
-    its corrected copy under the same UID, sent again after ``jobs forget``.
-    A model whose output also depends on more (a series-level noise description,
-    neighbouring slices) must add that to ``DerivationSpec._entropy`` or to the names below.
+    the same UID never carries different pixels.  A slice's output depends on that slice,
+    the model (name and version), the strength and the series' noise grain (the resampling
+    factor ``DerivationSpec.grain_zoom``, measured on the series; 1, and then left out, for
+    a model without a grain); the reception (``DerivationSpec.source_generation``) tells a
+    source slice apart from its corrected copy under the same UID, sent again after
+    ``jobs forget``.  Whatever else comes to reach the pixels (neighbouring slices) must be
+    added to ``DerivationSpec._entropy`` or to the names below.
     """
     return generate_uid(UID_PREFIX, ["series", source_series_uid, *spec._entropy])
 
@@ -145,8 +157,8 @@ def derived_series_uid(source_series_uid: str, spec: DerivationSpec) -> str:
 def derived_sop_uid(source_sop_uid: str, spec: DerivationSpec, frame: int | None = None) -> str:
     """A derived instance's UID: a resend is the same object, not a duplicate.
 
-    The same rule as ``derived_series_uid``: source slice (and its reception), model and
-    strength, nothing more, because nothing more reaches the slice's pixels.
+    The same rule as ``derived_series_uid``: source slice (and its reception), model,
+    strength and grain zoom, nothing more, because nothing more reaches the slice's pixels.
 
     ``frame`` (1-based) tells the slices derived from one multi-frame instance apart.
     """

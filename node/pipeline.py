@@ -30,6 +30,7 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from node.config import Settings
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derive_instance, derived_series_uid, frame_view
+from node.grain import grain_zoom, sample_indices, series_grain
 from node.noise import NoiseFigure, measure_slice, pixel_size_mm, slice_comment, summarise_series
 from node.pixels import PixelCodec, blend, model_input
 
@@ -62,6 +63,8 @@ class SeriesResult:
     #: each derived slice's noise figure (a reused one's as its job measured it), None where
     #: the slice has no flat soft tissue
     noise_slices: list[NoiseFigure | None] = field(default_factory=list)
+    #: the slices went through the model resampled by this factor (node.grain)
+    grain_zoom: float = 1.0
 
     @property
     def noise(self) -> NoiseFigure | None:
@@ -78,6 +81,11 @@ class SeriesResult:
             f"(read {self.read_seconds:.1f} s, infer {self.infer_seconds:.1f} s, "
             f"write {self.write_seconds:.1f} s) on {self.provider}"
             + (f"; {self.reused} reused from earlier jobs" if self.reused else "")
+            + (
+                f"; resampled x{self.grain_zoom:.2f} to the model's noise grain"
+                if self.grain_zoom != 1.0
+                else ""
+            )
             + (f"; {self.noise.comment()}" if self.noise else "")
         )
 
@@ -157,14 +165,16 @@ def denoise_series(
     if not sources:
         raise BadInput("the series has no instances")
     started = time.perf_counter()
-    run = _SeriesRun(sources, write, spec, progress, SeriesResult(provider=denoiser.provider))
+    result = SeriesResult(provider=denoiser.provider, grain_zoom=spec.grain_zoom)
+    run = _SeriesRun(sources, write, spec, progress, result)
     stages = run.stages = _Stages(depth=2 * denoiser.batch_size)
     reader = stages.thread(run.read, "pipeline-read")
     writer = stages.thread(run.write_all, "pipeline-write")
     try:
         for items in _batches(stages, denoiser.batch_size):
             t0 = time.perf_counter()
-            denoised = denoiser.denoise(np.stack([model_input(i.hu, i.keep) for i in items]))
+            batch = np.stack([model_input(i.hu, i.keep) for i in items])
+            denoised = denoiser.denoise(batch, spec.grain_zoom)
             run.result.infer_seconds += time.perf_counter() - t0
             stages.put(stages.write, (items, denoised))
         stages.put(stages.write, _DONE)
@@ -318,11 +328,30 @@ def _check_same_series(item: _Slice, shape: tuple[int, ...], series_uid: str) ->
         )
 
 
+def series_grain_zoom(sources: list[Path], denoiser: Denoiser, matching: bool = True) -> float:
+    """The factor a series' slices are resampled by before ``denoiser`` (``node.grain``),
+    measured on some of its instances (the first slice of each); 1 for a model without a
+    noise grain, or where ``matching`` (``match_noise_grain``) is off."""
+    if denoiser.noise_grain is None or not matching:
+        return 1.0
+    slices = [
+        (model_input(item.hu, item.keep), item.keep)
+        for number in sample_indices(len(sources))
+        for item in _read_instance(number + 1, sources[number], 0)[:1]
+    ]
+    return grain_zoom(series_grain(slices), denoiser.noise_grain)
+
+
 def derivation_spec(
-    settings: Settings, denoiser: Denoiser, strength: float, source_generation: str = ""
+    settings: Settings,
+    denoiser: Denoiser,
+    strength: float,
+    source_generation: str = "",
+    grain_zoom: float = 1.0,
 ) -> DerivationSpec:
     """How this node labels a series derived with ``denoiser`` at ``strength`` (from the
-    reception ``source_generation`` of its source series, when known)."""
+    reception ``source_generation`` of its source series, when known, with its slices
+    resampled by ``grain_zoom``)."""
     return DerivationSpec(
         model_name=denoiser.name,
         model_version=denoiser.version,
@@ -331,6 +360,7 @@ def derivation_spec(
         description_suffix=settings.series_description_suffix,
         node_ae_title=settings.ae_title,
         source_generation=source_generation,
+        grain_zoom=grain_zoom,
     )
 
 
@@ -345,9 +375,10 @@ def denoise_folder(in_dir: Path, out_dir: Path, settings: Settings) -> list[Seri
     if not series:
         raise BadInput(f"{in_dir} holds no CT image files")
     denoiser = Denoiser(settings.model_file, settings.providers, settings.batch_size)
-    spec = derivation_spec(settings, denoiser, settings.strength)
     results = []
     for sources in series.values():
+        zoom = series_grain_zoom(sources, denoiser, settings.match_noise_grain)
+        spec = derivation_spec(settings, denoiser, settings.strength, grain_zoom=zoom)
         target = out_dir
         if len(series) > 1:
             first = pydicom.dcmread(sources[0], stop_before_pixels=True)

@@ -25,11 +25,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.context import NodeContext
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derived_series_uid, derived_sop_uid
+from node.grain import ZOOM_RANGE
 from node.jobs.manager import DerivedFile, LostClaim
 from node.jobs.records import JobInputView, JobView
 from node.jobs.states import EventKind, JobState
 from node.noise import noise_warnings
-from node.pipeline import BadInput, SeriesResult, denoise_series, derivation_spec
+from node.pipeline import (
+    BadInput,
+    SeriesResult,
+    denoise_series,
+    derivation_spec,
+    series_grain_zoom,
+)
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -141,7 +148,9 @@ class Worker:
             raise BadInput("the job has no input instances")
         model = self._model
         generation = self.queries.series_generation(job.series_instance_uid)
-        spec = derivation_spec(self.settings, model, job.strength, generation)
+        paths = [self.ctx.spool.path(i.spool_path) for i in inputs]
+        zoom = series_grain_zoom(paths, model, self.settings.match_noise_grain)
+        spec = derivation_spec(self.settings, model, job.strength, generation, zoom)
         reused = self._reuse(job.id, inputs, spec)
         taken = {file.source_sop_instance_uid for file in reused}
         fresh = [i for i in inputs if i.sop_instance_uid not in taken]
@@ -169,7 +178,9 @@ class Worker:
             result = denoise_series(sources, write, model, spec, progress)
         else:
             series_uid = derived_series_uid(job.series_instance_uid, spec)
-            result = SeriesResult(job.series_instance_uid, series_uid, provider=model.provider)
+            result = SeriesResult(
+                job.series_instance_uid, series_uid, provider=model.provider, grain_zoom=zoom
+            )
         measured = [replace(f, noise=n) for f, n in zip(written, result.noise_slices, strict=True)]
         result.reused = len(reused)
         result.noise_slices = [f.noise for f in reused + measured]
@@ -181,6 +192,11 @@ class Worker:
         warnings = noise_warnings(
             result.noise, self.settings.noise_warn_drop, self._model.trained_noise_hu
         )
+        if result.grain_zoom in ZOOM_RANGE:
+            warnings.append(
+                f"noise grain outside what resampling brings to the model's (slices resampled "
+                f"x{result.grain_zoom:.2f}, the limit): check the result"
+            )
         for warning in warnings:
             self.manager.add_event(job_id, self.name, EventKind.WARNING, warning)
 

@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import update
 
+from devtools.onnx_models import write_mean_filter_model
 from devtools.phantom import PhantomSpec, write_phantom_series
 from devtools.records import file_record, instance_record
 from node import db
@@ -24,6 +25,7 @@ from node.jobs import JobManager, JobQueries, JobState
 from node.jobs.manager import NewJob
 from node.jobs.states import EventKind
 from node.jobs.tables import Series
+from node.pipeline import series_grain_zoom
 from node.service import run_worker
 from node.worker import Worker
 from tests.fixtures.onnx_models import ScriptedDenoiser
@@ -449,3 +451,53 @@ def test_a_series_received_before_the_upgrade_keeps_its_derived_uids(
     sources = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series]
     made = {d.sop_instance_uid for d in context.queries.derived_instances(later)}
     assert made == {derived_sop_uid(uid, spec) for uid in sources}
+
+
+@pytest.fixture
+def white_noise_series(tmp_path: Path) -> list[Path]:
+    """Water with white noise: a grain finer than any CT kernel's, in enough flat tissue."""
+    return write_phantom_series(tmp_path / "white", PhantomSpec(slices=4, size=256))
+
+
+def grained(folder: Path, grain: str) -> Denoiser:
+    path = write_mean_filter_model(folder / f"grain-{grain}.onnx", metadata={"noise_grain": grain})
+    return Denoiser(path, PROVIDERS)
+
+
+def test_a_series_finer_than_the_model_s_grain_is_resampled_and_its_uids_say_so(
+    context: NodeContext, white_noise_series: list[Path], tmp_path: Path
+) -> None:
+    model = grained(tmp_path, "0.205")
+    zoom = series_grain_zoom(white_noise_series, model)
+    assert zoom > 1.3
+    job_id = queue_series(context, white_noise_series)
+    assert Worker(context, denoiser=model).run_once() is True
+    job = context.queries.get_job(job_id)
+    assert job.state == JobState.SENDING, job.last_error
+    (denoised,) = [e for e in context.queries.job_events(job_id) if e.kind == EventKind.DENOISED]
+    assert f"resampled x{zoom:.2f} to the model's noise grain" in denoised.message
+    assert warnings_of(context, job_id) == []
+    spec = DerivationSpec(
+        "tiny-mean",
+        "0.0.1",
+        1.0,
+        context.settings.series_number_offset,
+        context.settings.series_description_suffix,
+        context.settings.ae_title,
+        source_generation=context.queries.series_generation(job.series_instance_uid),
+        grain_zoom=zoom,
+    )
+    assert job.output_series_uid == derived_series_uid(job.series_instance_uid, spec)
+    for item in context.queries.derived_instances(job_id):
+        assert item.sop_instance_uid == derived_sop_uid(item.source_sop_instance_uid, spec)
+
+
+def test_a_grain_beyond_what_resampling_reaches_warns(
+    context: NodeContext, white_noise_series: list[Path], tmp_path: Path
+) -> None:
+    job_id = queue_series(context, white_noise_series)
+    assert Worker(context, denoiser=grained(tmp_path, "0.05")).run_once() is True
+    assert context.queries.get_job(job_id).state == JobState.SENDING
+    (warning,) = warnings_of(context, job_id)
+    assert "noise grain outside what resampling brings to the model's" in warning
+    assert "x2.50" in warning

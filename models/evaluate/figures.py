@@ -64,6 +64,7 @@ def save_figures(folder: Path, model: OnnxDenoiser, log: Log) -> None:
         i = int(round(where * (len(series.hu) - 1)))
         low = simulate_slices(series, [i], 0.25, EVAL_SEED)[0]
         keep = series.keep[i]
+        model.measure_series(low[None], keep[None])
         out = np.where(keep, low, model(low, keep))
         rows, cols = np.nonzero(metrics.body_mask(series.hu[i], keep))
         cy, cx = (rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2

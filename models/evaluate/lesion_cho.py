@@ -49,6 +49,7 @@ from models.evaluate.lesions import (
     lesion_kind,
     lesion_sites,
 )
+from models.evaluate.methods import measure_series
 from models.evaluate.observer import channel_responses, paired_bootstrap
 from models.evaluate.regions import UniformMaps
 
@@ -155,6 +156,8 @@ def kind_rois(
     rois: dict[str, list[np.ndarray]] = {name: [] for name in methods}
     present: list[bool] = []
     for s in slices:
+        for method in methods.values():
+            measure_series(method, np.stack(s.lows), np.stack([s.keep] * len(s.lows)))
         radius = diameter_mm / 2 / s.pixel_mm
         centres = [c for c in s.centres[diameter_mm] if _inside(s.full.shape, c, half)]
         if not centres:

@@ -29,6 +29,7 @@ from models import metrics
 from models.data import SHARED_CT, CTSeries, load_series
 from models.evaluate.cases import simulate_slices
 from models.evaluate.common import EVAL_SEED, Log
+from models.evaluate.methods import measure_series
 from models.evaluate.regions import body_slices, pick_slices
 from models.evaluate.texture import flat_tissue
 
@@ -135,6 +136,8 @@ def lesion_check(
     """Per method, per lesion kind ("3 mm / 5 HU"): contrast kept (%) of every disc placed."""
     out: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
     for site in lesion_sites(slices, series_names):
+        for method in methods.values():
+            measure_series(method, site.low[None], site.keep[None])
         for diameter, centres in site.centres.items():
             radius = site.radius_px(diameter)
             for contrast in LESION_CONTRASTS_HU:

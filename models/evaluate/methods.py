@@ -12,11 +12,15 @@ from scipy import ndimage as ndi
 
 from models import metrics
 from models.evaluate.common import GAUSSIAN_SIGMA_MM, Method, _cached
+from node.denoise import model_grain
+from node.grain import denoise_resampled, grain_zoom, sample_indices, series_grain
 from node.pixels import model_input
 
 
 class OnnxDenoiser:
-    """The shipped model as the worker runs it: CPU, 2 threads, HU in, HU out."""
+    """The shipped model as the worker runs it: CPU, 2 threads, HU in, HU out, each slice
+    resampled to the model's noise grain by the factor measured on its series
+    (:meth:`measure_series`, as the worker measures it; 1 until it is called)."""
 
     def __init__(self, path: Path) -> None:
         options = ort.SessionOptions()
@@ -25,15 +29,33 @@ class OnnxDenoiser:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.name = f"{meta.get('name', path.stem)} {meta.get('version', '')}".strip()
+        self.noise_grain = model_grain(meta.get("noise_grain"))
+        self.zoom = 1.0
         self.seconds: list[float] = []
 
+    def measure_series(self, hu: np.ndarray, keep: np.ndarray) -> float:
+        """Set (and return) the resampling factor of the series ``hu``, ``keep`` [N, H, W]."""
+        picks = sample_indices(len(hu))
+        grain = series_grain([(model_input(hu[i], keep[i]), keep[i]) for i in picks])
+        self.zoom = grain_zoom(grain, self.noise_grain)
+        return self.zoom
+
     def __call__(self, hu: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """Denoise one slice [H, W]; records the wall time of the ONNX call."""
-        x = model_input(hu, keep)[None, None]
+        """Denoise one slice [H, W]; records the wall time of the model, resampling included."""
         start = time.perf_counter()
-        (y,) = self.session.run(None, {self.session.get_inputs()[0].name: x})
+        y = denoise_resampled(self._run, model_input(hu, keep)[None], self.zoom)
         self.seconds.append(time.perf_counter() - start)
-        return y[0, 0]
+        return y[0]
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        (y,) = self.session.run(None, {self.session.get_inputs()[0].name: x[:, None]})
+        return np.asarray(y[:, 0])
+
+
+def measure_series(method: object, hu: np.ndarray, keep: np.ndarray) -> None:
+    """Let ``method`` measure the series it is about to denoise, where it measures one."""
+    if isinstance(method, OnnxDenoiser):
+        method.measure_series(hu, keep)
 
 
 def gaussian(hu: np.ndarray, keep: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -85,6 +107,7 @@ def bm3d_seconds(hu: np.ndarray, keep: np.ndarray, sigma_hu: float) -> float:
 def run_method(method: Method, low: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, float]:
     """Apply ``method`` slice by slice; untouchable pixels copied back; mean seconds/slice."""
     out = np.empty_like(low)
+    measure_series(method, low, keep)
     start = time.perf_counter()
     for i in range(len(low)):
         out[i] = np.where(keep[i], low[i], method(low[i], keep[i]))

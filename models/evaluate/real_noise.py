@@ -27,6 +27,7 @@ from scipy import ndimage as ndi
 
 from models import metrics
 from models.data import SHARED_LOWDOSE, load_series
+from models.evaluate.methods import measure_series
 
 FLAT_BLOCK_PX, MIN_BLOCKS = 12, 4
 SOFT_TISSUE_HU = (-150.0, 250.0)
@@ -96,6 +97,7 @@ def real_noise_check(
     for name in series_names:
         series = load_series(SHARED_LOWDOSE / name)
         figures, excluded = [], 0
+        measure_series(method, series.hu, series.keep)
         for hu, keep in zip(series.hu, series.keep, strict=True):
             out = np.where(keep, hu, method(hu, keep))
             found = slice_figures(hu, keep, out)

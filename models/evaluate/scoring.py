@@ -18,6 +18,7 @@ from models.evaluate.methods import (
     bm3d_denoise,
     bm3d_seconds,
     gaussian,
+    measure_series,
     run_method,
 )
 from models.evaluate.observer import cho_inputs, cho_outputs, cho_score, method_rois
@@ -123,6 +124,7 @@ def grain_sizes(case: Case, method: Method, condition: str) -> dict[str, float]:
                 for s, k in zip(low, case.keep, strict=True)
             ]
         )
+        measure_series(method, resampled, np.zeros(resampled.shape, bool))
         denoised = np.stack([method(s, np.zeros(s.shape, bool)) for s in resampled])
         rois = [(i, round(y * zoom), round(x * zoom)) for i, y, x in case.rois]
         size = round(ROI_PX * zoom)

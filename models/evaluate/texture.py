@@ -35,7 +35,7 @@ from skimage.transform import rescale
 from models import metrics
 from models.data import SHARED_CT, CTSeries, load_series
 from models.evaluate.common import EVAL_SEED, INPUT_VERSION, Log, _cached
-from models.evaluate.methods import bm3d_denoise
+from models.evaluate.methods import bm3d_denoise, measure_series
 from models.evaluate.regions import body_slices, pick_slices
 from models.simulate import series_calibration, simulate_low_dose
 from node.pixels import model_input
@@ -206,6 +206,8 @@ def texture_grid(
                     noisy = grid_inputs(series, index, name, dose)
                     for scale in GRID_SCALES:
                         crop = make_crop(series.hu[index], series.keep[index], noisy, scale)
+                        both = np.stack([crop.first, crop.second])
+                        measure_series(model, both, np.stack([crop.keep] * 2))
                         cell = score_cell(crop, grid_methods(crop, model, model_name))
                         sums.setdefault((name, scale, dose), []).append(cell)
             log(f"texture grid: {series_name} slice {index} done")

@@ -8,6 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from devtools.onnx_models import write_mean_filter_model
+from node.denoise import Denoiser
+
 SHIPPED = Path(__file__).resolve().parents[2] / "node" / "model" / "ct_denoise.onnx"
 METADATA_KEYS = {"name", "version", "training_doses", "training_data", "description"}
 
@@ -121,3 +124,17 @@ def test_the_gpu_timing_runs_the_shipped_weights_as_the_node_does() -> None:
     assert all(ms > 0 and diff < 0.01 for _, _, ms, diff in rows)
     hu = synthetic_slice(64)
     assert hu.min() == -2048.0 and hu.max() > 700.0
+
+
+def test_relabel_sets_version_and_grain_and_keeps_the_rest(tmp_path: Path) -> None:
+    pytest.importorskip("torch")  # models.export imports it
+    from models.export import main
+
+    path = write_mean_filter_model(tmp_path / "m.onnx", metadata={"trained_noise_hu": "3-60"})
+    before = ort.InferenceSession(str(path)).run(None, {"hu": np.ones((1, 1, 9, 9), np.float32)})
+    assert main(["--relabel", str(path), "--version", "9.9.9", "--noise-grain", "0.2"]) == 0
+    relabelled = Denoiser(path, ["CPUExecutionProvider"])
+    assert (relabelled.version, relabelled.noise_grain) == ("9.9.9", 0.2)
+    assert relabelled.trained_noise_hu == (3.0, 60.0)
+    after = ort.InferenceSession(str(path)).run(None, {"hu": np.ones((1, 1, 9, 9), np.float32)})
+    np.testing.assert_array_equal(before[0], after[0])
