@@ -112,7 +112,8 @@ def denoise_resampled(
     scaled = np.stack([_resample(s, scaled_shape) for s in hu])
     removed = scaled - run(scaled)
     back = np.stack([_resample(r, shape) for r in removed])
-    return (hu - back).astype(np.float32)
+    denoised: np.ndarray = (hu - back).astype(np.float32)
+    return denoised
 
 
 def _resample(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -30,7 +30,7 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from node.config import Settings
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derive_instance, derived_series_uid, frame_view
-from node.grain import grain_zoom, sample_indices, series_grain
+from node.grain import SAMPLE_SLICES, grain_zoom, sample_indices, series_grain
 from node.noise import NoiseFigure, measure_slice, pixel_size_mm, slice_comment, summarise_series
 from node.pixels import PixelCodec, blend, model_input
 
@@ -330,15 +330,18 @@ def _check_same_series(item: _Slice, shape: tuple[int, ...], series_uid: str) ->
 
 def series_grain_zoom(sources: list[Path], denoiser: Denoiser, matching: bool = True) -> float:
     """The factor a series' slices are resampled by before ``denoiser`` (``node.grain``),
-    measured on some of its instances (the first slice of each); 1 for a model without a
-    noise grain, or where ``matching`` (``match_noise_grain``) is off."""
+    measured on SAMPLE_SLICES of its slices, spread over its instances (and over the frames
+    of an Enhanced CT one); 1 for a model without a noise grain, or where ``matching`` is
+    off."""
     if denoiser.noise_grain is None or not matching:
         return 1.0
-    slices = [
-        (model_input(item.hu, item.keep), item.keep)
-        for number in sample_indices(len(sources))
-        for item in _read_instance(number + 1, sources[number], 0)[:1]
-    ]
+    numbers = sample_indices(len(sources))
+    per_instance = -(-SAMPLE_SLICES // len(numbers))
+    slices = []
+    for number in numbers:
+        items = _read_instance(number + 1, sources[number], 0)
+        for i in sample_indices(len(items))[:per_instance]:
+            slices.append((model_input(items[i].hu, items[i].keep), items[i].keep))
     return grain_zoom(series_grain(slices), denoiser.noise_grain)
 
 

@@ -21,6 +21,7 @@ from node.grain import (
     series_grain,
 )
 from node.pipeline import denoise_folder, series_grain_zoom
+from tests.test_pipeline import write_enhanced_ct
 
 PROVIDERS = ["CPUExecutionProvider"]
 #: 2.2.0's grain, as its metadata gives it (chosen on the validation series).
@@ -179,3 +180,11 @@ def test_matching_switched_off_runs_every_series_as_it_is(tmp_path: Path) -> Non
     )
     denoise_folder(tmp_path / "in", tmp_path / "out", settings)
     assert "resampled" not in pydicom.dcmread(tmp_path / "out" / "0001.dcm").DerivationDescription
+
+
+def test_an_enhanced_ct_instance_is_measured_on_its_frames(tmp_path: Path) -> None:
+    """One multi-frame instance: its frames are the sample, as single slices would be."""
+    paths = write_phantom_series(tmp_path / "in", PhantomSpec(slices=4, size=256))
+    enhanced = write_enhanced_ct(paths, tmp_path / "enhanced.dcm")
+    denoiser = Denoiser(grained_model(tmp_path, str(MODEL_GRAIN)), PROVIDERS)
+    assert series_grain_zoom([enhanced], denoiser) == series_grain_zoom(paths, denoiser) > 1.3
