@@ -129,14 +129,19 @@ def node_sender(
             started = time.perf_counter()
             sender.run_once()
             seconds = time.perf_counter() - started
-            state = ctx.queries.get_job(job_id).state
-            if state != "done":
-                raise common.CannotRun(f"the sender left the job {state}, not done")
+            job = ctx.queries.get_job(job_id)
+            if job.state != "done":
+                raise RunFailed(f"the sender left the job {job.state}: {job.last_error}")
             return seconds
         finally:
             ctx.close()
 
     return send
+
+
+class RunFailed(Exception):
+    """One run did not deliver the series (Orthanc refused an instance, say): it is
+    reported, and the other runs are timed."""
 
 
 def storescu(_folder: Path, server: OrthancServer, paths: Sequence[Path]) -> float:
@@ -185,11 +190,19 @@ def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
         }
         how = f"by STOW-RS to its DICOMweb plugin, {args.rtt_ms:g} ms round trips"
     runs: dict[str, list[float]] = {name: [] for name in senders}
+    failed: dict[str, int] = {name: 0 for name in senders}
     for attempt in range(1, repeat + 1):
         for name, send in senders.items():
             common.progress(f"run {attempt}/{repeat}: {count} slices by {name} into Orthanc")
-            runs[name].append(measure(send, paths, args.dicomweb))
+            try:
+                runs[name].append(measure(send, paths, args.dicomweb))
+            except RunFailed as exc:
+                failed[name] += 1
+                common.progress(f"  failed, not timed: {exc}")
+                continue
             common.progress(f"  {runs[name][-1]:.2f} s, {count / runs[name][-1]:.1f} slices/s")
+    if not all(runs.values()):
+        raise common.CannotRun(f"every run of a sender failed: {failed}")
     baseline = next(iter(senders))
     baseline_s = statistics.median(runs[baseline])
     common.print_table(
@@ -201,7 +214,8 @@ def compare(args: argparse.Namespace, proxy: DelayProxy | None) -> None:
                 name,
                 count / statistics.median(seconds),
                 baseline_s / statistics.median(seconds),
-                ", ".join(common.cell(s) for s in seconds),
+                ", ".join(common.cell(s) for s in seconds)
+                + (f"; {failed[name]} failed" if failed[name] else ""),
             ]
             for name, seconds in runs.items()
         ],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,8 @@ class Demo:
         self.started = time.monotonic()
         self.stages = Stages()
         self.sent_at = db.utcnow()
+        #: what the worker said of the resampling to the model's noise grain, if any
+        self.resampling = ""
 
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {message}", flush=True)
@@ -272,6 +275,8 @@ class Demo:
     def _read_stages(self, queries: JobQueries, job: JobView) -> None:
         """Seconds per stage from the job's timeline (the node's own clock, UTC)."""
         events = queries.job_events(job.id)
+        found = [re.search(r"resampled x[0-9.]+", e.message) for e in events]
+        self.resampling = next((f", {m.group(0)} to its noise grain" for m in found if m), "")
         created = events[0].at
         claimed = _last(events, lambda e: e.to_state == JobState.RUNNING)
         denoised = _last(
@@ -300,7 +305,8 @@ class Demo:
         print(
             "\nct-denoise-node demo: done\n"
             f"  input     {label}, {slices} slices\n"
-            f"  model     {job.model_name} {job.model_version}, strength {job.strength:g}, CPU\n"
+            f"  model     {job.model_name} {job.model_version}, strength {job.strength:g}"
+            f"{self.resampling}, CPU\n"
             f"  stages    {self.stages.line()}\n"
             f"  noise     {job.noise_report} (as the job records it)\n"
             f"  region    std in a {ROI}x{ROI} region ({noise.where}, mean {noise.mean:.0f} HU):"

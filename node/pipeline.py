@@ -333,7 +333,7 @@ def series_grain_zoom(sources: list[Path], denoiser: Denoiser, matching: bool = 
     measured on SAMPLE_SLICES of its slices, spread over its instances (and over the frames
     of an Enhanced CT one); 1 for a model without a noise grain, or where ``matching`` is
     off."""
-    if denoiser.noise_grain is None or not matching:
+    if denoiser.noise_grain is None or not matching or not sources:
         return 1.0
     numbers = sample_indices(len(sources))
     per_instance = -(-SAMPLE_SLICES // len(numbers))
