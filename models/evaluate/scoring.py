@@ -180,6 +180,8 @@ def evaluate_case(case: Case, model: OnnxDenoiser | None, log: Log) -> dict[str,
     for condition, low in case.inputs.items():
         results[condition] = {}
         cho = case.cho.get(condition)
+        if model is not None:  # one factor for every image of the condition: its input's
+            model.measure_series(low, case.keep)
         for method_name, method in methods_for(case, condition, model).items():
             out, seconds = run_method(method, low, case.keep)
             slow = "BM3D" in method_name
