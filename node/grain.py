@@ -100,6 +100,17 @@ def grain_zoom(measured: float | None, model_grain: float | None) -> float:
     return round(round(factor / ZOOM_STEP) * ZOOM_STEP, 2)
 
 
+def zoom_warnings(factor: float) -> list[str]:
+    """What an operator should be told of a series' factor: one at a limit of ZOOM_RANGE
+    means the grain lay beyond what resampling brings to the model's."""
+    if factor not in ZOOM_RANGE:
+        return []
+    return [
+        f"noise grain outside what resampling brings to the model's (slices resampled "
+        f"x{factor:.2f}, the limit): check the result"
+    ]
+
+
 def denoise_resampled(
     run: Callable[[np.ndarray], np.ndarray], hu: np.ndarray, factor: float
 ) -> np.ndarray:

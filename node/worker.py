@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.context import NodeContext
 from node.denoise import Denoiser
 from node.derive import DerivationSpec, derived_series_uid, derived_sop_uid
-from node.grain import ZOOM_RANGE
+from node.grain import zoom_warnings
 from node.jobs.manager import DerivedFile, LostClaim
 from node.jobs.records import JobInputView, JobView
 from node.jobs.states import EventKind, JobState
@@ -191,12 +191,7 @@ class Worker:
         """A warning event for a weak drop or an input noise the model was not trained on."""
         warnings = noise_warnings(
             result.noise, self.settings.noise_warn_drop, self._model.trained_noise_hu
-        )
-        if result.grain_zoom in ZOOM_RANGE:
-            warnings.append(
-                f"noise grain outside what resampling brings to the model's (slices resampled "
-                f"x{result.grain_zoom:.2f}, the limit): check the result"
-            )
+        ) + zoom_warnings(result.grain_zoom)
         for warning in warnings:
             self.manager.add_event(job_id, self.name, EventKind.WARNING, warning)
 
