@@ -16,6 +16,7 @@ import pydicom
 import pytest
 
 from devtools.node_process import NodeProcess
+from devtools.onnx_models import write_mean_filter_model
 from devtools.orthanc import OrthancServer
 from devtools.phantom import PhantomSpec, phantom_hu, uniform_roi, write_phantom_series
 from node.jobs import JobState
@@ -157,3 +158,35 @@ def test_logs_carry_no_patient_data(
     assert job.series_instance_uid in text
     for secret in ("SECRETNAME", "PID-7734-SECRET", "19700101"):
         assert secret not in text
+
+
+def test_a_series_resampled_to_the_model_s_grain_reaches_the_pacs_saying_so(
+    node_factory, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """A model with a noise grain: the white-noise phantom goes through it enlarged, and the
+    derived series in the PACS says by how much, keeps the untouchable pixels and is less
+    noisy, all over real sockets."""
+    model = write_mean_filter_model(tmp_path / "grained.onnx", metadata={"noise_grain": "0.205"})
+    paths = write_phantom_series(tmp_path / "white", PhantomSpec(slices=6, size=256, seed=7))
+    node = node_factory(destinations=pacs(orthanc), model_path=str(model)).start()
+    assert storescu(node.port, paths) == [0] * len(paths)
+
+    (job,) = node.wait_jobs_final(1)
+    assert job.state == JobState.DONE, job.last_error
+    derived = derived_datasets(orthanc, job.output_series_uid)
+    assert len(derived) == len(paths)
+    factors = {re.search(r"resampled x([0-9.]+)", ds.DerivationDescription) for ds in derived}
+    assert None not in factors
+    (factor,) = {float(match.group(1)) for match in factors if match}
+    assert 1.3 <= factor <= 2.0
+    rows, cols = uniform_roi(256)
+    source = pydicom.dcmread(paths[3])
+    (middle,) = [
+        d
+        for d in derived
+        if d.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    ]
+    before, after = source.pixel_array.astype(float), middle.pixel_array.astype(float)
+    assert after[rows, cols].std() < 0.6 * before[rows, cols].std()
+    outside = before == -2048
+    assert outside.any() and (after[outside] == -2048).all()
